@@ -1,0 +1,26 @@
+"""Entry point of the ``rcmseg`` console script.
+
+Each command lives in its own module and registers itself on ``app`` through ``register``.
+Heavy imports (torch, monai) happen inside the commands so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from rcmseg.cli import batch, cv, evaluate, label, study, synth, train
+
+app = typer.Typer(
+    name="rcmseg",
+    help="Segment reflectance confocal microscopy (RCM) mosaics into cellular patterns (MED-Net).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for module in (synth, train, batch, evaluate, cv, study, label):
+    module.register(app)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
