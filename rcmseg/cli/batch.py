@@ -1,9 +1,90 @@
-"""`rcmseg batch`: placeholder until implemented."""
+"""`rcmseg batch`: segment every mosaic under a folder with a MONAI bundle."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from rcmseg.classes import MOSAIC_MPP
+from rcmseg.cli.common import user_errors
+
+
+def batch(
+    in_dir: Annotated[Path, typer.Argument(help="Folder searched recursively for mosaics.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for outputs and reports.")],
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="MONAI bundle folder (default: $RCMSEG_BUNDLE, else the bundled model)."),
+    ] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="Sliding window: 'fast' (512 px windows, stride 256) or 'paper' "
+            "(256 px windows, stride 32, as published)."
+        ),
+    ] = "fast",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    amp: Annotated[bool, typer.Option(help="Mixed precision (float16) on CUDA.")] = True,
+    mpp: Annotated[
+        float, typer.Option(help="µm/px of mosaics whose file carries no pixel size.")
+    ] = MOSAIC_MPP,
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="Also write <name>.probabilities.tif.")
+    ] = False,
+    uncertainty: Annotated[
+        bool,
+        typer.Option("--uncertainty", help="Also write <name>.uncertainty.tif (entropy in nats)."),
+    ] = False,
+    overlay: Annotated[
+        bool, typer.Option("--overlay", help="Also write <name>.overlay.png.")
+    ] = False,
+    geojson: Annotated[
+        bool, typer.Option("--geojson", help="Also write <name>.geojson for QuPath.")
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--continue", help="Skip mosaics whose outputs are complete and valid."),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo mosaics that already have outputs.")
+    ] = False,
+    num_parts: Annotated[
+        int | None,
+        typer.Option(help="Split the mosaics into this many parts (default: $WORLD_SIZE, else 1)."),
+    ] = None,
+    part_id: Annotated[
+        int | None, typer.Option(help="Which part this process does (default: $RANK, else 0).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Segment every mosaic under IN_DIR into OUT: <name>.labels.tif per mosaic,
+    OUT/mosaics.csv and OUT/patterns.csv. Exit status 1 when any mosaic failed."""
+    from rcmseg.batch import BatchOptions, parts_from_env, print_summary, run_batch
+
+    with user_errors():
+        env_parts, env_part_id = parts_from_env()
+        options = BatchOptions(
+            preset=preset,
+            device=device,
+            amp=amp,
+            fallback_mpp=mpp,
+            probabilities=probabilities,
+            uncertainty=uncertainty,
+            overlay=overlay,
+            geojson=geojson,
+            resume=resume,
+            overwrite=overwrite,
+            num_parts=num_parts if num_parts is not None else env_parts,
+            part_id=part_id if part_id is not None else env_part_id,
+        )
+        result = run_batch(in_dir, out, bundle_dir=bundle, options=options, show_progress=progress)
+    print_summary(result)
+    if result.failed:
+        raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this command to the rcmseg application (not implemented yet)."""
+    """Add ``rcmseg batch`` to the rcmseg application."""
+    app.command("batch")(batch)

@@ -1,9 +1,64 @@
-"""`rcmseg evaluate`: placeholder until implemented."""
+"""`rcmseg evaluate`: score a bundle's model on the labelled mosaics of a dataset."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from rcmseg.cli.common import user_errors
+
+
+def evaluate_command(
+    data: Annotated[Path, typer.Argument(help="Dataset folder with manifest.csv (rcmseg layout).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report and tables.")],
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            help="MONAI bundle folder (default: the bundled rcm_mednet or $RCMSEG_BUNDLE)."
+        ),
+    ] = None,
+    preset: Annotated[str, typer.Option(help="Sliding-window preset: fast or paper.")] = "fast",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    remap: Annotated[
+        Path | None,
+        typer.Option(help="Label remapping table (.json/.csv) for label maps in another encoding."),
+    ] = None,
+    overlays: Annotated[
+        int, typer.Option(help="Number of mosaics shown as example overlays in the report.")
+    ] = 3,
+) -> None:
+    """Segment every labelled mosaic and report sensitivity, specificity and Dice per class.
+
+    Writes OUT/report.md (tables laid out like the paper's), metrics_pooled.csv,
+    metrics_per_mosaic.csv, confusion_matrix.csv/.png, metrics.json and overlays/*.png.
+    """
+    with user_errors():
+        from rcmseg.bundle import default_bundle_dir
+        from rcmseg.evaluation.evaluate import evaluate_bundle
+        from rcmseg.evaluation.report import format_value
+        from rcmseg.io.labels import load_remap_table
+
+        table = load_remap_table(remap) if remap is not None else None
+        evaluation = evaluate_bundle(
+            bundle or default_bundle_dir(),
+            data,
+            out,
+            preset=preset,
+            device=device,
+            remap=table,
+            overlays=overlays,
+        )
+        pooled = evaluation.pooled()
+        typer.echo(
+            f"{len(evaluation.cases)} mosaics: mean sensitivity "
+            f"{format_value(pooled['sensitivity'][-1])}, specificity "
+            f"{format_value(pooled['specificity'][-1])}, Dice "
+            f"{format_value(pooled['dice'][-1])} (pooled); report: {out / 'report.md'}"
+        )
 
 
 def register(app: typer.Typer) -> None:
-    """Add this command to the rcmseg application (not implemented yet)."""
+    """Add ``rcmseg evaluate`` to the application."""
+    app.command("evaluate")(evaluate_command)

@@ -1,0 +1,174 @@
+"""Training throughput of rcmseg: samples (256 px patches at 2 µm/px) per second.
+
+Three figures, each over ``--steps`` batches after one warm-up batch:
+
+- ``pipeline``: per-epoch patch sampling + the paper's augmentation through the DataLoader
+  (``--workers`` processes), no network;
+- ``network``: forward + backward + optimiser step of the network on ready tensors already on the
+  device (mixed precision on CUDA), no data pipeline;
+- ``training``: both together, through the trainer's own ``train_epoch`` (what ``rcmseg train``
+  runs per epoch, validation excluded).
+
+Mosaics come from ``--data`` (a data set folder, e.g. from ``rcmseg synth``) or, without it, from
+random 2048 x 2048 px images with random labels (the pipeline's cost does not depend on content).
+
+    python benchmarks/bench_train.py --device cpu --batch-size 8 --steps 3
+    python benchmarks/bench_train.py --device cuda --batch-size 48 --steps 20 --workers 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rcmseg.inference import resolve_device
+from rcmseg.losses import make_loss
+from rcmseg.networks import get_network
+from rcmseg.training.data import epoch_order, load_cases, patch_loader, split_cases
+from rcmseg.training.loop import train_epoch
+from rcmseg.transforms import EpochPatchDataset, train_transforms
+
+
+def mosaics(data: Path | None, count: int = 4, side: int = 2048) -> list[tuple[np.ndarray, ...]]:
+    """(image, labels) pairs at the working resolution."""
+    if data is not None:
+        cases, _ = split_cases(data, None, [], 0, 1, 0)
+        return [(case.image, case.labels) for case in load_cases(cases, data)]
+    rng = np.random.default_rng(0)
+    return [
+        (
+            rng.uniform(0, 255, (side, side)).astype(np.float32),
+            rng.integers(0, 6, (side, side)).astype(np.uint8),
+        )
+        for _ in range(count)
+    ]
+
+
+def loader_for(args: argparse.Namespace, pairs: list, batches: int) -> torch.utils.data.DataLoader:
+    patches = EpochPatchDataset(
+        pairs, train_transforms(), window=2 * args.patch_size, crop=args.patch_size
+    )
+    indices = epoch_order(len(patches), (0, 0))
+    while len(indices) < batches * args.batch_size:  # small data: repeat the epoch's patches
+        indices = indices + indices
+    return patch_loader(
+        patches,
+        indices[: batches * args.batch_size],
+        args.batch_size,
+        augment_seed=0,
+        num_workers=args.workers,
+        pin_memory=args.device.type == "cuda",
+    )
+
+
+def timed(batches: Iterator, count: int) -> float:
+    """Seconds per batch over ``count`` batches after one warm-up batch."""
+    next(batches)
+    started = time.perf_counter()
+    for _ in range(count):
+        next(batches)
+    return (time.perf_counter() - started) / count
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_pipeline(args: argparse.Namespace, pairs: list) -> float:
+    loader = loader_for(args, pairs, args.steps + 1)
+    return args.batch_size / timed(iter(loader), args.steps)
+
+
+def network_steps(args: argparse.Namespace) -> Iterator[None]:
+    network = get_network(args.network).to(args.device).train()
+    loss_function = make_loss("mdsc_tv")
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
+    amp = args.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    shape = (args.batch_size, 1, args.patch_size, args.patch_size)
+    images = torch.rand(shape, device=args.device)
+    labels = torch.randint(0, 6, shape, device=args.device)
+    while True:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(args.device.type, dtype=torch.float16, enabled=amp):
+            outputs = network(images)
+        if isinstance(outputs, torch.Tensor):  # baselines: one output
+            outputs = [outputs]
+        loss = loss_function([output.float() for output in outputs], labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        synchronise(args.device)
+        yield None
+
+
+def bench_network(args: argparse.Namespace) -> float:
+    return args.batch_size / timed(network_steps(args), args.steps)
+
+
+def bench_training(args: argparse.Namespace, pairs: list) -> float:
+    network = get_network(args.network).to(args.device)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
+    amp = args.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    loss_function = make_loss("mdsc_tv")
+    # Warm-up epoch of one batch, then the timed epoch.
+    for batches in (1, args.steps):
+        loader = loader_for(args, pairs, batches)
+        synchronise(args.device)
+        started = time.perf_counter()
+        train_epoch(network, loader, loss_function, optimizer, scaler, args.device, amp)
+        synchronise(args.device)
+        seconds = time.perf_counter() - started
+    return args.batch_size * args.steps / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="data set folder (manifest.csv)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--patch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--network", default="mednet")
+    parser.add_argument("--only", choices=("pipeline", "network", "training"), nargs="*")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.device = resolve_device(args.device)
+    card = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
+    pairs = mosaics(args.data)
+    figures = {}
+    for name in args.only or ("pipeline", "network", "training"):
+        if name == "network":
+            figures[name] = bench_network(args)
+        else:
+            figures[name] = (bench_pipeline if name == "pipeline" else bench_training)(args, pairs)
+        print(f"{name}: {figures[name]:.1f} samples/s", flush=True)
+    print(
+        json.dumps(
+            {
+                "device": card,
+                "cpu": platform.processor() or platform.machine(),
+                "threads": args.threads,
+                "workers": args.workers,
+                "batch_size": args.batch_size,
+                "patch_size": args.patch_size,
+                "network": args.network,
+                "samples_per_s": {key: round(value, 1) for key, value in figures.items()},
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Real-texture benchmark: MED-Net 3/2/1 levels and the four baselines, same budget.
+
+Usage::
+
+    python benchmarks/texture_bench.py /work/shared/data/textures --out /tmp/texture_bench
+
+Builds partially labelled multi-region mosaics from six real Brodatz textures
+(``benchmarks/texture_mosaics.py``): training mosaics from the USC-SIPI ``1.3`` digitisation,
+test mosaics from the ``1.1`` digitisation (Scenario 2 with the digitisation as the group). Every
+variant is trained with the same budget through ``rcmseg.training.train`` and evaluated on the
+test mosaics with the shared inference path (``rcmseg.evaluation``); the comparison table goes
+to ``OUT/study/comparison.md`` and wall-clock times to ``OUT/study/timings.json``. Resumable: a
+finished variant is not retrained. The data stays where it is; nothing is written to the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from texture_mosaics import describe, write_texture_dataset  # noqa: E402
+
+from rcmseg.evaluation.cv import SplitSettings  # noqa: E402
+from rcmseg.evaluation.study import STUDIES, Variant, run_study  # noqa: E402
+
+VARIANTS = ("mednet", "mednet2", "mednet1", "unet", "fcn", "segnet", "deeplab")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("textures", type=Path, help="folder holding usc_sipi/ (textures README)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/rcmseg_texture_bench"))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        help="network[:loss] per variant (default: MED-Net 3/2/1 + baselines)",
+    )
+    parser.add_argument("--train-mosaics", type=int, default=16)
+    parser.add_argument("--test-mosaics", type=int, default=6)
+    parser.add_argument("--size", type=int, default=384, help="mosaic side, px")
+    parser.add_argument("--shrink", type=int, default=2, help="texture downscale vs the 1.1 scan")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=4, help="optimiser steps per epoch")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--patch", type=int, default=128, help="training crop side, px")
+    parser.add_argument("--optimizer", default="adam")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    data, study_dir = args.out / "data", args.out / "study"
+    if not (data / "manifest.csv").is_file():
+        write_texture_dataset(
+            args.textures,
+            data,
+            args.train_mosaics,
+            args.test_mosaics,
+            args.size,
+            args.seed,
+            shrink=args.shrink,
+        )
+    print(describe())
+    variants = [Variant.parse(v) for v in args.variants]
+    split = SplitSettings(scenario="groups", test_groups=["usc_1.1"], seed=args.seed)
+    budget = {
+        "max_epochs": args.epochs,
+        "iterations_per_epoch": args.iterations,
+        "batch_size": args.batch_size,
+        "patch_size": args.patch,
+        "window": 2 * args.patch,
+        "window_overlap": 0.5,
+        "optimizer": args.optimizer,
+        "learning_rate": args.lr,
+        "final_learning_rate": args.lr / 10,
+        "val_every": args.epochs,
+        "threads": args.threads,
+        "seed": args.seed,
+    }
+    timings_file = study_dir / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    for variant in variants:
+        if variant.name in timings:
+            continue
+        start = time.perf_counter()
+        run_study(
+            [variant],
+            data,
+            study_dir,
+            split,
+            budget,
+            device=args.device,
+            progress=False,
+            title="Real-texture benchmark",
+        )
+        timings[variant.name] = round(time.perf_counter() - start, 1)
+        timings_file.write_text(json.dumps(timings, indent=1) + "\n")
+        print(f"{variant.name}: {timings[variant.name]} s", flush=True)
+    run_study(
+        variants,
+        data,
+        study_dir,
+        split,
+        budget,
+        device=args.device,
+        progress=False,
+        title="Real-texture benchmark",
+    )
+    print((study_dir / "comparison.md").read_text())
+    print("wall-clock seconds per variant (train + validate + test):", timings)
+
+
+if __name__ == "__main__":
+    assert set(VARIANTS) <= {v.network for v in STUDIES["paper"]}
+    main()

@@ -1,0 +1,211 @@
+"""Partially labelled multi-region mosaics built from real texture photographs.
+
+Synthetic RCM data is ours and can be tuned to; real textures cannot. Six confusable Brodatz
+textures from the USC-SIPI database stand in for the six RCM patterns. The database holds two
+separate digitisations of each texture (``1.1.*`` at 512 px, ``1.3.*`` at 1024 px covering the
+same field, so 2x finer); the ``1.3`` images are area-averaged 2x to the ``1.1`` scale, then
+training mosaics are cut from one digitisation and test mosaics from the other.
+
+Each mosaic is a soft partition of the plane into regions at several scales: one smoothed random
+field per class (a mix of Gaussian-filtered noise at several widths), a softmax over the fields
+gives blending weights (gradual borders), the argmax gives the label. Every texture layer is
+normalised to a common mean and standard deviation so brightness alone does not separate the
+classes. About 57 % of pixels are labelled, as in the paper: blurred borders and whole regions
+are left unlabelled (255).
+
+Mosaics are written at 2 µm/px (the working resolution: no downsampling when read) in the
+rcmseg dataset layout, with ``clinic`` naming the digitisation (``usc_1.3`` / ``usc_1.1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+from scipy import ndimage
+
+from rcmseg.classes import CLASS_NAMES, UNLABELLED, WORKING_MPP
+from rcmseg.io.dataset import Case, write_manifest
+
+
+@dataclass(frozen=True)
+class Texture:
+    """A class's texture: its name and its file in each digitisation of USC-SIPI volume 3."""
+
+    name: str
+    file_512: str  # digitisation 1.1, 512x512
+    file_1024: str  # digitisation 1.3, 1024x1024
+
+
+# Class index (rcmseg.classes order) -> texture. 1.1.05 and 1.3.04 are the same wool sample (the
+# two volumes number it differently); the others share their number.
+TEXTURES: tuple[Texture, ...] = (
+    Texture("water", "1.1.08.tiff", "1.3.08.tiff"),
+    Texture("pressed leather", "1.1.06.tiff", "1.3.06.tiff"),
+    Texture("pigskin", "1.1.11.tiff", "1.3.11.tiff"),
+    Texture("beach sand", "1.1.07.tiff", "1.3.07.tiff"),
+    Texture("bubbles", "1.1.13.tiff", "1.3.13.tiff"),
+    Texture("wool", "1.1.05.tiff", "1.3.04.tiff"),
+)
+TARGET_MEAN, TARGET_STD = 128.0, 40.0  # every texture layer is brought to these (0-255 scale)
+DIGITISATIONS = ("1.3", "1.1")
+
+
+def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    rows, cols = image.shape[0] // factor, image.shape[1] // factor
+    return image[: rows * factor, : cols * factor].reshape(rows, factor, cols, factor).mean((1, 3))
+
+
+def load_texture(
+    texture_dir: Path, texture: Texture, digitisation: str, shrink: int = 1
+) -> np.ndarray:
+    """float64 texture at the ``1.1`` scale shrunk ``shrink`` times (area average), normalised
+    to TARGET_MEAN/TARGET_STD: (512 / shrink) px square."""
+    usc = Path(texture_dir) / "usc_sipi"
+    if digitisation == "1.1":
+        image = _block_mean(tifffile.imread(usc / texture.file_512).astype(np.float64), shrink)
+    elif digitisation == "1.3":
+        fine = tifffile.imread(usc / texture.file_1024).astype(np.float64)
+        image = _block_mean(fine, 2 * shrink)
+    else:
+        raise ValueError(f"digitisation must be one of {DIGITISATIONS}, not {digitisation!r}")
+    return (image - image.mean()) / image.std() * TARGET_STD + TARGET_MEAN
+
+
+def texture_layer(source: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A (size, size) piece of ``source``: random rotation/flip, mirror-tiled, random offset."""
+    layer = np.rot90(source, k=int(rng.integers(4)))
+    if rng.random() < 0.5:
+        layer = layer[:, ::-1]
+    reps = -(-(2 * size) // layer.shape[0])
+    tiled = np.pad(layer, [(0, (reps - 1) * layer.shape[0])] * 2, mode="symmetric")
+    row, col = rng.integers(0, tiled.shape[0] - size, size=2)
+    return tiled[row : row + size, col : col + size]
+
+
+def region_weights(
+    size: int,
+    classes: int,
+    rng: np.random.Generator,
+    scales_px: tuple[float, ...] = (24.0, 48.0, 96.0, 192.0),
+    sharpness: float = 6.0,
+) -> np.ndarray:
+    """Soft class weights (classes, size, size) summing to 1: regions at several scales.
+
+    Each class's field mixes smoothed noise at ``scales_px`` (σ in px) with random weights, so
+    one mosaic has both large regions and small islands; ``sharpness`` sets how gradual borders
+    are (softmax temperature over standardised fields). Fields are smoothed on a coarser grid
+    (a third of the smallest σ) and interpolated up: they are smooth there, and it is far faster.
+    """
+    step = max(1, int(min(scales_px) // 3))
+    coarse = -(-size // step)
+    fields = np.zeros((classes, size, size))
+    for c in range(classes):
+        mix = rng.dirichlet(np.ones(len(scales_px)))
+        field = np.zeros((coarse, coarse))
+        for weight, sigma in zip(mix, scales_px, strict=True):
+            smooth = ndimage.gaussian_filter(
+                rng.standard_normal((coarse, coarse)), sigma / step, mode="wrap"
+            )
+            field += weight * smooth / smooth.std()
+        fine = ndimage.zoom(field, step, order=3, mode="grid-wrap", grid_mode=True)
+        fields[c] = (fine[:size, :size] - fine.mean()) / fine.std()
+    logits = sharpness * fields
+    logits -= logits.max(axis=0, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=0, keepdims=True)
+
+
+def partial_labels(
+    weights: np.ndarray,
+    rng: np.random.Generator,
+    labelled_fraction: float = 0.57,
+    border_confidence: float = 0.8,
+) -> np.ndarray:
+    """uint8 labels: argmax of the weights; blurred borders and whole regions unlabelled.
+
+    Pixels whose winning weight is below ``border_confidence`` are unlabelled (the expert's
+    uncertain borders); then randomly chosen connected regions are dropped until about
+    ``labelled_fraction`` of the pixels stay labelled.
+    """
+    labels = weights.argmax(axis=0).astype(np.uint8)
+    labels[weights.max(axis=0) < border_confidence] = UNLABELLED
+    regions, count = ndimage.label(labels != UNLABELLED)
+    sizes = np.bincount(regions.reshape(-1), minlength=count + 1)
+    excess = (labels != UNLABELLED).sum() - labelled_fraction * labels.size
+    for region in rng.permutation(np.arange(1, count + 1)):
+        if excess <= 0:
+            break
+        if sizes[region] <= 2 * excess:  # never overshoot by much with one big region
+            labels[regions == region] = UNLABELLED
+            excess -= sizes[region]
+    return labels
+
+
+def make_texture_mosaic(
+    sources: list[np.ndarray], size: int, rng: np.random.Generator, shrink: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 image (size, size) blending the textures by region weights, and uint8 labels.
+
+    Region scales shrink with the textures (``shrink``) so regions hold the same pattern count.
+    """
+    scales = tuple(s / shrink for s in (24.0, 48.0, 96.0, 192.0))
+    weights = region_weights(size, len(sources), rng, scales_px=scales)
+    layers = np.stack([texture_layer(source, size, rng) for source in sources])
+    image = np.clip((weights * layers).sum(axis=0), 0, 255)
+    # blending lowers contrast at borders; that is what gradual transitions look like
+    return np.round(image).astype(np.uint8), partial_labels(weights, rng)
+
+
+def write_texture_dataset(
+    texture_dir: Path,
+    out: Path,
+    train_mosaics: int = 16,
+    test_mosaics: int = 6,
+    size: int = 384,
+    seed: int = 0,
+    train_digitisation: str = "1.3",
+    shrink: int = 2,
+) -> list[Case]:
+    """Write the benchmark dataset: training mosaics from one digitisation, tests from the other.
+
+    ``shrink`` makes the textures (and so the region scales, which are in px) that many times
+    smaller than the ``1.1`` scan, so a small patch holds as much pattern as a large one would.
+    Returns the cases (also in ``out/manifest.csv``); ``clinic`` is ``usc_<digitisation>``.
+    """
+    test_digitisation = next(d for d in DIGITISATIONS if d != train_digitisation)
+    rng = np.random.default_rng(seed)
+    cases = []
+    for digitisation, count in (
+        (train_digitisation, train_mosaics),
+        (test_digitisation, test_mosaics),
+    ):
+        sources = [load_texture(texture_dir, t, digitisation, shrink) for t in TEXTURES]
+        for index in range(count):
+            name = f"usc{digitisation.replace('.', '')}_{index:02d}"
+            image, labels = make_texture_mosaic(sources, size, rng, shrink)
+            mosaic = out / "mosaics" / f"{name}.tif"
+            label_path = out / "labels" / f"{name}.png"
+            mosaic.parent.mkdir(parents=True, exist_ok=True)
+            label_path.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(
+                mosaic,
+                image,
+                resolution=(1e4 / WORKING_MPP, 1e4 / WORKING_MPP),
+                resolutionunit="CENTIMETER",
+            )
+            Image.fromarray(labels).save(label_path)
+            cases.append(Case(mosaic, label_path, name, name, f"usc_{digitisation}"))
+    write_manifest(out, cases)
+    return cases
+
+
+def describe() -> str:
+    """Class -> texture table for reports."""
+    return "\n".join(
+        f"- {cls}: {t.name} (USC-SIPI {t.file_512} / {t.file_1024})"
+        for cls, t in zip(CLASS_NAMES, TEXTURES, strict=True)
+    )

@@ -1,0 +1,312 @@
+"""Evaluate a model on the labelled mosaics of a dataset, as in the paper.
+
+Every labelled mosaic is segmented with the shared sliding-window path
+(:func:`rcmseg.inference.segment_image` on :func:`rcmseg.io.dataset.load_case` images at the
+working resolution, 2 µm/px); metrics are one-vs-rest per class on labelled pixels only
+(:mod:`rcmseg.metrics`), per mosaic and pooled over all mosaics (confusion matrices summed).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import track
+
+from rcmseg.classes import CLASS_NAMES, WORKING_MPP
+from rcmseg.errors import InputError
+from rcmseg.evaluation import report
+from rcmseg.inference import Preset, segment_image
+from rcmseg.io.dataset import Case, load_case, read_manifest
+from rcmseg.metrics import confusion_matrix, one_vs_rest
+
+
+def case_id(case: Case, root: Path) -> str:
+    """The mosaic's path relative to the dataset root (POSIX), which names a case everywhere."""
+    mosaic = Path(case.mosaic)
+    try:
+        return mosaic.resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return mosaic.as_posix()
+
+
+def metric_table(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Sensitivity, specificity and Dice per class plus their mean over classes.
+
+    Returns ``{metric: (K + 1,) float64}``: entries 0..K-1 are the classes, entry K is the mean
+    over classes as :func:`rcmseg.metrics.one_vs_rest` defines it (NaN where undefined).
+    """
+    values = one_vs_rest(np.asarray(confusion, dtype=np.int64))
+    table = {}
+    for metric in report.METRICS:
+        per_class = np.asarray(values[metric], dtype=np.float64).reshape(-1)
+        table[metric] = np.append(per_class, float(values[f"mean_{metric}"]))
+    return table
+
+
+@dataclass
+class CaseResult:
+    """Confusion matrix (K, K) of one labelled mosaic (rows truth, columns prediction)."""
+
+    case_id: str
+    patient: str
+    lesion: str
+    clinic: str
+    confusion: np.ndarray
+
+    def to_json(self) -> dict:
+        return {
+            "case_id": self.case_id,
+            "patient": self.patient,
+            "lesion": self.lesion,
+            "clinic": self.clinic,
+            "confusion": self.confusion.astype(int).tolist(),
+        }
+
+
+@dataclass
+class Evaluation:
+    """Per-mosaic results of one evaluation; pooled metrics come from the summed matrices."""
+
+    cases: list[CaseResult]
+
+    @property
+    def pooled_confusion(self) -> np.ndarray:
+        return np.sum([c.confusion for c in self.cases], axis=0).astype(np.int64)
+
+    def pooled(self) -> dict[str, np.ndarray]:
+        return metric_table(self.pooled_confusion)
+
+    def per_mosaic(self) -> list[dict[str, np.ndarray]]:
+        return [metric_table(c.confusion) for c in self.cases]
+
+    def to_json(self) -> dict:
+        pooled = self.pooled()
+        return {
+            "pooled": {m: v.tolist() for m, v in pooled.items()},
+            "rows": list(report.ROWS),
+            "pooled_confusion": self.pooled_confusion.tolist(),
+            "cases": [c.to_json() for c in self.cases],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Evaluation:
+        return cls(
+            [
+                CaseResult(
+                    c["case_id"],
+                    c["patient"],
+                    c["lesion"],
+                    c["clinic"],
+                    np.asarray(c["confusion"], dtype=np.int64),
+                )
+                for c in data["cases"]
+            ]
+        )
+
+
+def predict_labels(
+    network: torch.nn.Module, image: np.ndarray, preset: str | Preset, device: str | torch.device
+) -> np.ndarray:
+    """Class map uint8 (H, W) of a working-resolution image through the shared inference path."""
+    probabilities = segment_image(image, network, preset=preset, device=device)
+    return torch.from_numpy(probabilities).argmax(dim=0).to(torch.uint8).numpy()
+
+
+def evaluate_cases(
+    network: torch.nn.Module,
+    cases: Sequence[Case],
+    root: Path,
+    out_dir: Path | None = None,
+    preset: str | Preset = "fast",
+    device: str | torch.device = "cpu",
+    remap: dict[int, int] | None = None,
+    overlays: int = 3,
+    target_mpp: float = WORKING_MPP,
+    title: str = "Evaluation",
+    notes: Sequence[str] = (),
+    progress: bool = True,
+) -> Evaluation:
+    """Segment every labelled case and collect confusion matrices; write the report if ``out_dir``.
+
+    The first ``overlays`` cases get an overlay PNG (mosaic, ground truth, prediction).
+    """
+    labelled = [c for c in cases if c.labels is not None]
+    if not labelled:
+        raise InputError(
+            root,
+            "no labelled mosaics to evaluate (the manifest's labels column "
+            "is empty for every mosaic)",
+        )
+    network.eval()
+    results = []
+    steps = track(labelled, description="evaluating", transient=True) if progress else labelled
+    for index, case in enumerate(steps):
+        image, labels = load_case(case, target_mpp=target_mpp, remap=remap)
+        try:
+            prediction = predict_labels(network, image, preset, device)
+        except ValueError as error:  # e.g. a mosaic below the inference minimum size
+            raise InputError(case.mosaic, str(error)) from None
+        name = case_id(case, root)
+        results.append(
+            CaseResult(
+                name,
+                str(case.patient),
+                str(case.lesion),
+                str(case.clinic),
+                confusion_matrix(prediction, labels, num_classes=len(CLASS_NAMES)),
+            )
+        )
+        if out_dir is not None and index < overlays:
+            report.save_png(
+                report.overlay_panels(image, labels, prediction),
+                Path(out_dir) / "overlays" / overlay_name(name),
+            )
+    evaluation = Evaluation(results)
+    if out_dir is not None:
+        write_evaluation(Path(out_dir), evaluation, title=title, notes=notes)
+    return evaluation
+
+
+def overlay_name(name: str) -> str:
+    return name.replace("/", "__").rsplit(".", 1)[0] + ".png"
+
+
+def evaluate_bundle(
+    bundle_dir: str | Path,
+    dataset_dir: str | Path,
+    output_dir: str | Path,
+    preset: str = "fast",
+    device: str = "cpu",
+    remap: dict[int, int] | None = None,
+    overlays: int = 3,
+    progress: bool = True,
+) -> Evaluation:
+    """Load a bundle's model and evaluate it on a dataset in the rcmseg layout.
+
+    Used by ``rcmseg evaluate`` and by the bundle's ``configs/evaluate.json``.
+    """
+    from rcmseg.bundle import load_bundle
+
+    bundle = load_bundle(Path(bundle_dir), device)
+    if preset not in bundle.presets:
+        raise InputError(
+            bundle.root, f"unknown preset {preset!r}; the bundle has {', '.join(bundle.presets)}"
+        )
+    cases = read_manifest(Path(dataset_dir))
+    notes = [
+        f"Model: bundle `{bundle.name}` version {bundle.version} ({bundle.model}).",
+        f"Data: `{Path(dataset_dir)}`; inference preset `{preset}` on {bundle.device}.",
+    ]
+    return evaluate_cases(
+        bundle.network,
+        cases,
+        Path(dataset_dir),
+        Path(output_dir),
+        preset=bundle.presets[preset],
+        device=bundle.device,
+        remap=remap,
+        overlays=overlays,
+        target_mpp=bundle.working_mpp,
+        title="Evaluation",
+        notes=notes,
+        progress=progress,
+    )
+
+
+def _per_mosaic_rows(evaluation: Evaluation) -> tuple[list[str], list[list[object]]]:
+    header = ["mosaic", "patient", "lesion", "clinic", "labelled_px"]
+    header += [f"{name}_{m}" for name in report.ROWS for m in report.METRICS]
+    rows = []
+    for case, table in zip(evaluation.cases, evaluation.per_mosaic(), strict=True):
+        row: list[object] = [
+            case.case_id,
+            case.patient,
+            case.lesion,
+            case.clinic,
+            int(case.confusion.sum()),
+        ]
+        row += [
+            report._number(float(table[m][i]))
+            for i in range(len(report.ROWS))
+            for m in report.METRICS
+        ]
+        rows.append(row)
+    return header, rows
+
+
+def mosaic_spread(evaluation: Evaluation) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Mean and standard deviation over mosaics of each metric (NaNs skipped)."""
+    tables = evaluation.per_mosaic()
+    stacked = {m: np.stack([t[m] for t in tables]) for m in report.METRICS}
+    with warnings.catch_warnings():  # all-NaN columns (class absent everywhere) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = {m: np.nanmean(v, axis=0) for m, v in stacked.items()}
+        stds = {m: np.nanstd(v, axis=0) for m, v in stacked.items()}
+    return means, stds
+
+
+def write_evaluation(
+    out_dir: Path, evaluation: Evaluation, title: str = "Evaluation", notes: Sequence[str] = ()
+) -> None:
+    """Write metrics.json, the CSV tables, the confusion-matrix CSV/PNG and report.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pooled = evaluation.pooled()
+    means, stds = mosaic_spread(evaluation)
+    (out_dir / "metrics.json").write_text(json.dumps(evaluation.to_json(), indent=1) + "\n")
+    report.write_metric_csv(out_dir / "metrics_pooled.csv", pooled)
+    report.write_csv(out_dir / "metrics_per_mosaic.csv", *_per_mosaic_rows(evaluation))
+    report.write_confusion_csv(out_dir / "confusion_matrix.csv", evaluation.pooled_confusion)
+    report.save_png(
+        report.confusion_heatmap(evaluation.pooled_confusion), out_dir / "confusion_matrix.png"
+    )
+    header = ["", "sensitivity", "specificity", "Dice"]
+    count = len(evaluation.cases)
+    lines = [
+        f"# {title}",
+        "",
+        *notes,
+        *([""] if notes else []),
+        f"{count} labelled mosaic{'s' if count != 1 else ''}, "
+        f"{int(evaluation.pooled_confusion.sum())} labelled pixels at the working "
+        "resolution. Metrics are one-vs-rest per class on labelled pixels only; "
+        "unlabelled pixels are predicted but not scored.",
+        "",
+        "## Pooled over all mosaics",
+        "",
+        report.markdown_table(header, report.metric_rows(pooled)),
+        "",
+        "## Mean ± standard deviation over mosaics",
+        "",
+        report.markdown_table(header, report.metric_rows(means, stds)),
+        "",
+        "## Per mosaic (mean over classes)",
+        "",
+    ]
+    rows = [
+        [c.case_id, str(int(c.confusion.sum()))]
+        + [report.format_value(float(t[m][-1])) for m in report.METRICS]
+        for c, t in zip(evaluation.cases, evaluation.per_mosaic(), strict=True)
+    ]
+    lines += [
+        report.markdown_table(["mosaic", "labelled px", *header[1:]], rows),
+        "",
+        "## Confusion matrix (pooled)",
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "Counts in `confusion_matrix.csv` (rows truth, columns prediction).",
+        "",
+    ]
+    overlays = (
+        sorted((out_dir / "overlays").glob("*.png")) if (out_dir / "overlays").is_dir() else []
+    )
+    if overlays:
+        lines += ["## Examples", "", "Mosaic, ground truth (unlabelled grey) and prediction.", ""]
+        lines += [f"![{p.stem}](overlays/{p.name})" for p in overlays]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")

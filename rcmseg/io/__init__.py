@@ -1,0 +1,1 @@
+"""Reading mosaics and label maps, writing segmentation outputs."""

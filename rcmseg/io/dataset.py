@@ -1,0 +1,183 @@
+"""A data set on disk: mosaics, label maps and ``manifest.csv`` tying them to patients.
+
+Layout (what ``rcmseg synth`` writes; other layouts work as long as the manifest points at the
+files)::
+
+    ROOT/manifest.csv        mosaic,labels,patient,lesion,clinic
+    ROOT/mosaics/*.tif       8-bit grayscale mosaics (0.5 µm/px)
+    ROOT/labels/*.png        uint8 label maps, same size as their mosaic, 255 = unlabelled
+
+Paths in the manifest are relative to ROOT (absolute paths also work); ``labels`` may be empty
+for a mosaic without labels. ``patient`` drives patient-wise splits, ``clinic`` clinic-wise
+splits, ``lesion`` per-lesion reports.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rcmseg.classes import UNLABELLED, WORKING_MPP
+from rcmseg.errors import InputError
+from rcmseg.io.labels import downsample_labels, read_label_map
+
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "MANIFEST_NAME",
+    "Case",
+    "load_case",
+    "manifest_path",
+    "read_manifest",
+    "write_manifest",
+]
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS: tuple[str, ...] = ("mosaic", "labels", "patient", "lesion", "clinic")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One mosaic of a data set, with absolute paths."""
+
+    mosaic: Path
+    labels: Path | None
+    patient: str
+    lesion: str
+    clinic: str
+
+
+def manifest_path(root: str | Path) -> Path:
+    """``ROOT/manifest.csv`` for a data set folder; a path to a .csv file is taken as it is."""
+    root = Path(root)
+    return root if root.suffix.lower() == ".csv" else root / MANIFEST_NAME
+
+
+def _resolve(root: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else root / path
+
+
+def _case_from_row(manifest: Path, line: int, row: dict[str, str | None]) -> Case:
+    values = {column: (row.get(column) or "").strip() for column in MANIFEST_COLUMNS}
+    if not values["mosaic"]:
+        raise InputError(manifest, f"line {line}: the mosaic column is empty")
+    mosaic = _resolve(manifest.parent, values["mosaic"])
+    if not mosaic.is_file():
+        raise InputError(manifest, f"line {line}: mosaic {values['mosaic']} does not exist")
+    labels = _resolve(manifest.parent, values["labels"]) if values["labels"] else None
+    if labels is not None and not labels.is_file():
+        raise InputError(manifest, f"line {line}: label map {values['labels']} does not exist")
+    return Case(mosaic, labels, values["patient"], values["lesion"], values["clinic"])
+
+
+def read_manifest(root: str | Path) -> list[Case]:
+    """The cases listed in ``ROOT/manifest.csv``, in file order.
+
+    Raises:
+        InputError: no manifest, missing columns, a listed file that does not exist, or no rows.
+    """
+    manifest = manifest_path(root)
+    if not manifest.is_file():
+        raise InputError(manifest, "data set manifest does not exist")
+    with manifest.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [name.strip() for name in reader.fieldnames or []]
+        missing = [column for column in MANIFEST_COLUMNS if column not in header]
+        if missing:
+            raise InputError(
+                manifest,
+                f"manifest lacks the column(s) {', '.join(missing)}; "
+                f"expected {','.join(MANIFEST_COLUMNS)}",
+            )
+        reader.fieldnames = header
+        # Line numbers count the header as line 1, as an editor shows them.
+        cases = [_case_from_row(manifest, line, row) for line, row in enumerate(reader, start=2)]
+    if not cases:
+        raise InputError(manifest, "manifest lists no mosaics (empty data set)")
+    return cases
+
+
+def write_manifest(root: str | Path, cases: list[Case]) -> Path:
+    """Write ``ROOT/manifest.csv`` with paths relative to ROOT where possible."""
+    root = Path(root)
+    manifest = manifest_path(root)
+
+    def relative(path: Path | None) -> str:
+        if path is None:
+            return ""
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            return str(path)
+
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        for case in cases:
+            writer.writerow(
+                [
+                    relative(case.mosaic),
+                    relative(case.labels),
+                    case.patient,
+                    case.lesion,
+                    case.clinic,
+                ]
+            )
+    return manifest
+
+
+def _labels_at(labels: np.ndarray, factor: float, shape: tuple[int, int]) -> np.ndarray:
+    """Full-resolution labels at the image's working grid: vote over blocks, then match shape.
+
+    For a non-integer factor the vote runs at the nearest integer factor and the result is
+    resampled nearest-neighbour to ``shape``; a missing last row/column is unlabelled.
+    """
+    coarse = downsample_labels(labels, max(1, round(factor)))
+    if coarse.shape == shape:
+        return coarse
+    if abs(factor - round(factor)) < 1e-6 and all(
+        abs(a - b) <= 1 for a, b in zip(coarse.shape, shape, strict=True)
+    ):
+        # Same grid, one edge row/column more or less (ceil vs floor): crop or pad unlabelled.
+        out = np.full(shape, UNLABELLED, dtype=np.uint8)
+        h, w = min(shape[0], coarse.shape[0]), min(shape[1], coarse.shape[1])
+        out[:h, :w] = coarse[:h, :w]
+        return out
+    rows = np.minimum((np.arange(shape[0]) + 0.5) * coarse.shape[0] / shape[0], coarse.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) + 0.5) * coarse.shape[1] / shape[1], coarse.shape[1] - 1)
+    return coarse[rows.astype(np.intp)[:, None], cols.astype(np.intp)[None, :]]
+
+
+def load_case(
+    case: Case, target_mpp: float = WORKING_MPP, remap: dict[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A case's image and labels at ``target_mpp`` (µm/px).
+
+    Returns:
+        image float32 (H, W) on the 0-255 scale (area-averaged, from
+        :func:`rcmseg.io.mosaics.read_mosaic`) and labels uint8 (H, W) (block vote from
+        :func:`rcmseg.io.labels.downsample_labels`; all UNLABELLED when the case has no labels).
+
+    Raises:
+        InputError: unreadable files, or a label map whose size differs from the mosaic's size at
+            full resolution (the message names the label file and both sizes).
+    """
+    from rcmseg.io.mosaics import probe_mosaic, read_mosaic
+
+    if case.labels is None:
+        image, _info = read_mosaic(case.mosaic, target_mpp=target_mpp)
+        return image, np.full(image.shape, UNLABELLED, dtype=np.uint8)
+    info = probe_mosaic(case.mosaic)
+    labels = read_label_map(case.labels, remap=remap)
+    if labels.shape != (info.height_px, info.width_px):
+        raise InputError(
+            case.labels,
+            f"label map is {labels.shape[1]}x{labels.shape[0]} px but its mosaic "
+            f"{case.mosaic.name} is {info.width_px}x{info.height_px} px (width x height); "
+            "they must match at full resolution",
+        )
+    image, info = read_mosaic(case.mosaic, target_mpp=target_mpp)
+    return image, _labels_at(labels, target_mpp / info.mosaic_mpp, image.shape)

@@ -1,0 +1,69 @@
+"""Task config of the MED-Net model: its infer task, train task, strategy and scoring method.
+
+App options come from MONAI Label's ``--conf KEY VALUE`` (``rcmseg label serve`` sets them):
+
+    bundle   the bundle the working copy is seeded from (default: rcmseg's default bundle)
+    preset   sliding-window preset for inference and entropy (default ``fast``)
+    device   ``auto`` (CUDA when present), ``cpu``, ``cuda:1``, ... (default ``auto``)
+    epochs   fine-tuning epochs (default: the bundle's ``train.json``)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+
+from rcmseg.bundle import default_bundle_dir
+from rcmseg.classes import CLASS_NAMES
+from rcmseg.label_app.infer import MEDNetInfer, whole_mosaic_entropy
+from rcmseg.label_app.strategy import (
+    EntropyCache,
+    EntropyScoring,
+    EntropyStrategy,
+    MosaicEntropy,
+)
+from rcmseg.label_app.train import MEDNetTrain
+from rcmseg.label_app.workspace import ServedModel, Workspace
+
+
+class MEDNetTaskConfig(TaskConfig):
+    """MED-Net served from the working copy of a bundle kept under ``STUDIES/.rcmseg``."""
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any,
+             **kwargs: Any) -> None:
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.workspace: Workspace = kwargs["workspace"]
+        self.labels = {class_name: index for index, class_name in enumerate(CLASS_NAMES)}
+        source = Path(conf.get("bundle") or default_bundle_dir())
+        self.bundle_path = str(self.workspace.ensure_bundle(source))
+        self.path = str(self.workspace.model_path)
+        self.preset = conf.get("preset", "fast")
+        self.device = conf.get("device", "auto")
+        self.served = ServedModel(self.workspace.bundle_dir, self.device)
+        self.cache = EntropyCache(self.workspace.entropy_path)
+        self.entropy = MosaicEntropy(
+            self.served,
+            self.cache,
+            lambda mosaic, bundle: whole_mosaic_entropy(mosaic, bundle, self.preset),
+        )
+
+    def infer(self) -> InferTask:
+        return MEDNetInfer(self.served, preset=self.preset, on_whole_mosaic=self.cache.put)
+
+    def trainer(self) -> TrainTask:
+        defaults: dict[str, Any] = {}
+        if self.conf.get("epochs"):
+            defaults["max_epochs"] = int(self.conf["epochs"])
+        return MEDNetTrain(self.workspace, self.served, self.device, defaults)
+
+    def strategy(self) -> dict[str, Strategy]:
+        return {"entropy": EntropyStrategy(self.entropy)}
+
+    def scoring_method(self) -> dict[str, ScoringMethod]:
+        return {"entropy": EntropyScoring(self.entropy)}

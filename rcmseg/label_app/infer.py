@@ -1,0 +1,312 @@
+"""Infer task: MED-Net label maps at the mosaic's own pixel grid, for a whole mosaic or a region.
+
+The task reads, resamples and segments with the code behind ``rcmseg batch``
+(:func:`rcmseg.io.mosaics.read_mosaic`, :func:`rcmseg.batch.segment_to_maps`, the Gaussian
+sliding window of :mod:`rcmseg.inference`), so a mosaic gets the same labels from both. It
+implements MONAI Label's :class:`~monailabel.interfaces.tasks.infer_v2.InferTask` directly rather
+than ``BasicInferTask``, whose transform pipeline and constant-weight sliding window would be a
+second segmentation path.
+
+Requests (MONAI Label's ``/infer/{model}`` params or ``/infer/wsi_v2/{model}`` body):
+    image: path of the mosaic (MONAI Label resolves datastore ids).
+    location, size: region ``[x, y]``, ``[width, height]`` in mosaic pixels (level 0); a size of
+        ``[0, 0]`` or none means the whole mosaic.
+    output: ``asap`` / ``dsa`` (a polygon file for viewers), ``json`` (polygons in the reply),
+        else a label TIFF: uint8, mosaic pixels, class indices 0..5, pixel size in the tags.
+    min_poly_area: polygons smaller than this many mosaic pixels are dropped (viewer outputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.transform.post import FindContoursd
+from monailabel.utils.others.pathology import (
+    create_asap_annotations_xml,
+    create_dsa_annotations_json,
+)
+
+from rcmseg.batch import BatchOptions, MosaicProgress, check_size, segment_to_maps
+from rcmseg.bundle import LoadedBundle
+from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES
+from rcmseg.errors import InputError
+from rcmseg.io.mosaics import MosaicInfo, read_mosaic
+from rcmseg.label_app.workspace import ServedModel
+
+logger = logging.getLogger(__name__)
+
+VIEWER_OUTPUTS = ("asap", "dsa", "json")
+MIN_POLY_AREA_PX = 80  # MONAI Label's default for WSI polygons, in mosaic pixels
+
+
+@contextlib.contextmanager
+def client_errors() -> Iterator[None]:
+    """Answer bad input with HTTP 400 and the one-line :class:`InputError` message."""
+    try:
+        yield
+    except InputError as error:
+        raise HTTPException(status_code=400, detail=str(error)) from None
+
+
+@functools.lru_cache(maxsize=2)
+def _read_working_image(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, MosaicInfo]:
+    # Keyed on the file's stamp: viewers ask for many regions of one mosaic in a row.
+    del mtime_ns, size
+    return read_mosaic(path)
+
+
+def read_working_image(path: Path) -> tuple[np.ndarray, MosaicInfo]:
+    """The mosaic at the working resolution (float32 (H', W'), 0-255), cached per file version."""
+    try:
+        stat = path.stat()
+    except OSError:
+        raise InputError(path, "mosaic not found") from None
+    return _read_working_image(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A rectangle in mosaic pixels (level 0): origin ``x``, ``y`` and ``width`` × ``height``."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+    @classmethod
+    def from_request(cls, request: dict[str, Any], info: MosaicInfo) -> Region:
+        """The requested region clipped to the mosaic; the whole mosaic when none is asked."""
+        x, y = (int(v) for v in (request.get("location") or (0, 0)))
+        width, height = (int(v) for v in (request.get("size") or (0, 0)))
+        if int(request.get("level") or 0) != 0:
+            raise InputError(info.path, "only level 0 (full resolution) regions are supported")
+        if width <= 0 or height <= 0:
+            return cls(0, 0, info.width_px, info.height_px)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, info.width_px), min(y + height, info.height_px)
+        if x1 <= x0 or y1 <= y0:
+            raise InputError(
+                info.path,
+                f"region at ({x}, {y}) of {width}×{height} px lies outside the "
+                f"{info.width_px}×{info.height_px} px mosaic",
+            )
+        return cls(x0, y0, x1 - x0, y1 - y0)
+
+    def is_whole(self, info: MosaicInfo) -> bool:
+        return (self.x, self.y, self.width, self.height) == (0, 0, info.width_px, info.height_px)
+
+
+def working_index(start: int, count: int, scale: float, limit: int) -> np.ndarray:
+    """Working-grid index of each mosaic pixel ``start .. start + count - 1`` along one axis.
+
+    ``scale`` is working pixels per mosaic pixel (0.25 for 0.5 → 2 µm/px); a mosaic pixel takes
+    the working pixel its centre falls in, clipped to the ``limit`` working pixels.
+    """
+    centres = (np.arange(start, start + count) + 0.5) * scale
+    return np.minimum(centres.astype(np.intp), limit - 1)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Labels of a region at the mosaic grid, and the region's mean normalised entropy."""
+
+    labels: np.ndarray
+    mean_entropy: float
+
+
+def segment_region(
+    image: np.ndarray, info: MosaicInfo, region: Region, bundle: LoadedBundle, preset: str
+) -> Segmentation:
+    """Segment ``region`` with one window of context around it; labels at the mosaic grid.
+
+    Args:
+        image: the whole mosaic at the working resolution, float32 (H', W') on the 0-255 scale.
+        info: the mosaic's header (full-resolution size and µm/px).
+        region: rectangle in mosaic pixels.
+
+    Returns:
+        uint8 (region.height, region.width) class indices, nearest-neighbour from the working grid.
+    """
+    scale = info.mosaic_mpp / bundle.working_mpp
+    height, width = image.shape
+    check_size(width, height, info.path)
+    margin = bundle.presets[preset].window_px
+    rows = working_index(region.y, region.height, scale, height)
+    cols = working_index(region.x, region.width, scale, width)
+    r0, r1 = max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, height)
+    c0, c1 = max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, width)
+    options = BatchOptions(preset=preset, device=str(bundle.device), uncertainty=True)
+    maps = segment_to_maps(image[r0:r1, c0:c1], bundle, options, MosaicProgress())
+    labels = maps.labels[(rows - r0)[:, None], (cols - c0)[None, :]]
+    assert maps.entropy is not None  # asked for with uncertainty=True
+    inner = maps.entropy[rows[0] - r0 : rows[-1] + 1 - r0, cols[0] - c0 : cols[-1] + 1 - c0]
+    return Segmentation(labels=labels, mean_entropy=float(inner.mean()))
+
+
+def class_polygons(labels: np.ndarray, region: Region, min_poly_area: float) -> dict[str, Any]:
+    """Class outlines in MONAI Label's annotation format (mosaic pixel coordinates).
+
+    MONAI Label's :class:`FindContoursd` skips label value 0, which is a real class here
+    (background), so class ``k`` is traced as ``k + 1`` and named back.
+    """
+    contours = FindContoursd(
+        keys="pred",
+        min_positive=1,
+        labels={name: index + 1 for index, name in enumerate(CLASS_NAMES)},
+        colormap={name: list(colour) for name, colour in zip(CLASS_NAMES, CLASS_COLOURS)},
+    )
+    data = {
+        "pred": (labels.astype(np.int32) + 1).T,  # FindContoursd expects (x, y) axis order
+        "location": [region.x, region.y],
+        "size": [region.width, region.height],
+        "min_poly_area": min_poly_area,
+    }
+    found = contours(data).get("result", {}).get("annotation")
+    return found or {
+        "location": data["location"],
+        "size": data["size"],
+        "elements": [],
+        "labels": {},
+    }
+
+
+def write_viewer_file(output: str, result: dict[str, Any], model: str) -> str:
+    """An ASAP XML or DSA JSON polygon file made by MONAI Label's own writers."""
+    whole = {
+        "name": f"rcmseg {model}",
+        "description": "MED-Net cellular patterns",
+        "model": model,
+        "location": result["location"],
+        "size": result["size"],
+        "annotations": [result],
+        "latencies": result["latencies"],
+    }
+    writer = create_asap_annotations_xml if output == "asap" else create_dsa_annotations_json
+    path, _count = writer(whole, "WARNING")
+    return path
+
+
+def write_label_map(labels: np.ndarray, mosaic_mpp: float) -> str:
+    """The label map as a tiled uint8 TIFF (rcmseg's label writer) in a temporary file."""
+    from rcmseg.io.writers import write_label_tiff
+
+    path = Path(tempfile.mkdtemp(prefix="rcmseg-infer-")) / "labels.tif"
+    write_label_tiff(path, labels, mosaic_mpp)
+    return str(path)
+
+
+class MEDNetInfer(InferTask):
+    """Segment RCM mosaics into the six MED-Net patterns with the served bundle.
+
+    Args:
+        served: the working bundle, reloaded when fine-tuning replaces its weights.
+        preset: sliding-window preset name (``fast`` or ``paper``).
+        on_whole_mosaic: called with ``(path, model, mean entropy)`` after a whole mosaic is
+            segmented (the active-learning cache takes it for free).
+    """
+
+    def __init__(
+        self,
+        served: ServedModel,
+        preset: str = "fast",
+        on_whole_mosaic: Any = None,
+    ) -> None:
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels={name: index for index, name in enumerate(CLASS_NAMES)},
+            dimension=2,
+            description="MED-Net segmentation of RCM mosaics into six cellular patterns",
+            config={"preset": preset},
+        )
+        self.served = served
+        self.preset = preset
+        self.on_whole_mosaic = on_whole_mosaic
+
+    def is_valid(self) -> bool:
+        return self.served.weights_path.is_file()
+
+    def get_path(self, validate: bool = True) -> str | None:
+        path = self.served.weights_path
+        return str(path) if path.is_file() or not validate else None
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        with client_errors():
+            return self._infer(request)
+
+    def _infer(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        started = time.perf_counter()
+        image_path = request.get("image")
+        if not isinstance(image_path, str):
+            raise InputError(None, "the request names no mosaic file (image)")
+        path = Path(image_path)
+        preset = str(request.get("preset") or self.preset)
+        bundle = self.served.get()
+        if preset not in bundle.presets:
+            raise InputError(path, f"unknown preset {preset!r}; choose {', '.join(bundle.presets)}")
+        image, info = read_working_image(path)
+        region = Region.from_request(request, info)
+        read_done = time.perf_counter()
+
+        result = segment_region(image, info, region, bundle, preset)
+        if region.is_whole(info) and self.on_whole_mosaic is not None:
+            self.on_whole_mosaic(path, bundle.model, result.mean_entropy)
+        infer_done = time.perf_counter()
+
+        output = request.get("output")
+        wants_polygons = request.get("result_write_to_file") is False or output in VIEWER_OUTPUTS
+        reply: dict[str, Any] = {
+            "model": bundle.model,
+            "classes": {name: index for index, name in enumerate(CLASS_NAMES)},
+            "mosaic_size": [info.width_px, info.height_px],
+            "mosaic_mpp": info.mosaic_mpp,
+            "location": [region.x, region.y],
+            "size": [region.width, region.height],
+            "mean_entropy": result.mean_entropy,
+        }
+        if wants_polygons:
+            min_area = float(request.get("min_poly_area") or MIN_POLY_AREA_PX)
+            reply["annotation"] = class_polygons(result.labels, region, min_area)
+        post_done = time.perf_counter()
+
+        file: str | None = None
+        if request.get("result_write_to_file") is not False and output != "json":
+            reply["latencies"] = latencies(started, read_done, infer_done, post_done)
+            if output in ("asap", "dsa"):
+                file = write_viewer_file(output, reply, bundle.model)
+            else:
+                file = write_label_map(result.labels, info.mosaic_mpp)
+        reply["latencies"] = latencies(started, read_done, infer_done, post_done)
+        logger.info("%s %s: %s", path.name, region, reply["latencies"])
+        return file, reply
+
+
+def latencies(started: float, read_done: float, infer_done: float, post_done: float) -> dict:
+    """Seconds per stage, with the keys MONAI Label's WSI endpoint adds up."""
+    now = time.perf_counter()
+    return {
+        "pre": round(read_done - started, 3),
+        "infer": round(infer_done - read_done, 3),
+        "post": round(post_done - infer_done, 3),
+        "write": round(now - post_done, 3),
+        "total": round(now - started, 3),
+    }
+
+
+def whole_mosaic_entropy(path: Path, bundle: LoadedBundle, preset: str) -> float:
+    """Mean normalised per-pixel entropy of a whole mosaic (0 = certain, 1 = uniform)."""
+    image, info = read_working_image(path)
+    region = Region(0, 0, info.width_px, info.height_px)
+    entropy = segment_region(image, info, region, bundle, preset).mean_entropy
+    return entropy if math.isfinite(entropy) else 1.0

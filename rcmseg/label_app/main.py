@@ -1,0 +1,115 @@
+"""MONAI Label app: annotate RCM mosaics with MED-Net suggestions, fine-tune, pick what to label.
+
+Start it with ``rcmseg label serve --studies DIR`` (binds to 127.0.0.1) or with MONAI Label
+itself: ``monailabel start_server --app <this folder> --studies DIR --conf bundle B``.
+
+Models: ``mednet`` (infer and train). Strategies: ``entropy`` (least certain unlabelled mosaic)
+and MONAI Label's ``random``. Scoring: ``entropy`` (fills the strategy's cache).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.random import Random
+
+import rcmseg
+from rcmseg.classes import CLASS_NAMES
+from rcmseg.errors import InputError
+from rcmseg.io.mosaics import MOSAIC_SUFFIXES
+from rcmseg.label_app.asap import ASAP_SUFFIX
+from rcmseg.label_app.configs import MEDNetTaskConfig
+from rcmseg.label_app.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "mednet"
+# MONAI Label's defaults lack *.tiff; labels may come as PNG/TIFF/NRRD/NIfTI maps or QuPath XML.
+LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".nrrd", ".nii", ".nii.gz", ASAP_SUFFIX)
+
+
+def datastore_patterns() -> list[str]:
+    """File patterns of mosaics (every format ``rcmseg batch`` reads) and of label files."""
+    suffixes = dict.fromkeys((*MOSAIC_SUFFIXES, *LABEL_SUFFIXES))
+    return [f"*{suffix}" for suffix in suffixes]
+
+
+def opens_in_openslide(path: str) -> bool:
+    """Whether OpenSlide reads ``path`` (MONAI Label's tiled WSI path needs it)."""
+    try:
+        import openslide
+    except ImportError:  # pragma: no cover - openslide is part of the label extra
+        return False
+    try:
+        return openslide.OpenSlide.detect_format(path) is not None
+    except Exception:  # OpenSlide raises its own error types for unreadable files
+        return False
+
+
+class RCMSegApp(MONAILabelApp):
+    """The rcmseg app: one MED-Net model served from ``STUDIES/.rcmseg/bundle``."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        if studies.startswith(("http://", "https://")):
+            raise InputError(studies, "only a local studies folder is supported")
+        self.workspace = Workspace.for_studies(studies)
+        self.model_config = MEDNetTaskConfig()
+        self.model_config.init(MODEL_NAME, os.path.join(app_dir, "model"), conf, None,
+                               workspace=self.workspace)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="rcmseg",
+            description="MED-Net segmentation of RCM mosaics into six cellular patterns",
+            version=rcmseg.__version__,
+            labels=list(CLASS_NAMES),
+        )
+
+    def init_datastore(self) -> Datastore:
+        return LocalDatastore(
+            self.studies,
+            extensions=datastore_patterns(),
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {MODEL_NAME: self.model_config.infer()}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {MODEL_NAME: self.model_config.trainer()}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), **self.model_config.strategy()}
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        return self.model_config.scoring_method()
+
+    def infer_wsi(self, request: dict[str, Any], datastore: Datastore | None = None) -> Any:
+        """MONAI Label's WSI inference, also for mosaics OpenSlide cannot open.
+
+        MONAI Label tiles a region only for files OpenSlide reads (tiled TIFF, SVS, ...); a
+        striped TIFF, BMP, PNG or NIfTI mosaic goes to the infer task whole region at once,
+        which reads it with rcmseg's readers and answers in the requested viewer format.
+        """
+        image, task = request.get("image"), self._infers.get(request.get("model", ""))
+        if isinstance(image, str) and task is not None:
+            path = image if os.path.exists(image) else self.datastore().get_image_uri(image)
+            if path and not opens_in_openslide(path):
+                task_request = copy.deepcopy(task.config())
+                task_request.update(request)
+                task_request["output"] = task_request.get("output") or "dsa"
+                return self.infer(task_request, datastore)
+        return super().infer_wsi(request, datastore)

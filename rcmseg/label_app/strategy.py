@@ -1,0 +1,143 @@
+"""Active learning: label next the unlabelled mosaic the model is least sure about.
+
+A mosaic's uncertainty is the mean over its pixels of the normalised entropy of the class
+probabilities (:func:`rcmseg.inference.normalised_entropy`, the map ``rcmseg batch
+--uncertainty`` writes): 0 when every pixel is certain, 1 when every pixel is a toss-up. Scores
+are cached in ``STUDIES/.rcmseg/entropy.json`` per mosaic file version and per model, so a mosaic
+is segmented once per model: by the strategy when it meets it, by the ``entropy`` scoring method
+that MONAI Label runs in the background after training, or by a whole-mosaic inference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from rcmseg.errors import InputError
+from rcmseg.label_app.workspace import ServedModel
+
+logger = logging.getLogger(__name__)
+
+EntropyFunction = Callable[[Path], float]
+
+
+class EntropyCache:
+    """Mean entropies on disk, keyed by mosaic path, file version and model id.
+
+    Shared by the server and MONAI Label's scoring subprocess: writes merge under a file lock
+    and land with one rename.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = FileLock(str(path) + ".lock")
+
+    @staticmethod
+    def _key(mosaic: Path) -> str:
+        return str(mosaic.resolve())
+
+    @staticmethod
+    def _version(mosaic: Path) -> list[int]:
+        stat = mosaic.stat()
+        return [stat.st_mtime_ns, stat.st_size]
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def get(self, mosaic: Path, model: str) -> float | None:
+        entry = self._load().get(self._key(mosaic))
+        if entry and entry["model"] == model and entry["version"] == self._version(mosaic):
+            return float(entry["entropy"])
+        return None
+
+    def put(self, mosaic: Path, model: str, entropy: float) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"model": model, "version": self._version(mosaic), "entropy": float(entropy)}
+        with self._lock:
+            scores = self._load()
+            scores[self._key(mosaic)] = entry
+            staged = self.path.with_suffix(".incoming")
+            staged.write_text(json.dumps(scores, indent=1), encoding="utf-8")
+            os.replace(staged, self.path)
+
+
+class MosaicEntropy:
+    """Mean normalised entropy of a mosaic under the served model, through the cache."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        cache: EntropyCache,
+        compute: Callable[[Path, Any], float],
+    ) -> None:
+        self.served = served
+        self.cache = cache
+        self.compute = compute
+
+    def __call__(self, mosaic: Path) -> float:
+        bundle = self.served.get()
+        cached = self.cache.get(mosaic, bundle.model)
+        if cached is not None:
+            return cached
+        entropy = self.compute(mosaic, bundle)
+        self.cache.put(mosaic, bundle.model, entropy)
+        return entropy
+
+
+def unlabelled_mosaics(request: dict[str, Any], datastore: Datastore) -> dict[str, Path]:
+    """Datastore id → file of every image without a label of the requested tag (final)."""
+    images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+    return {image_id: Path(datastore.get_image_uri(image_id)) for image_id in images}
+
+
+def score_mosaics(mosaics: dict[str, Path], entropy: EntropyFunction) -> dict[str, float]:
+    """Entropy of each mosaic; an unreadable one is logged and left out."""
+    scores: dict[str, float] = {}
+    for image_id, path in mosaics.items():
+        try:
+            scores[image_id] = entropy(path)
+        except (InputError, ValueError) as error:
+            logger.warning("entropy of %s skipped: %s", image_id, error)
+    return scores
+
+
+class EntropyStrategy(Strategy):
+    """Next mosaic = the unlabelled one with the highest mean per-pixel entropy."""
+
+    def __init__(self, entropy: EntropyFunction) -> None:
+        super().__init__("Unlabelled mosaic the model is least sure about (mean entropy)")
+        self.entropy = entropy
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        scores = score_mosaics(unlabelled_mosaics(request, datastore), self.entropy)
+        if not scores:
+            return None
+        chosen = max(scores, key=lambda image_id: scores[image_id])
+        logger.info(
+            "entropy strategy: %s (%.4f) of %d unlabelled", chosen, scores[chosen], len(scores)
+        )
+        return {"id": chosen, "entropy": scores[chosen], "scores": scores}
+
+
+class EntropyScoring(ScoringMethod):
+    """Fill the entropy cache for every unlabelled mosaic (MONAI Label runs it after training)."""
+
+    def __init__(self, entropy: EntropyFunction) -> None:
+        super().__init__("Mean per-pixel entropy of unlabelled mosaics under the served model")
+        self.entropy = entropy
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        scores = score_mosaics(unlabelled_mosaics(request, datastore), self.entropy)
+        return {"entropy": scores}

@@ -1,0 +1,223 @@
+"""The paper's baselines at ~6 M trainable parameters: U-Net, FCN-32s, SegNet and DeepLab.
+
+Each returns logits (B, K, H, W) for input (B, C, H, W), in training and eval mode alike; H and W
+must be multiples of 32 (five 2x downsamplings in FCN and SegNet). Widths are chosen so each
+network lands within 10 % of MED-Net-3's 6.02 M parameters (1 input channel, 6 classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, ResidualUnit, SimpleASPP
+from monai.networks.nets import BasicUNet
+from torch import Tensor, nn
+
+from rcmseg.classes import NUM_CLASSES
+from rcmseg.networks.blocks import he_normal_init
+
+
+def unet(
+    in_channels: int = 1,
+    out_channels: int = NUM_CLASSES,
+    features: Sequence[int] = (32, 64, 128, 256, 384, 32),
+) -> nn.Module:
+    """MONAI's :class:`~monai.networks.nets.BasicUNet` with batch norm, ~6 M parameters."""
+    network = BasicUNet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        features=tuple(features),
+        norm=("batch", {"affine": True}),
+    )
+    he_normal_init(network)
+    return network
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, dilation: int = 1) -> Convolution:
+    """3x3 convolution, batch norm, ReLU; keeps H and W."""
+    return Convolution(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=3,
+        dilation=dilation,
+        act="relu",
+        norm="batch",
+    )
+
+
+def _vgg_stage(in_channels: int, out_channels: int, convs: int) -> nn.Sequential:
+    """``convs`` conv-BN-ReLU layers at one size."""
+    widths = [in_channels] + [out_channels] * convs
+    return nn.Sequential(*(_conv_bn_relu(a, b) for a, b in pairwise(widths)))
+
+
+class FCN32s(nn.Module):
+    """FCN-32s style network: VGG-like encoder (5 stages, max-pooled), conv "fc" layers, a 1x1
+    classifier at H/32, and one bilinear 32x upsampling back to the input size.
+
+    Args:
+        in_channels: image channels.
+        out_channels: number of classes K.
+        widths: widths of the five encoder stages.
+        convs_per_stage: conv-BN-ReLU layers per stage.
+        head_width: width of the two 3x3 "fully connected" convolutions at H/32.
+
+    Shapes: (B, C, H, W) -> (B, K, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = NUM_CLASSES,
+        widths: Sequence[int] = (32, 64, 128, 256, 256),
+        convs_per_stage: Sequence[int] = (2, 2, 3, 3, 3),
+        head_width: int = 384,
+    ) -> None:
+        super().__init__()
+        stages: list[nn.Module] = []
+        previous = in_channels
+        for width, convs in zip(widths, convs_per_stage, strict=True):
+            stages += [_vgg_stage(previous, width, convs), nn.MaxPool2d(2)]
+            previous = width
+        self.encoder = nn.Sequential(*stages)
+        self.head = nn.Sequential(
+            _conv_bn_relu(previous, head_width),
+            _conv_bn_relu(head_width, head_width),
+            nn.Conv2d(head_width, out_channels, kernel_size=1),
+        )
+        self.upsample = nn.Upsample(scale_factor=32.0, mode="bilinear", align_corners=False)
+        he_normal_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.upsample(self.head(self.encoder(x)))
+
+
+class SegNet(nn.Module):
+    """SegNet style encoder-decoder: the decoder upsamples with max-unpooling, reusing the
+    encoder's pooling indices (no skip connections of features).
+
+    Args:
+        in_channels: image channels.
+        out_channels: number of classes K.
+        widths: widths of the five encoder stages (the decoder mirrors them).
+        convs_per_stage: conv-BN-ReLU layers per stage.
+
+    Shapes: (B, C, H, W) -> (B, K, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = NUM_CLASSES,
+        widths: Sequence[int] = (32, 64, 128, 256, 256),
+        convs_per_stage: Sequence[int] = (2, 2, 3, 3, 3),
+    ) -> None:
+        super().__init__()
+        inputs = [in_channels, *widths[:-1]]
+        self.encoders = nn.ModuleList(
+            _vgg_stage(a, b, n) for a, b, n in zip(inputs, widths, convs_per_stage, strict=True)
+        )
+        # Decoder stages mirror the encoder stages, deepest first: each maps widths[i] back to
+        # its encoder's input width (widths[0] for the shallowest; the classifier maps it to K).
+        decoder_outputs = [widths[0], *widths[:-1]]
+        mirrored = zip(decoder_outputs, widths, convs_per_stage, strict=True)
+        self.decoders = nn.ModuleList(_vgg_stage(b, a, n) for a, b, n in reversed(list(mirrored)))
+        self.classifier = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+        he_normal_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        indices: list[Tensor] = []
+        sizes: list[list[int]] = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            sizes.append(x.shape[-2:])
+            x, index = F.max_pool2d_with_indices(x, kernel_size=2, stride=2)
+            indices.append(index)
+        for decoder in self.decoders:
+            x = F.max_unpool2d(x, indices.pop(), kernel_size=2, stride=2, output_size=sizes.pop())
+            x = decoder(x)
+        return self.classifier(x)
+
+
+class DeepLab(nn.Module):
+    """DeepLab style network: strided residual encoder down to H/8, dilated residual stages that
+    keep H/8, MONAI's :class:`SimpleASPP`, a 1x1 classifier and bilinear 8x upsampling.
+
+    Args:
+        in_channels: image channels.
+        out_channels: number of classes K.
+        widths: widths of the stem and the three strided residual stages (H/2 .. H/8).
+        dilated_widths: widths of the dilated residual stages (H/8).
+        dilations: dilation of each dilated stage.
+        aspp_width: channels of each of the four ASPP branches.
+        aspp_dilations: dilations of the four ASPP branches.
+
+    Shapes: (B, C, H, W) -> (B, K, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = NUM_CLASSES,
+        widths: Sequence[int] = (32, 64, 128, 192),
+        dilated_widths: Sequence[int] = (192, 192),
+        dilations: Sequence[int] = (2, 4),
+        aspp_width: int = 128,
+        aspp_dilations: Sequence[int] = (1, 6, 12, 18),
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv_bn_relu(in_channels, widths[0])]
+        for a, b in pairwise(widths):
+            layers.append(_residual_stage(a, b, stride=2))
+        previous = widths[-1]
+        for width, dilation in zip(dilated_widths, dilations, strict=True):
+            layers.append(_residual_stage(previous, width, dilation=dilation))
+            previous = width
+        self.encoder = nn.Sequential(*layers)
+        self.aspp = SimpleASPP(
+            spatial_dims=2,
+            in_channels=previous,
+            conv_out_channels=aspp_width,
+            kernel_sizes=(1, 3, 3, 3),
+            dilations=tuple(aspp_dilations),
+            norm_type="batch",
+            acti_type="relu",
+        )
+        self.classifier = nn.Conv2d(4 * aspp_width, out_channels, kernel_size=1)
+        self.output_stride = 2 ** (len(widths) - 1)
+        he_normal_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.classifier(self.aspp(self.encoder(x)))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _residual_stage(
+    in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1
+) -> nn.Sequential:
+    """Two MONAI residual units (conv-BN-ReLU x2 + projection shortcut); the first one strides."""
+    return nn.Sequential(
+        ResidualUnit(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            strides=stride,
+            subunits=2,
+            act="relu",
+            norm="batch",
+            dilation=dilation,
+        ),
+        ResidualUnit(
+            spatial_dims=2,
+            in_channels=out_channels,
+            out_channels=out_channels,
+            subunits=2,
+            act="relu",
+            norm="batch",
+            dilation=dilation,
+        ),
+    )

@@ -1,0 +1,66 @@
+"""Train a MONAI bundle's network through the bundle's own ``configs/train.json``.
+
+The bundle's config defines the network, loss and optimiser settings and calls
+:func:`rcmseg.training.train` (its ``run`` expression), so ``rcmseg train bundle``,
+``python -m monai.bundle run --config_file configs/train.json`` and ``torchrun ... -m monai.bundle
+run --config_file "['train.json','multi_gpu_train.json']"`` all train the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rcmseg.errors import InputError
+from rcmseg.training.config import TrainResult
+
+TRAIN_CONFIG = Path("configs/train.json")
+METADATA = Path("configs/metadata.json")
+LOGGING = Path("configs/logging.conf")
+
+
+def train_bundle(
+    bundle_dir: str | Path,
+    data_dir: str | Path,
+    resume: bool = False,
+    **overrides: Any,
+) -> TrainResult:
+    """Run ``bundle_dir/configs/train.json`` on the dataset ``data_dir``.
+
+    Args:
+        bundle_dir: the bundle folder; the best weights go to its ``models/model.pt``, the run
+            (checkpoints, ``train_log.csv``) to its ``runs/train``.
+        data_dir: dataset root holding ``manifest.csv``.
+        resume: continue from the bundle's last checkpoint when there is one.
+        overrides: train.json ids and values, e.g. ``epochs=2``, ``fold=1``, ``device="cpu"``,
+            ``iterations_per_epoch=5``.
+
+    Raises:
+        InputError: the folder is not a bundle with a ``train.json``, or the data set is bad.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    root = Path(bundle_dir)
+    config_file = root / TRAIN_CONFIG
+    if not config_file.is_file():
+        raise InputError(config_file, "missing: the bundle has no training config")
+    if not (Path(data_dir) / "manifest.csv").is_file():
+        raise InputError(data_dir, "no manifest.csv here: not a data set (see `rcmseg synth`)")
+    if "device" in overrides:
+        from rcmseg.inference import resolve_device
+
+        overrides["device"] = resolve_device(overrides["device"])
+    workflow = ConfigWorkflow(
+        config_file=str(config_file),
+        meta_file=str(root / METADATA) if (root / METADATA).is_file() else None,
+        logging_file=str(root / LOGGING) if (root / LOGGING).is_file() else False,
+        workflow_type=None,
+        bundle_root=str(root),
+        dataset_dir=str(data_dir),
+        resume=resume,
+        **overrides,
+    )
+    workflow.initialize()
+    results = workflow.run()
+    workflow.finalize()
+    return results[0]

@@ -1,0 +1,146 @@
+"""A training run's settings (:class:`TrainConfig`) and what it produced (:class:`TrainResult`).
+
+Defaults follow the MED-Net protocol (Kose et al. 2021): 200 epochs, batch 48, learning rate 0.01
+decayed exponentially to 0.001 by the last epoch, weight decay 1e-8, MDSC+TV loss with γ = 1e-6,
+256 px crops from 512 px windows at 50% overlap, all at the working resolution of 2 µm/px.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+AUGMENTATIONS: tuple[str, ...] = ("batched", "per_patch")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run.
+
+    Data and split:
+        data_dir: dataset root holding ``manifest.csv`` (layout of :mod:`rcmseg.io.dataset`).
+        train_cases, val_cases: explicit case lists (mosaic file name, stem or path relative to
+            ``data_dir``, as in the manifest). When both are ``None`` the labelled cases are split
+            patient-wise into ``num_folds`` groups with ``seed``; group ``fold`` validates and the
+            rest trains. ``val_cases=[]`` trains without validation (the last epoch is exported).
+        label_remap: source label value -> class index, for label maps in another encoding.
+
+    Model and optimisation:
+        network, network_kwargs: a name of :func:`rcmseg.networks.get_network` and its extra
+            arguments (``"mednet"`` is the 3-level MED-Net).
+        loss, tv_weight: a name of :func:`rcmseg.losses.make_loss` and γ of its TV term
+            (``None``: the loss's default, 1e-6 for ``mdsc_tv`` and 0 for ``dice`` and ``ce``).
+        optimizer: ``"sgd"`` (default: momentum 0.9, the usual partner of a base learning rate
+            of 0.01; the paper does not name its optimiser), ``"adam"`` or ``"adamw"``.
+        learning_rate, final_learning_rate: the rate of the first and of the last epoch; the
+            rate decays exponentially in between (one step per epoch).
+        max_epochs, batch_size: epochs and patches per optimiser step (per process under DDP).
+        iterations_per_epoch: cap on optimiser steps per epoch, for quick runs (``None``: all of
+            the epoch's patches).
+
+    Patches (px at the working resolution, 2 µm/px):
+        patch_size, window, window_overlap: the paper's per-epoch sampling, one ``patch_size``
+            crop at a random position in every ``window`` window at ``window_overlap``.
+        augmentation: ``"batched"`` (default: the paper's augmentation on whole batches on the
+            training device, :class:`rcmseg.training.augment.BatchAugment`) or ``"per_patch"``
+            (:func:`rcmseg.transforms.train_transforms` in the DataLoader, MONAI transforms).
+
+    Validation:
+        val_every: validate every this many epochs (the last epoch always validates).
+        val_preset: sliding-window preset of :func:`rcmseg.inference.segment_image` used to
+            segment the whole validation mosaics.
+
+    Running:
+        output_dir: run folder for checkpoints, the training log and ``model.pt``.
+        export_path: also write the best weights here (e.g. a bundle's ``models/model.pt``).
+        seed: seeds every random choice; the same seed gives the same weights on CPU.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        amp: mixed precision (float16 autocast + gradient scaling); used on CUDA only.
+        num_workers: DataLoader processes running the per-patch augmentation.
+        threads: ``torch.set_num_threads`` for the run (``None``: leave torch's choice).
+        resume: continue from ``output_dir/checkpoints/last.pt`` when it exists.
+        stop_after_epochs: stop after this many epochs in this call (a later ``resume`` goes on
+            to ``max_epochs``), for schedulers with time limits.
+        progress: show a progress bar (rank 0 only).
+    """
+
+    data_dir: Path | str
+    output_dir: Path | str
+    train_cases: list[str] | None = None
+    val_cases: list[str] | None = None
+    fold: int = 0
+    num_folds: int = 5
+    label_remap: dict[int, int] | None = None
+    network: str = "mednet"
+    network_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss: str = "mdsc_tv"
+    tv_weight: float | None = None
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    final_learning_rate: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 1e-8
+    max_epochs: int = 200
+    batch_size: int = 48
+    iterations_per_epoch: int | None = None
+    patch_size: int = 256
+    window: int = 512
+    window_overlap: float = 0.5
+    augmentation: str = "batched"
+    val_every: int = 1
+    val_preset: str = "fast"
+    export_path: Path | str | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    threads: int | None = None
+    resume: bool = False
+    stop_after_epochs: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        self.output_dir = Path(self.output_dir)
+        if self.export_path is not None:
+            self.export_path = Path(self.export_path)
+        self.optimizer = self.optimizer.lower()
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(
+                f"augmentation must be one of {AUGMENTATIONS}, not {self.augmentation!r}"
+            )
+        for name in ("max_epochs", "batch_size", "num_folds", "val_every", "patch_size", "window"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not 0 <= self.fold < self.num_folds:
+            raise ValueError(f"fold must be in 0..{self.num_folds - 1}, not {self.fold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (paths as strings), fit for JSON and for weights-only checkpoints."""
+        values = dataclasses.asdict(self)
+        return {key: str(v) if isinstance(v, Path) else v for key, v in values.items()}
+
+
+@dataclass
+class TrainResult:
+    """What :func:`rcmseg.training.train` produced.
+
+    ``history`` holds one dict per finished epoch (the rows of ``train_log.csv``);
+    ``best_val_dice`` is the mean Dice over classes on the validation mosaics' labelled pixels
+    (``nan`` when the run had no validation).
+    """
+
+    output_dir: Path
+    model_path: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    log_path: Path
+    best_epoch: int
+    best_val_dice: float
+    epochs_completed: int
+    history: list[dict[str, float]]

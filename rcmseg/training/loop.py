@@ -1,0 +1,430 @@
+"""The training loop: per-epoch patch sampling and augmentation, optimiser steps (mixed precision
+on CUDA), validation on whole mosaics, checkpoints, resume, the log.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.utils import convert_to_tensor
+from torch import nn
+from torch.optim.lr_scheduler import ExponentialLR
+
+from rcmseg.classes import NUM_CLASSES
+from rcmseg.evaluation.evaluate import predict_labels
+from rcmseg.inference import resolve_device
+from rcmseg.losses import make_loss
+from rcmseg.metrics import confusion_matrix, one_vs_rest
+from rcmseg.networks import get_network
+from rcmseg.training.augment import BatchAugment
+from rcmseg.training.checkpoint import (
+    export_weights,
+    load_checkpoint,
+    rng_states,
+    save_atomic,
+    set_rng_states,
+)
+from rcmseg.training.config import TrainConfig, TrainResult
+from rcmseg.training.data import LoadedCase, epoch_order, load_cases, patch_loader, split_cases
+from rcmseg.training.distributed import (
+    rank_and_world,
+    sum_across_ranks,
+    sync_buffers,
+    unwrap,
+    wrap_ddp,
+)
+from rcmseg.training.monitor import make_progress, status_line, write_log
+from rcmseg.transforms import EpochPatchDataset, train_transforms
+
+logger = logging.getLogger(__name__)
+
+LossFunction = Callable[[Any, torch.Tensor], torch.Tensor]
+Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class RunState:
+    """Where a run stands after ``epochs_done`` epochs (what a checkpoint restores)."""
+
+    epochs_done: int = 0
+    best_val_dice: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class RunPaths:
+    """The files of a run folder."""
+
+    output_dir: Path
+
+    @property
+    def last(self) -> Path:
+        return self.output_dir / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.output_dir / "checkpoints" / "best.pt"
+
+    @property
+    def model(self) -> Path:
+        return self.output_dir / "model.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.output_dir / "train_log.csv"
+
+
+def make_optimizer(
+    config: TrainConfig, parameters: Iterable[nn.Parameter]
+) -> torch.optim.Optimizer:
+    """The configured optimiser with the base learning rate and weight decay."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters,
+            lr=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    optimizer_class = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return optimizer_class(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def lr_decay_per_epoch(config: TrainConfig) -> float:
+    """Factor that takes ``learning_rate`` at the first epoch to ``final_learning_rate`` at the
+    last one."""
+    if config.max_epochs == 1:
+        return 1.0
+    ratio = config.final_learning_rate / config.learning_rate
+    return ratio ** (1.0 / (config.max_epochs - 1))
+
+
+def _validates_after(epoch: int, config: TrainConfig) -> bool:
+    """Validation runs every ``val_every`` epochs and after the last epoch (0-based ``epoch``)."""
+    return (epoch + 1) % config.val_every == 0 or epoch + 1 == config.max_epochs
+
+
+def _batch_augment(config: TrainConfig, device: torch.device, seed: int) -> Augment | None:
+    """The batched augmentation on ``device`` with its own seeded generator (None when the
+    DataLoader augments per patch)."""
+    if config.augmentation != "batched":
+        return None
+    return functools.partial(
+        BatchAugment(), generator=torch.Generator(device=device).manual_seed(seed)
+    )
+
+
+def _seed_of(*numbers: int) -> int:
+    """A seed that depends only on ``numbers`` (here: run seed, epoch, rank)."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
+
+def _loss_terms(loss_function: LossFunction) -> tuple[float, float]:
+    """The Dice and TV terms of the last loss call, where the loss exposes them."""
+    dice = getattr(loss_function, "last_dice", None)
+    tv = getattr(loss_function, "last_tv", None)
+    return (
+        math.nan if dice is None else float(dice),
+        math.nan if tv is None else float(tv),
+    )
+
+
+def _as_float(outputs: Any) -> Any:
+    """Loss in float32 even under autocast (Dice sums of squares overflow float16)."""
+    if isinstance(outputs, (list, tuple)):
+        return [output.float() for output in outputs]
+    return outputs.float()
+
+
+def train_epoch(
+    network: nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    loss_function: LossFunction,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp: bool,
+    on_step: Callable[[float, float], None] | None = None,
+    augment: Augment | None = None,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the patch-weighted means of the loss and its terms over
+    all processes, and the number of patches they saw.
+
+    ``augment`` runs on each batch once it is on ``device`` (the batched augmentation); without
+    it the loader's batches must be augmented already.
+    """
+    network.train()
+    totals = {"loss": 0.0, "dice_term": 0.0, "tv_term": 0.0}
+    patches = 0
+    for batch in loader:
+        images = convert_to_tensor(batch["image"], track_meta=False)
+        labels = convert_to_tensor(batch["label"], track_meta=False)
+        images = images.to(device, dtype=torch.float32, non_blocking=True)
+        labels = labels.to(device, non_blocking=True).long()
+        if augment is not None:
+            images, labels = augment(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            outputs = network(images)
+        loss = loss_function(_as_float(outputs), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        count = images.shape[0]
+        dice, tv = _loss_terms(loss_function)
+        for key, value in (("loss", loss.item()), ("dice_term", dice), ("tv_term", tv)):
+            totals[key] += value * count
+        patches += count
+        if on_step is not None:
+            on_step(totals["loss"] / patches, tv / dice if dice else math.nan)
+    # Under DDP each process saw its own share: log the means over all of them.
+    sums = torch.tensor([*totals.values(), patches], dtype=torch.float64, device=device)
+    *global_totals, global_patches = sum_across_ranks(sums).tolist()
+    count = max(global_patches, 1)
+    means = {key: value / count for key, value in zip(totals, global_totals, strict=True)}
+    means["tv_dice_ratio"] = (
+        means["tv_term"] / means["dice_term"] if means["dice_term"] else math.nan
+    )
+    means["patches"] = global_patches
+    return means
+
+
+@torch.no_grad()
+def validate(
+    network: nn.Module, cases: Sequence[LoadedCase], device: torch.device, preset: str
+) -> float:
+    """Mean Dice over classes on the labelled pixels of whole validation mosaics.
+
+    Each mosaic is segmented by the shared sliding-window path (:func:`segment_image` through
+    :func:`rcmseg.evaluation.evaluate.predict_labels`); the confusion matrix is summed over
+    mosaics (and over processes under DDP, each segmenting its share) before the one-vs-rest
+    Dice.
+    """
+    model = unwrap(network)
+    model.eval()
+    matrix = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
+    for case in cases:
+        prediction = predict_labels(model, case.image, preset, device)
+        matrix += torch.as_tensor(confusion_matrix(prediction, case.labels, NUM_CLASSES))
+    matrix = sum_across_ranks(matrix.to(device)).cpu()
+    return float(one_vs_rest(matrix.numpy())["mean_dice"])
+
+
+@dataclass
+class Run:
+    """The live objects of a run and what a checkpoint saves and restores of them."""
+
+    config: TrainConfig
+    network: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: ExponentialLR
+    scaler: torch.amp.GradScaler
+    state: RunState
+    paths: RunPaths
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "epochs_done": self.state.epochs_done,
+            "best_val_dice": self.state.best_val_dice,
+            "best_epoch": self.state.best_epoch,
+            "history": self.state.history,
+            "network": unwrap(self.network).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states(),
+            "config": self.config.to_dict(),
+        }
+
+    def restore(self, path: Path) -> None:
+        checkpoint = load_checkpoint(path)
+        unwrap(self.network).load_state_dict(checkpoint["network"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_states(checkpoint["rng"])
+        self.state = RunState(
+            epochs_done=checkpoint["epochs_done"],
+            best_val_dice=checkpoint["best_val_dice"],
+            best_epoch=checkpoint["best_epoch"],
+            history=list(checkpoint["history"]),
+        )
+
+    def save(self, improved: bool) -> None:
+        """Write the last (and, when improved, the best) checkpoint, ``model.pt`` and the log."""
+        checkpoint = self.checkpoint()
+        save_atomic(checkpoint, self.paths.last)
+        if improved:
+            save_atomic(checkpoint, self.paths.best)
+            weights = unwrap(self.network).state_dict()
+            export_weights(weights, self.paths.model)
+            if self.config.export_path is not None:
+                export_weights(weights, Path(self.config.export_path))
+        write_log(self.state.history, self.paths.log)
+
+    def result(self) -> TrainResult:
+        validated = self.state.best_epoch > 0 and math.isfinite(self.state.best_val_dice)
+        return TrainResult(
+            output_dir=self.paths.output_dir,
+            model_path=self.paths.model,
+            best_checkpoint=self.paths.best,
+            last_checkpoint=self.paths.last,
+            log_path=self.paths.log,
+            best_epoch=self.state.best_epoch,
+            best_val_dice=self.state.best_val_dice if validated else math.nan,
+            epochs_completed=self.state.epochs_done,
+            history=self.state.history,
+        )
+
+
+def _start_run(
+    config: TrainConfig,
+    network: nn.Module | None,
+    device: torch.device,
+    amp: bool,
+) -> Run:
+    """Build (or take) the network, optimiser, LR schedule and scaler; resume if asked."""
+    torch.manual_seed(config.seed)
+    if network is None:
+        network = get_network(config.network, **config.network_kwargs)
+    network = network.to(device)
+    optimizer = make_optimizer(config, network.parameters())
+    run = Run(
+        config=config,
+        network=network,
+        optimizer=optimizer,
+        scheduler=ExponentialLR(optimizer, gamma=lr_decay_per_epoch(config)),
+        scaler=torch.amp.GradScaler("cuda", enabled=amp),
+        state=RunState(),
+        paths=RunPaths(Path(config.output_dir)),
+    )
+    if config.resume and run.paths.last.is_file():
+        run.restore(run.paths.last)
+        logger.info("resuming %s after epoch %d", run.paths.last, run.state.epochs_done)
+    run.network = wrap_ddp(run.network, device)
+    return run
+
+
+def train(
+    config: TrainConfig,
+    network: nn.Module | None = None,
+    loss_function: LossFunction | None = None,
+) -> TrainResult:
+    """Train a segmentation network on the labelled mosaics of ``config.data_dir``.
+
+    Args:
+        config: the run's settings (paper protocol by default).
+        network: a network to train instead of ``get_network(config.network)`` (the bundle's
+            ``network_def``); may already be wrapped in DDP.
+        loss_function: a loss instead of ``make_loss(config.loss, gamma=config.tv_weight)``.
+
+    Returns:
+        A :class:`TrainResult`; the best weights (highest validation Dice) are in
+        ``output_dir/model.pt`` (and ``config.export_path``), loadable with
+        ``torch.load(..., weights_only=True)``.
+
+    Raises:
+        InputError: the data set is missing or empty, or the split leaves nothing to train on.
+    """
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    amp = config.amp and device.type == "cuda"
+    rank, world_size = rank_and_world()
+    root = Path(config.data_dir)
+    train_cases, val_cases = split_cases(
+        root, config.train_cases, config.val_cases, config.fold, config.num_folds, config.seed
+    )
+    patches = EpochPatchDataset(
+        [(case.image, case.labels) for case in load_cases(train_cases, root, config.label_remap)],
+        transform=train_transforms() if config.augmentation == "per_patch" else None,
+        window=config.window,
+        overlap=config.window_overlap,
+        crop=config.patch_size,
+        seed=config.seed,
+    )
+    val_data = load_cases(val_cases[rank::world_size], root, config.label_remap)
+    logger.info("training on %d mosaics, validating on %d", len(train_cases), len(val_cases))
+    if loss_function is None:
+        loss_function = make_loss(config.loss, gamma=config.tv_weight)
+    run = _start_run(config, network, device, amp)
+    max_patches = (
+        None
+        if config.iterations_per_epoch is None
+        else config.iterations_per_epoch * config.batch_size
+    )
+    stop_at = config.max_epochs
+    if config.stop_after_epochs is not None:
+        stop_at = min(stop_at, run.state.epochs_done + config.stop_after_epochs)
+
+    with make_progress(config.progress and rank == 0) as progress:
+        task = progress.add_task("training", total=None, status="")
+        for epoch in range(run.state.epochs_done, stop_at):
+            started = time.perf_counter()
+            patches.set_epoch(epoch)
+            epoch_seed = _seed_of(config.seed, epoch, rank)
+            loader = patch_loader(
+                patches,
+                epoch_order(len(patches), (config.seed, epoch), rank, world_size, max_patches),
+                config.batch_size,
+                augment_seed=epoch_seed,
+                num_workers=config.num_workers,
+                pin_memory=device.type == "cuda",
+            )
+            progress.reset(
+                task, total=len(loader), description=f"epoch {epoch + 1}/{config.max_epochs}"
+            )
+            last_dice = run.state.history[-1]["val_dice"] if run.state.history else math.nan
+
+            def on_step(loss: float, ratio: float, _dice: float = last_dice) -> None:
+                progress.update(task, advance=1, status=status_line(loss, ratio, _dice))
+
+            learning_rate = run.optimizer.param_groups[0]["lr"]
+            means = train_epoch(
+                run.network,
+                loader,
+                loss_function,
+                run.optimizer,
+                run.scaler,
+                device,
+                amp,
+                on_step,
+            )
+            seconds = time.perf_counter() - started
+            run.scheduler.step()
+            sync_buffers(run.network)
+
+            val_dice = math.nan
+            if val_cases and _validates_after(epoch, config):
+                val_dice = validate(run.network, val_data, device, config.val_preset)
+            run.state.history.append(
+                {
+                    "epoch": epoch + 1,
+                    **means,
+                    "val_dice": val_dice,
+                    "learning_rate": learning_rate,
+                    "seconds": round(seconds, 3),
+                    "samples_per_s": round(means["patches"] / seconds, 2),
+                }
+            )
+            run.state.epochs_done = epoch + 1
+            # Without validation cases every epoch is "best": the export is the last epoch.
+            improved = not val_cases or val_dice > run.state.best_val_dice
+            if improved:
+                run.state.best_val_dice = val_dice if val_cases else math.nan
+                run.state.best_epoch = epoch + 1
+            status = status_line(means["loss"], means["tv_dice_ratio"], val_dice)
+            progress.update(task, status=status)
+            if rank == 0:
+                run.save(improved)
+            logger.info("epoch %d: %s", epoch + 1, status)
+    return run.result()

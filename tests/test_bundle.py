@@ -1,0 +1,139 @@
+"""The MONAI bundle: loading, and MONAI's own verification and export commands as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcmseg.bundle import default_bundle_dir, load_bundle
+from rcmseg.classes import CLASS_NAMES
+from rcmseg.errors import InputError
+
+torch.set_num_threads(2)
+BUNDLE = default_bundle_dir()
+CONFIGS = BUNDLE / "configs"
+
+
+def monai_bundle(*args: str, cwd: Path = BUNDLE) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle ARGS`` as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def bundle_copy(tmp_path: Path) -> Path:
+    """A copy of the bundle that a test may break."""
+    return Path(shutil.copytree(BUNDLE, tmp_path / "rcm_mednet"))
+
+
+def test_default_bundle_is_found_from_the_source_tree_and_env_overrides(monkeypatch, tmp_path):
+    monkeypatch.delenv("RCMSEG_BUNDLE", raising=False)
+    assert default_bundle_dir().name == "rcm_mednet"
+    for required in ("configs/metadata.json", "configs/inference.json", "models/model.pt"):
+        assert (default_bundle_dir() / required).is_file()
+    assert (default_bundle_dir() / "LICENSE").is_file()
+    monkeypatch.setenv("RCMSEG_BUNDLE", str(tmp_path))
+    assert default_bundle_dir() == tmp_path
+
+
+def test_load_bundle_gives_an_eval_network_with_the_class_table():
+    bundle = load_bundle(BUNDLE, device="cpu")
+    metadata = json.loads((CONFIGS / "metadata.json").read_text())
+    assert bundle.class_names == CLASS_NAMES
+    assert bundle.version == metadata["version"]
+    assert bundle.working_mpp == 2.0
+    assert not bundle.network.training
+    assert bundle.model.startswith("MEDNet@")
+    assert "synthetic" in bundle.intended_use
+    with torch.no_grad():
+        logits = bundle.network(torch.rand(1, 1, 64, 96))
+    assert logits.shape == (1, len(CLASS_NAMES), 64, 96)
+
+
+def test_missing_bundle_and_wrong_weights_are_one_line_input_errors(bundle_copy, tmp_path):
+    with pytest.raises(InputError, match="bundle folder not found"):
+        load_bundle(tmp_path / "nowhere")
+    torch.save(torch.nn.Conv2d(1, 6, 3).state_dict(), bundle_copy / "models" / "model.pt")
+    with pytest.raises(InputError, match="weights do not fit network_def") as error:
+        load_bundle(bundle_copy)
+    assert "\n" not in str(error.value)
+
+
+def test_weights_with_pickled_code_are_refused(bundle_copy):
+    # A full pickled module is not a weights-only state dict: torch.load(weights_only=True) refuses.
+    torch.save(torch.nn.Conv2d(1, 6, 3), bundle_copy / "models" / "model.pt")
+    with pytest.raises(InputError, match="not a weights-only PyTorch state dict"):
+        load_bundle(bundle_copy)
+
+
+def test_verify_metadata_passes_offline_and_catches_a_broken_file(bundle_copy):
+    schema = CONFIGS / "schema.json"
+    done = monai_bundle(
+        "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(schema)
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "metadata is verified with no error" in done.stdout + done.stderr
+
+    broken = json.loads((bundle_copy / "configs" / "metadata.json").read_text())
+    del broken["version"]
+    broken["network_data_format"]["outputs"]["pred"]["num_channels"] = "six"
+    (bundle_copy / "configs" / "metadata.json").write_text(json.dumps(broken))
+    failed = monai_bundle(
+        "verify_metadata",
+        "--meta_file",
+        "configs/metadata.json",
+        "--filepath",
+        str(schema),
+        cwd=bundle_copy,
+    )
+    assert failed.returncode != 0
+
+
+def test_verify_net_in_out_passes():
+    done = monai_bundle(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--device",
+        "cpu",
+        "--n",
+        "4",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "data shape of network is verified with no error" in done.stdout + done.stderr
+
+
+def test_ckpt_export_gives_a_torchscript_model_with_the_same_outputs(tmp_path):
+    exported = tmp_path / "model.ts"
+    done = monai_bundle(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(exported),
+        "--ckpt_file",
+        "models/model.pt",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    scripted = torch.jit.load(str(exported), map_location="cpu").eval()
+    network = load_bundle(BUNDLE).network
+    image = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(image), network(image), atol=1e-4, rtol=1e-4)

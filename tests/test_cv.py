@@ -1,0 +1,142 @@
+"""`rcmseg cv` and `rcmseg study` end to end on a tiny synthetic dataset (2 folds, one training
+step per model), resuming, and the ~6 M parameter budget of every variant."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from rcmseg.cli.main import app
+from rcmseg.evaluation.study import STUDIES, Variant, parameter_count
+from rcmseg.io.dataset import load_case, read_manifest
+from rcmseg.synth import write_dataset
+
+# One optimiser step of two 64 px crops per model, and the `paper` preset (256 px windows): a
+# 128 px test image is then one window, 16x cheaper than `fast`'s 512 px window on CPU.
+QUICK = ["--epochs", "1", "--iterations-per-epoch", "1", "--batch-size", "2", "--patch-size",
+         "64", "--device", "cpu", "--preset", "paper", "--threads", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six synthetic mosaics of 512 px at 0.5 µm/px (128 px at 2 µm/px), six patients."""
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(root, n=6, size=512, seed=3, patients=6, clinics=2)
+    return root
+
+
+def labelled_pixels(root: Path) -> int:
+    return sum(int((load_case(c)[1] != 255).sum()) for c in read_manifest(root) if c.labels)
+
+
+def test_cv_trains_each_fold_evaluates_every_case_once_and_resumes(
+    dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cv"
+    command = ["cv", str(dataset), "--out", str(out), "--folds", "2", "--network", "mednet1"]
+    result = CliRunner().invoke(app, command + QUICK)
+    assert result.exit_code == 0, result.output
+    assert "2 fold(s): mean Dice" in result.output
+
+    folds = json.loads((out / "folds.json").read_text())
+    assert folds["settings"]["folds"] == 2 and len(folds["folds"]) == 2
+    tested = []
+    for fold in folds["folds"]:
+        parts = fold["patients"]
+        assert not set(parts["train"]) & set(parts["test"])
+        assert not set(parts["validation"]) & (set(parts["train"]) | set(parts["test"]))
+        tested += fold["test"]
+    assert sorted(tested) == sorted(f"mosaics/{c.mosaic.name}" for c in read_manifest(dataset))
+
+    # every labelled pixel of the dataset is scored exactly once over the folds
+    pooled = [json.loads((out / f"fold_{i}/evaluation/metrics.json").read_text()) for i in (0, 1)]
+    assert sum(np.sum(p["pooled_confusion"]) for p in pooled) == labelled_pixels(dataset)
+    for i in (0, 1):
+        assert (out / f"fold_{i}/evaluation/report.md").is_file()
+        assert (out / f"fold_{i}/evaluation/confusion_matrix.png").is_file()
+        assert (out / f"fold_{i}/train/model.pt").is_file()
+    with open(out / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["class"] for r in rows][-1] == "mean" and len(rows) == 7
+    fold_dice = [p["pooled"]["dice"][-1] for p in pooled]
+    assert float(rows[-1]["dice"]) == pytest.approx(np.mean(fold_dice), abs=1e-4)
+    assert float(rows[-1]["dice_std"]) == pytest.approx(np.std(fold_dice, ddof=1), abs=1e-4)
+    assert "±" in (out / "report.md").read_text()
+
+    # resume: nothing is retrained; a fold without its evaluation is evaluated again only
+    weights = [(out / f"fold_{i}/train/model.pt").stat().st_mtime_ns for i in (0, 1)]
+    (out / "fold_1/evaluation/metrics.json").unlink()
+    again = CliRunner().invoke(app, command + QUICK)
+    assert again.exit_code == 0, again.output
+    assert [(out / f"fold_{i}/train/model.pt").stat().st_mtime_ns for i in (0, 1)] == weights
+    redone = json.loads((out / "fold_1/evaluation/metrics.json").read_text())
+    assert redone["pooled_confusion"] == pooled[1]["pooled_confusion"]
+
+    # other split settings on the same folder would mix two experiments: one-line error
+    other = CliRunner().invoke(app, command + QUICK + ["--seed", "5"])
+    assert other.exit_code == 2
+    assert "folds.json: was written with other split settings" in other.output
+
+
+def test_study_compares_variants_on_shared_folds(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    command = ["study", str(dataset), "--out", str(out), "--folds", "2", "--variant", "mednet1",
+               "--variant", "mednet1:ce"]  # fmt: skip
+    result = CliRunner().invoke(app, command + QUICK)
+    assert result.exit_code == 0, result.output
+    table = (out / "comparison.md").read_text()
+    assert "| mednet1-mdsc_tv | 6." in table and "| mednet1-ce | 6." in table
+    with open(out / "comparison.csv", newline="") as handle:
+        rows = {row["variant"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"mednet1-mdsc_tv", "mednet1-ce"}
+    for name in rows:  # each variant's table entry is its own cross-validation summary
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert float(rows[name]["mean Dice"]) == pytest.approx(summary["mean"]["dice"][-1],
+                                                               abs=1e-4)  # fmt: skip
+        assert summary["folds"] == 2
+    # both variants were tested on the same mosaics in each fold
+    for i in (0, 1):
+        cases = [
+            [c["case_id"] for c in json.loads(
+                (out / name / f"fold_{i}/evaluation/metrics.json").read_text())["cases"]]
+            for name in rows
+        ]  # fmt: skip
+        assert cases[0] == cases[1]
+
+
+def test_group_scenario_tests_the_held_out_clinic(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "groups"
+    command = ["cv", str(dataset), "--out", str(out), "--scenario", "groups", "--test-group",
+               "clinic1", "--network", "mednet1"]  # fmt: skip
+    result = CliRunner().invoke(app, command + QUICK)
+    assert result.exit_code == 0, result.output
+    clinic_of = {f"mosaics/{c.mosaic.name}": c.clinic for c in read_manifest(dataset)}
+    metrics = json.loads((out / "fold_0/evaluation/metrics.json").read_text())
+    assert {clinic_of[c["case_id"]] for c in metrics["cases"]} == {"clinic1"}
+    assert {c["clinic"] for c in metrics["cases"]} == {"clinic1"}
+
+
+def test_bad_study_requests_are_one_line_errors(dataset: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    for extra, message in ((["--variant", "resnet"], "unknown network 'resnet'"),
+                           (["--study", "everything"], "unknown study 'everything'"),
+                           ([], "give --study or at least one --variant")):  # fmt: skip
+        result = runner.invoke(app, ["study", str(dataset), "--out", str(tmp_path)] + extra)
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = runner.invoke(app, ["cv", str(dataset), "--out", str(tmp_path), "--scenario",
+                                 "groups", "--test-group", "mars"])  # fmt: skip
+    assert result.exit_code == 2 and "mars not in the manifest" in result.output
+
+
+def test_every_variant_has_about_six_million_parameters() -> None:
+    """The paper compares networks at ~6 M parameters: every variant within 10 % of MED-Net."""
+    reference = parameter_count(Variant("mednet"))
+    assert 5.4e6 <= reference <= 6.6e6
+    for variant in STUDIES["paper"]:
+        count = parameter_count(variant)
+        assert abs(count - reference) <= 0.1 * reference, (variant.name, count, reference)

@@ -1,0 +1,117 @@
+"""Data set layout: manifest.csv, Case, loading a case at the working resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rcmseg.classes import UNLABELLED
+from rcmseg.errors import InputError
+from rcmseg.io.dataset import Case, load_case, read_manifest, write_manifest
+from rcmseg.io.labels import downsample_labels
+from rcmseg.synth import write_mosaic_tiff
+
+HEADER = "mosaic,labels,patient,lesion,clinic\n"
+
+
+def make_case_files(root: Path, name: str, shape: tuple[int, int], label_shape=None) -> None:
+    """A mosaic TIFF (0.5 µm/px) and a label PNG whose classes follow the mosaic's intensity."""
+    (root / "mosaics").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    labels = ((rows // 16 + cols // 24) % 6).astype(np.uint8)
+    labels[:, : shape[1] // 5] = UNLABELLED
+    image = (30 + 35 * (labels % 6)).astype(np.uint8)
+    write_mosaic_tiff(root / "mosaics" / f"{name}.tif", image)
+    if label_shape is not None:
+        labels = np.zeros(label_shape, dtype=np.uint8)
+    Image.fromarray(labels).save(root / "labels" / f"{name}.png")
+
+
+def test_read_manifest_resolves_paths_and_keeps_metadata(tmp_path: Path) -> None:
+    make_case_files(tmp_path, "a", (64, 64))
+    make_case_files(tmp_path, "b", (64, 64))
+    (tmp_path / "manifest.csv").write_text(
+        HEADER + "mosaics/a.tif,labels/a.png,P1,P1-L1,Milan\nmosaics/b.tif,,P2,P2-L1,NYC\n"
+    )
+    cases = read_manifest(tmp_path)
+    assert cases[0] == Case(
+        tmp_path / "mosaics/a.tif", tmp_path / "labels/a.png", "P1", "P1-L1", "Milan"
+    )
+    assert cases[1].labels is None and cases[1].clinic == "NYC"
+    assert read_manifest(tmp_path / "manifest.csv") == cases
+
+
+def test_write_manifest_round_trips(tmp_path: Path) -> None:
+    make_case_files(tmp_path, "a", (32, 32))
+    case = Case(tmp_path / "mosaics/a.tif", tmp_path / "labels/a.png", "P9", "L", "C")
+    write_manifest(tmp_path, [case])
+    assert (tmp_path / "manifest.csv").read_text().splitlines()[1].startswith("mosaics/a.tif,")
+    assert read_manifest(tmp_path) == [case]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("mosaic,labels,patient\nmosaics/a.tif,,P1\n", "lacks the column(s) lesion, clinic"),
+        (HEADER, "no mosaics"),
+        (HEADER + "mosaics/missing.tif,,P1,L1,C1\n", "line 2: mosaic mosaics/missing.tif"),
+        (HEADER + "mosaics/a.tif,labels/none.png,P1,L1,C1\n", "line 2: label map labels/none"),
+        (HEADER + ",,P1,L1,C1\n", "line 2: the mosaic column is empty"),
+    ],
+)
+def test_bad_manifests_give_one_line_errors(tmp_path: Path, content: str, problem: str) -> None:
+    make_case_files(tmp_path, "a", (32, 32))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(content)
+    with pytest.raises(InputError) as error:
+        read_manifest(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{manifest}: ") and problem in message and "\n" not in message
+
+
+def test_missing_manifest(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="manifest does not exist"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (258, 391)])
+def test_load_case_gives_aligned_image_and_labels_at_2_um(tmp_path: Path, shape) -> None:
+    make_case_files(tmp_path, "a", shape)
+    case = Case(tmp_path / "mosaics/a.tif", tmp_path / "labels/a.png", "P", "L", "C")
+    image, labels = load_case(case)
+    assert image.dtype == np.float32 and labels.dtype == np.uint8
+    assert image.shape == labels.shape == (shape[0] // 4, shape[1] // 4)
+    full_labels = np.asarray(Image.open(case.labels))
+    expected = downsample_labels(full_labels, 4)[: shape[0] // 4, : shape[1] // 4]
+    np.testing.assert_array_equal(labels, expected)
+    # Where a whole 4x4 block has one class, the averaged image shows that class's intensity.
+    labelled = labels != UNLABELLED
+    agree = np.abs(image[labelled] - (30 + 35 * labels[labelled])) < 0.5
+    assert agree.mean() > 0.6
+
+
+def test_load_case_without_labels_is_all_unlabelled(tmp_path: Path) -> None:
+    make_case_files(tmp_path, "a", (64, 96))
+    image, labels = load_case(Case(tmp_path / "mosaics/a.tif", None, "P", "L", "C"))
+    assert labels.shape == image.shape == (16, 24) and np.all(labels == UNLABELLED)
+
+
+def test_load_case_with_a_remapping_table(tmp_path: Path) -> None:
+    make_case_files(tmp_path, "a", (64, 64))
+    case = Case(tmp_path / "mosaics/a.tif", tmp_path / "labels/a.png", "P", "L", "C")
+    _, plain = load_case(case)
+    _, remapped = load_case(case, remap={2: UNLABELLED})
+    assert np.any(plain == 2) and not np.any(remapped == 2)
+
+
+def test_label_map_of_another_size_names_the_file_and_both_sizes(tmp_path: Path) -> None:
+    make_case_files(tmp_path, "a", (64, 96), label_shape=(16, 24))
+    case = Case(tmp_path / "mosaics/a.tif", tmp_path / "labels/a.png", "P", "L", "C")
+    with pytest.raises(InputError) as error:
+        load_case(case)
+    message = str(error.value)
+    assert message.startswith(str(case.labels)) and "24x16" in message and "96x64" in message

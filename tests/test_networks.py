@@ -1,0 +1,213 @@
+"""MED-Net and baselines: sizes, shapes, cross-scale wiring, initialisation, TorchScript export."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.bundle import ckpt_export
+from monai.networks.utils import convert_to_torchscript
+
+from rcmseg.networks import NETWORK_NAMES, MEDNet, count_parameters, get_network
+
+torch.set_num_threads(2)
+# Recent torch deprecates TorchScript; MONAI bundles (models/model.ts) still rely on it.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*:DeprecationWarning")
+
+PAPER_PARAMETERS = 6.0e6
+BASELINES = ("unet", "fcn", "segnet", "deeplab")
+SMALL_WIDTHS = (8, 16, 16, 32, 32)  # same graph as the default widths, faster on CPU
+
+
+@pytest.fixture(scope="module")
+def mednet3() -> MEDNet:
+    torch.manual_seed(0)
+    return MEDNet(levels=3)
+
+
+@pytest.fixture(scope="module")
+def small_mednet3() -> MEDNet:
+    torch.manual_seed(0)
+    return MEDNet(levels=3, widths=SMALL_WIDTHS)
+
+
+@pytest.mark.parametrize("name", ["mednet", "mednet2", "mednet1"])
+def test_mednet_has_six_million_parameters(name: str) -> None:
+    count = count_parameters(get_network(name))
+    assert abs(count - PAPER_PARAMETERS) <= 0.1 * PAPER_PARAMETERS, count
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baselines_are_within_ten_percent_of_mednet(name: str, mednet3: MEDNet) -> None:
+    reference = count_parameters(mednet3)
+    count = count_parameters(get_network(name))
+    assert abs(count - reference) <= 0.1 * reference, (count, reference)
+
+
+def test_count_parameters_ignores_frozen_ones() -> None:
+    layer = torch.nn.Linear(3, 2)  # 6 weights + 2 biases
+    layer.bias.requires_grad_(False)
+    assert count_parameters(layer) == 6
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_training_mode_returns_logits_per_level_coarse_to_fine(levels: int) -> None:
+    network = MEDNet(levels=levels, widths=SMALL_WIDTHS).train()
+    outputs = network(torch.rand(2, 1, 96, 64))  # non-square
+    assert isinstance(outputs, list)
+    expected = [(2, 6, 96 // 2**m, 64 // 2**m) for m in reversed(range(levels))]
+    assert [tuple(output.shape) for output in outputs] == expected
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_eval_mode_returns_finest_logits(levels: int) -> None:
+    network = MEDNet(levels=levels, in_channels=2, out_channels=4, widths=SMALL_WIDTHS).eval()
+    with torch.no_grad():
+        logits = network(torch.rand(1, 2, 64, 96))
+    assert isinstance(logits, torch.Tensor)
+    assert logits.shape == (1, 4, 64, 96)
+
+
+def test_inputs_must_be_multiples_of_32(small_mednet3: MEDNet) -> None:
+    with pytest.raises(ValueError, match="multiples of 32"):
+        small_mednet3.eval()(torch.rand(1, 1, 48, 64))
+
+
+def test_bad_levels_and_widths_are_refused() -> None:
+    with pytest.raises(ValueError, match="levels"):
+        MEDNet(levels=4)
+    with pytest.raises(ValueError, match="widths"):
+        MEDNet(widths=(8, 16, 32))
+
+
+def test_levels_see_pooled_image_label_prior_and_shared_features(small_mednet3: MEDNet) -> None:
+    """Hooks read the tensors that flow between levels and check the paper's wiring."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, what: str):
+        def hook(_module, inputs, output):
+            seen[name] = (inputs[0] if what == "input" else output).detach().clone()
+
+        return hook
+
+    coarse, middle, fine = small_mednet3.levels
+    handles = [
+        coarse.encoders[0].register_forward_hook(keep("coarse_in", "input")),
+        middle.encoders[-1].register_forward_hook(keep("middle_bottleneck", "output")),
+        middle.head.register_forward_hook(keep("middle_logits", "output")),
+        fine.encoders[0].register_forward_hook(keep("fine_in", "input")),
+        fine.encoders[-2].register_forward_hook(keep("fine_before_gate", "output")),
+        fine.encoders[-1].register_forward_hook(keep("fine_gated", "input")),
+    ]
+    image = torch.rand(1, 1, 64, 96)
+    with torch.no_grad():
+        small_mednet3.eval()(image)
+    for handle in handles:
+        handle.remove()
+
+    # Coarsest level: the image average-pooled 4x, alone.
+    torch.testing.assert_close(seen["coarse_in"], F.avg_pool2d(image, 4))
+    # Finest level: image + the middle level's softmax upsampled 2x (label prior).
+    prior = F.interpolate(seen["middle_logits"].softmax(1), scale_factor=2.0, mode="bilinear")
+    assert seen["fine_in"].shape[1] == 1 + 6
+    torch.testing.assert_close(seen["fine_in"], torch.cat([image, prior], dim=1))
+    # Feature sharing: fine features at H/16 times the middle bottleneck (H/32) upsampled 2x.
+    assert seen["fine_before_gate"].shape[-2:] == (4, 6)
+    gate = F.interpolate(seen["middle_bottleneck"], scale_factor=2.0, mode="bilinear")
+    torch.testing.assert_close(seen["fine_gated"], seen["fine_before_gate"] * gate)
+
+
+def test_widths_are_shared_by_levels_without_shared_weights(mednet3: MEDNet) -> None:
+    coarse, middle, fine = mednet3.levels
+    assert [len(level.encoders) for level in mednet3.levels] == [3, 4, 5]
+    for k in range(3):
+        widths = {level.encoders[k].conv1.conv.out_channels for level in mednet3.levels}
+        assert len(widths) == 1
+    assert coarse.encoders[1].conv1.conv.weight is not fine.encoders[1].conv1.conv.weight
+
+
+def test_convolutions_are_he_normal(mednet3: MEDNet) -> None:
+    weight = mednet3.levels[-1].encoders[3].conv2.conv.weight  # 3x3, many fan-in
+    fan_in = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    expected_std = math.sqrt(2.0 / (1 + 0.01**2) / fan_in)
+    assert abs(weight.std().item() - expected_std) < 0.05 * expected_std
+    assert abs(weight.mean().item()) < 0.05 * expected_std
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baselines_return_one_logits_tensor_in_both_modes(name: str) -> None:
+    network = get_network(name)
+    image = torch.rand(1, 1, 96, 64)
+    assert network.train()(image).shape == (1, 6, 96, 64)
+    with torch.no_grad():
+        assert network.eval()(image).shape == (1, 6, 96, 64)
+
+
+def test_get_network_knows_its_names_and_passes_options() -> None:
+    assert set(NETWORK_NAMES) == {"mednet", "mednet2", "mednet1", *BASELINES}
+    small = get_network("MEDNet2", in_channels=3, out_channels=2, widths=(4, 8, 8, 8, 8))
+    assert isinstance(small, MEDNet) and small.num_levels == 2
+    assert small.levels[-1].encoders[0].conv1.conv.in_channels == 3 + 2
+    with pytest.raises(ValueError, match="unknown network"):
+        get_network("resnet")
+
+
+def test_torchscript_round_trip_gives_identical_outputs(small_mednet3: MEDNet, tmp_path) -> None:
+    path = tmp_path / "mednet.ts"
+    torch.jit.save(torch.jit.script(small_mednet3.eval()), str(path))
+    loaded = torch.jit.load(str(path))
+    image = torch.rand(1, 1, 64, 96)
+    with torch.no_grad():
+        expected = small_mednet3(image)
+        for _ in range(3):  # past the profiling executor's warm-up runs
+            assert torch.equal(loaded(image), expected)
+    loaded.train()
+    outputs = loaded(torch.rand(2, 1, 64, 64))
+    assert [tuple(o.shape[-2:]) for o in outputs] == [(16, 16), (32, 32), (64, 64)]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baselines_script_too(name: str) -> None:
+    network = get_network(name).eval()
+    image = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(network)(image), network(image))
+
+
+def test_monai_convert_to_torchscript_verifies(tmp_path) -> None:
+    # convert_to_torchscript switches the network to eval mode itself.
+    network = MEDNet(levels=2, widths=SMALL_WIDTHS).train()
+    convert_to_torchscript(
+        network,
+        str(tmp_path / "model.ts"),
+        verify=True,
+        inputs=[torch.rand(1, 1, 64, 64)],
+        device=torch.device("cpu"),
+    )
+    loaded = torch.jit.load(str(tmp_path / "model.ts"))
+    assert loaded(torch.rand(1, 1, 64, 64)).shape == (1, 6, 64, 64)
+
+
+def test_monai_bundle_ckpt_export_of_a_trained_checkpoint(tmp_path) -> None:
+    """What ``python -m monai.bundle ckpt_export`` does with a bundle defining MED-Net."""
+    config = tmp_path / "inference.json"
+    config.write_text(json.dumps({"network_def": {"_target_": "rcmseg.networks.MEDNet"}}))
+    meta = tmp_path / "metadata.json"
+    meta.write_text(json.dumps({"version": "0.0.1"}))
+    torch.manual_seed(1)
+    trained = MEDNet()
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(tmp_path / "model.pt"),
+        meta_file=str(meta),
+        config_file=str(config),
+    )
+    exported = torch.jit.load(str(tmp_path / "model.ts"))
+    image = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(image), trained.eval()(image))
