@@ -5,8 +5,10 @@ and the MONAI Label app all call :func:`segment_image` or :func:`iter_probabilit
 
 Windows are blended with MONAI's :class:`~monai.inferers.SlidingWindowInferer` in Gaussian mode:
 each window's softmax probabilities are weighted by a Gaussian (σ = ``sigma_scale`` × window side)
-and the weighted sum is normalised per pixel, as in MED-Net (Kose et al. 2021). Images smaller
-than a window are padded with zeros (black, i.e. "outside the mosaic") up to one window.
+and the weighted sum is normalised per pixel, as in MED-Net (Kose et al. 2021). On a side where
+the image is smaller than the preset's window, the window shrinks to the image (rounded up to a
+multiple of 32, at least 256 px, the training field of view); an image smaller than that is
+padded with zeros (black, i.e. "outside the mosaic").
 
 Memory stays bounded by stitching in horizontal bands: band rows ``[r0, r1)`` are computed from
 input rows ``[b0, b1)`` where ``b0`` is ``r0 - window`` rounded down to a multiple of the stride and
@@ -19,6 +21,7 @@ probabilities is held at a time.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,6 +35,7 @@ from rcmseg.classes import INTENSITY_MAX
 # Smallest accepted side at the working resolution: 32 px = 64 µm, one stride of MED-Net's finest
 # level and a few cells across; a smaller field holds no recognisable pattern.
 MIN_SIDE_PX: int = 32
+MIN_WINDOW_PX: int = 256  # MED-Net's training patch side (0.5 mm): windows never shrink below it
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,18 @@ class Preset:
     def stride_px(self) -> int:
         """Step between window origins, as MONAI computes it (at least 1 px)."""
         return max(int(self.window_px * (1 - self.overlap)), 1)
+
+    def window_for(self, height: int, width: int) -> tuple[int, int]:
+        """Window (h, w) for an image: the preset's, shrunk on a side where the image is smaller.
+
+        A side shrinks to the image side rounded up to a multiple of 32, but never below
+        :data:`MIN_WINDOW_PX`, the field of view the network was trained on; so a small image is
+        not padded to a large window for nothing (it still gets one window on that side).
+        """
+        floor = min(self.window_px, MIN_WINDOW_PX)
+        return tuple(  # type: ignore[return-value]
+            max(min(self.window_px, math.ceil(side / 32) * 32), floor) for side in (height, width)
+        )
 
 
 PRESETS: dict[str, Preset] = {
@@ -85,18 +101,21 @@ def get_preset(preset: str | Preset) -> Preset:
 
 
 def make_inferer(
-    preset: str | Preset = "fast", device: str | torch.device = "cpu"
+    preset: str | Preset = "fast",
+    device: str | torch.device = "cpu",
+    window: tuple[int, int] | None = None,
 ) -> SlidingWindowInferer:
     """A Gaussian-blending :class:`SlidingWindowInferer` for ``preset``.
 
     Windows run on ``device``; on CUDA the stitching stays there too (fast and small: one band),
-    on CPU everything stays on the CPU in float32.
+    on CPU everything stays on the CPU in float32. ``window`` overrides the preset's square
+    window (see :meth:`Preset.window_for`).
     """
     settings = get_preset(preset)
     device = resolve_device(device)
     on_cuda = device.type == "cuda"
     return SlidingWindowInferer(
-        roi_size=(settings.window_px, settings.window_px),
+        roi_size=window or (settings.window_px, settings.window_px),
         sw_batch_size=settings.sw_batch_size * (CUDA_BATCH_FACTOR if on_cuda else 1),
         overlap=settings.overlap,
         mode="gaussian",
@@ -124,13 +143,16 @@ def softmax_predictor(network: nn.Module, amp: bool) -> Callable[[torch.Tensor],
     return predict
 
 
-def band_rows(height: int, preset: Preset, band_px: int) -> Iterator[tuple[int, int, int, int]]:
+def band_rows(
+    height: int, window: int, overlap: float, band_px: int
+) -> Iterator[tuple[int, int, int, int]]:
     """Yield ``(r0, r1, b0, b1)``: output rows ``[r0, r1)`` computed from input rows ``[b0, b1)``.
 
-    See the module docstring for why these bounds reproduce the whole-image window grid.
+    ``window`` is the window height. See the module docstring for why these bounds reproduce the
+    whole-image window grid; an image no taller than a window is one band.
     """
-    window, stride = preset.window_px, preset.stride_px
-    band_px = max(band_px, stride)
+    stride = max(int(window * (1 - overlap)), 1)
+    band_px = max(band_px, stride) if height > window else height
     for r0 in range(0, height, band_px):
         r1 = min(r0 + band_px, height)
         b0 = max(r0 - window, 0) // stride * stride
@@ -164,11 +186,12 @@ def iter_probability_bands(
     height, width = image.shape
     if min(height, width) < MIN_SIDE_PX:
         raise ValueError(f"image {width}×{height} px is below the {MIN_SIDE_PX} px minimum side")
-    inferer = make_inferer(settings, device)
+    window = settings.window_for(height, width)
+    inferer = make_inferer(settings, device, window)
     network = network.to(device).eval()
     predict = softmax_predictor(network, amp)
     with torch.inference_mode():
-        for r0, r1, b0, b1 in band_rows(height, settings, band_px):
+        for r0, r1, b0, b1 in band_rows(height, window[0], settings.overlap, band_px):
             rows = torch.from_numpy(np.ascontiguousarray(image[b0:b1], dtype=np.float32))
             windows_in = (rows / INTENSITY_MAX)[None, None].to(device)
             blended = inferer(windows_in, predict)

@@ -82,7 +82,7 @@ def test_banded_stitching_equals_whole_image_stitching(conv_net, band_px):
 def test_bands_cover_every_row_once_and_hold_the_whole_window_grid():
     height = 1000
     covered = np.zeros(height, dtype=int)
-    for r0, r1, b0, b1 in band_rows(height, PRESETS["paper"], band_px=300):
+    for r0, r1, b0, b1 in band_rows(height, 256, PRESETS["paper"].overlap, band_px=300):
         covered[r0:r1] += 1
         assert b0 % PRESETS["paper"].stride_px == 0 and b0 <= max(r0 - 256, 0)
         assert b1 == min(r1 + 256, height)
@@ -130,3 +130,11 @@ def test_pixel_entropy_is_zero_when_certain_and_ln_k_when_uniform():
     two_way = np.zeros((NUM_CLASSES, 1, 1), dtype=np.float32)
     two_way[:2] = 0.5
     np.testing.assert_allclose(pixel_entropy(two_way), math.log(2), atol=1e-6)
+
+
+def test_windows_shrink_to_small_images_but_not_below_the_training_patch():
+    fast, paper = PRESETS["fast"], PRESETS["paper"]
+    assert fast.window_for(3000, 3000) == (512, 512)
+    assert fast.window_for(300, 2000) == (320, 512)  # rounded up to a multiple of 32
+    assert fast.window_for(100, 150) == (256, 256)  # padded to the 256 px field of view
+    assert paper.window_for(100, 3000) == (256, 256)

@@ -476,9 +476,11 @@ def region_polygons(
         # Filling with 4-connected background leaves no pinch vertex on the outline.
         filled = ndimage.binary_fill_holes(region, structure=_FOUR_CONNECTED)
         rings = [_oriented(_trace_outline(filled) + origin, exterior=True)]
-        holes, hole_count = ndimage.label(filled & ~region, structure=_FOUR_CONNECTED)
-        for hole in range(1, hole_count + 1):
-            rings.append(_oriented(_trace_outline(holes == hole) + origin, exterior=False))
+        holes, _ = ndimage.label(filled & ~region, structure=_FOUR_CONNECTED)
+        for hole, hole_box in enumerate(ndimage.find_objects(holes), start=1):
+            hole_origin = origin + [hole_box[1].start, hole_box[0].start]
+            outline = _trace_outline(holes[hole_box] == hole) + hole_origin
+            rings.append(_oriented(outline, exterior=False))
         if simplify_px > 0:
             rings = [_simplified(ring, simplify_px) for ring in rings]
         yield rings, area_px
@@ -507,17 +509,30 @@ def _trace_outline(mask: np.ndarray) -> np.ndarray:
         start_ids.append((rows + start_dr) * columns + cols + start_dc)
         end_ids.append((rows + end_dr) * columns + cols + end_dc)
     start_ids, end_ids = np.concatenate(start_ids), np.concatenate(end_ids)
-    following = np.full((height + 1) * columns, -1, dtype=np.int64)
-    following[start_ids] = end_ids
-    first = int(start_ids.min())
-    walk = [first]
-    vertex = int(following[first])
-    while vertex != first:
-        walk.append(vertex)
-        vertex = int(following[vertex])
-    ids = np.asarray(walk)
+    by_start = np.argsort(start_ids)
+    next_edge = by_start[np.searchsorted(start_ids[by_start], end_ids)]
+    ids = start_ids[_cycle_order(next_edge, first=int(np.argmin(start_ids)))]
     points = np.stack([ids % columns, ids // columns], axis=1)
     return _closed(_corners_only(points))
+
+
+def _cycle_order(next_edge: np.ndarray, first: int) -> np.ndarray:
+    """Edges of the single cycle ``next_edge`` in walking order from ``first``.
+
+    List ranking by pointer doubling (log2(n) vectorised steps instead of a Python loop over
+    every pixel edge): cut the cycle before ``first``, then each edge's distance to the cut
+    gives its position.
+    """
+    count = len(next_edge)
+    last = int(np.flatnonzero(next_edge == first)[0])
+    pointer = next_edge.copy()
+    pointer[last] = last
+    distance = np.ones(count, dtype=np.int64)
+    distance[last] = 0
+    for _ in range(max(1, math.ceil(math.log2(count)))):
+        distance += distance[pointer]
+        pointer = pointer[pointer]
+    return np.argsort(-distance, kind="stable")
 
 
 def _corners_only(points: np.ndarray) -> np.ndarray:

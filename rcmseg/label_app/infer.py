@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -120,7 +119,7 @@ def working_index(start: int, count: int, scale: float, limit: int) -> np.ndarra
 
 @dataclass(frozen=True)
 class Segmentation:
-    """Labels of a region at the mosaic grid, and the region's mean normalised entropy."""
+    """Labels of a region at the mosaic grid, and the region's mean per-pixel entropy (nats)."""
 
     labels: np.ndarray
     mean_entropy: float
@@ -161,11 +160,12 @@ def class_polygons(labels: np.ndarray, region: Region, min_poly_area: float) -> 
     MONAI Label's :class:`FindContoursd` skips label value 0, which is a real class here
     (background), so class ``k`` is traced as ``k + 1`` and named back.
     """
+    colours = zip(CLASS_NAMES, CLASS_COLOURS, strict=True)
     contours = FindContoursd(
         keys="pred",
         min_positive=1,
         labels={name: index + 1 for index, name in enumerate(CLASS_NAMES)},
-        colormap={name: list(colour) for name, colour in zip(CLASS_NAMES, CLASS_COLOURS)},
+        colormap={name: list(colour) for name, colour in colours},
     )
     data = {
         "pred": (labels.astype(np.int32) + 1).T,  # FindContoursd expects (x, y) axis order
@@ -305,8 +305,7 @@ def latencies(started: float, read_done: float, infer_done: float, post_done: fl
 
 
 def whole_mosaic_entropy(path: Path, bundle: LoadedBundle, preset: str) -> float:
-    """Mean normalised per-pixel entropy of a whole mosaic (0 = certain, 1 = uniform)."""
+    """Mean per-pixel entropy of a whole mosaic in nats (0 = certain, ln K = uniform)."""
     image, info = read_working_image(path)
     region = Region(0, 0, info.width_px, info.height_px)
-    entropy = segment_region(image, info, region, bundle, preset).mean_entropy
-    return entropy if math.isfinite(entropy) else 1.0
+    return segment_region(image, info, region, bundle, preset).mean_entropy

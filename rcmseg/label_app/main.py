@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any
 
+import torch
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -112,4 +113,8 @@ class RCMSegApp(MONAILabelApp):
                 task_request.update(request)
                 task_request["output"] = task_request.get("output") or "dsa"
                 return self.infer(task_request, datastore)
+        if not torch.cuda.is_available():
+            # MONAI Label 0.8.5 spreads tiles over CUDA devices by default and divides by zero
+            # where there are none.
+            request = {**request, "multi_gpu": False, "device": "cpu"}
         return super().infer_wsi(request, datastore)

@@ -1,8 +1,8 @@
 """Active learning: label next the unlabelled mosaic the model is least sure about.
 
-A mosaic's uncertainty is the mean over its pixels of the normalised entropy of the class
-probabilities (:func:`rcmseg.inference.normalised_entropy`, the map ``rcmseg batch
---uncertainty`` writes): 0 when every pixel is certain, 1 when every pixel is a toss-up. Scores
+A mosaic's uncertainty is the mean over its pixels of the entropy of the class probabilities
+(:func:`rcmseg.inference.pixel_entropy`, the uncertainty map ``rcmseg batch`` writes), in nats:
+0 when every pixel is certain, ln 6 ≈ 1.79 when every pixel is a six-way toss-up. Scores
 are cached in ``STUDIES/.rcmseg/entropy.json`` per mosaic file version and per model, so a mosaic
 is segmented once per model: by the strategy when it meets it, by the ``entropy`` scoring method
 that MONAI Label runs in the background after training, or by a whole-mosaic inference.

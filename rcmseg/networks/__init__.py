@@ -7,6 +7,7 @@ All networks take (B, in_channels, H, W) with H and W multiples of 32 and give l
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from torch import nn
 
@@ -27,9 +28,9 @@ __all__ = [
 ]
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
-    "mednet": lambda **kw: MEDNet(levels=3, **kw),
-    "mednet2": lambda **kw: MEDNet(levels=2, **kw),
-    "mednet1": lambda **kw: MEDNet(levels=1, **kw),
+    "mednet": partial(MEDNet, levels=3),
+    "mednet2": partial(MEDNet, levels=2),
+    "mednet1": partial(MEDNet, levels=1),
     "unet": unet,
     "fcn": FCN32s,
     "segnet": SegNet,

@@ -1,0 +1,276 @@
+"""rcmseg's MONAI Label app against a real MONAI Label server on 127.0.0.1.
+
+The server is started by ``rcmseg label serve`` in its own process group and killed with it at
+the end. The studies folder holds synthetic mosaics (``rcmseg.synth``): a striped ``.tif``, a
+tiled ``.tiff`` (OpenSlide opens it: MONAI Label's own WSI tiling path), another ``.tif`` and a
+``.png`` without pixel size. The served bundle is a copy of rcmseg's with seeded random weights.
+Runs only where the ``rcmseg[label]`` extra is installed (``.ci/label``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("monailabel", reason="needs the rcmseg[label] extra (see .ci/label)")
+requests = pytest.importorskip("requests")
+
+import tifffile  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rcmseg.batch import BatchOptions, run_batch  # noqa: E402
+from rcmseg.bundle import build_network, default_bundle_dir, load_bundle  # noqa: E402
+from rcmseg.classes import CLASS_NAMES, UNLABELLED  # noqa: E402
+from rcmseg.inference import pixel_entropy, segment_image  # noqa: E402
+from rcmseg.io.mosaics import probe_mosaic, read_mosaic  # noqa: E402
+from rcmseg.synth import make_mosaic, write_mosaic_tiff  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PRESET = "paper"  # 256 px windows: one window per 1024 px test mosaic, cheap on CPU
+START_TIMEOUT_S = 240
+REQUEST_TIMEOUT_S = 180
+TRAIN_TIMEOUT_S = 480
+UNLABELLED_IDS = ("m1", "m2", "m3")
+
+
+@dataclass
+class Server:
+    url: str
+    studies: Path
+    bundle: Path
+    log: Path
+
+    def get(self, route: str, **kwargs) -> requests.Response:
+        response = requests.get(self.url + route, timeout=REQUEST_TIMEOUT_S, **kwargs)
+        return response
+
+    def post(self, route: str, **kwargs) -> requests.Response:
+        response = requests.post(self.url + route, timeout=REQUEST_TIMEOUT_S, **kwargs)
+        assert response.status_code == 200, (
+            f"{route}: {response.status_code} {response.text}\n{self.log.read_text()[-3000:]}"
+        )
+        return response
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def make_bundle(target: Path) -> Path:
+    """rcmseg's bundle configs with seeded random weights (no trained weights needed)."""
+    shutil.copytree(default_bundle_dir(), target,
+                    ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    (target / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(build_network(target).state_dict(), target / "models" / "model.pt")
+    return target
+
+
+def make_studies(studies: Path) -> None:
+    studies.mkdir()
+    for index, name in enumerate(("m0.tif", "m1.tiff", "m2.tif")):
+        image, _labels = make_mosaic(1024, seed=index)
+        if name.endswith(".tiff"):
+            tifffile.imwrite(studies / name, image, tile=(256, 256), compression="zlib",
+                             resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+        else:
+            write_mosaic_tiff(studies / name, image)
+    image, _labels = make_mosaic(512, seed=3)
+    Image.fromarray(image).save(studies / "m3.png")
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url + "/info/", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"server not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End the server's whole process group (training and scoring subprocesses too)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    root = tmp_path_factory.mktemp("label")
+    bundle = make_bundle(root / "bundle")
+    studies = root / "studies"
+    make_studies(studies)
+    port = free_port()
+    log = root / "server.log"
+    command = [
+        sys.executable, "-m", "rcmseg.cli.main", "label", "serve", "--studies", str(studies),
+        "--bundle", str(bundle), "--port", str(port), "--preset", PRESET, "--device", "cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, process, log)
+        yield Server(url=url, studies=studies, bundle=bundle, log=log)
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def whole_m1(server: Server, tmp_path_factory) -> np.ndarray:
+    """The label map of the tiled mosaic m1 from POST /infer/mednet."""
+    response = server.post("/infer/mednet?image=m1&output=image")
+    path = tmp_path_factory.mktemp("infer") / "m1-labels.tif"
+    path.write_bytes(response.content)
+    assert probe_mosaic(path).mosaic_mpp == pytest.approx(0.5)  # the mosaic's own pixel size
+    return tifffile.imread(path, level=0)
+
+
+def test_server_is_local_and_lists_the_app(server: Server):
+    assert "local only" in server.log.read_text()
+    info = server.get("/info/").json()
+    assert "mednet" in info["models"] and "mednet" in info["trainers"]
+    assert {"entropy", "random"} <= set(info["strategies"])
+    assert info["labels"] == list(CLASS_NAMES)
+    objects = server.get("/datastore/?output=all").json()["objects"]
+    assert set(objects) == {"m0", *UNLABELLED_IDS}
+    assert objects["m1"]["image"]["ext"] == ".tiff"
+
+
+def test_whole_mosaic_labels_at_mosaic_grid_match_rcmseg_batch(server: Server, whole_m1,
+                                                               tmp_path: Path):
+    assert whole_m1.shape == (1024, 1024) and whole_m1.dtype == np.uint8
+    assert set(np.unique(whole_m1).tolist()) <= set(range(len(CLASS_NAMES)))
+    batch_in = tmp_path / "in"
+    batch_in.mkdir()
+    shutil.copy(server.studies / "m1.tiff", batch_in)
+    options = BatchOptions(preset=PRESET, device="cpu")
+    run_batch(batch_in, tmp_path / "out", bundle_dir=server.bundle, options=options,
+              show_progress=False)
+    batch_labels = tifffile.imread(next((tmp_path / "out").glob("m1*labels.tif")), level=0)
+    assert batch_labels.shape == (256, 256)  # 2 µm/px
+    assert np.mean(whole_m1[::4, ::4] == batch_labels) > 0.999
+
+
+def test_region_requests_give_the_same_labels_and_viewer_polygons(server: Server, whole_m1):
+    params = {"location": [300, 200], "size": [400, 256]}
+    response = server.post("/infer/mednet?image=m1&output=image",
+                           data={"params": json.dumps(params)})
+    region = tifffile.imread(io.BytesIO(response.content), level=0)
+    np.testing.assert_array_equal(region, whole_m1[200:456, 300:700])
+
+    # Tiled TIFF: MONAI Label's WSI path cuts the region into OpenSlide tiles.
+    wsi = {"location": [256, 256], "size": [512, 512], "tile_size": [256, 256],
+           "min_poly_area": 0}
+    reply = server.post("/infer/wsi_v2/mednet?image=m1&output=json",
+                        data={"wsi": json.dumps(wsi)}).json()
+    elements = [e for tile in reply["annotations"] for e in tile["annotation"]["elements"]]
+    expected = {CLASS_NAMES[i] for i in np.unique(whole_m1[256:768, 256:768])}
+    assert elements and {e["label"] for e in elements} <= expected
+    points = np.array([p for e in elements for c in e["contours"] for p in c])
+    assert points.min() >= 256 and points.max() <= 768
+
+    # Striped TIFF (OpenSlide cannot open it): the app segments the region in one go.
+    wsi = {"location": [0, 0], "size": [512, 512], "min_poly_area": 0}
+    xml = server.post("/infer/wsi_v2/mednet?image=m2&output=asap",
+                      data={"wsi": json.dumps(wsi)}).text
+    annotations = list(ElementTree.fromstring(xml).iter("Annotation"))
+    assert annotations and {a.get("Name") for a in annotations} <= set(CLASS_NAMES)
+    xs = [float(c.get("X")) for c in ElementTree.fromstring(xml).iter("Coordinate")]
+    assert 0 <= min(xs) and max(xs) <= 512
+
+
+def partial_label_the_served_model_misses(server: Server) -> np.ndarray:
+    """A partial label map of m0: one square of the class the served model predicts least.
+
+    The served model then scores a validation Dice of exactly 0 on it, so the fine-tuned
+    weights cannot be worse and must replace it.
+    """
+    bundle = load_bundle(server.bundle, "cpu")
+    image, _info = read_mosaic(server.studies / "m0.tif")
+    probabilities = segment_image(image, bundle.network, preset=PRESET)
+    predicted = probabilities.argmax(axis=0)[64:192, 64:192]  # the square at 2 µm/px
+    margin = probabilities[:, 64:192, 64:192] - probabilities[:, 64:192, 64:192].max(axis=0)
+    missed = [k for k in range(len(CLASS_NAMES)) if not (predicted == k).any()]
+    chosen = min(missed, key=lambda k: margin[k].max())
+    labels = np.full((1024, 1024), UNLABELLED, dtype=np.uint8)
+    labels[256:768, 256:768] = chosen
+    return labels
+
+
+def test_saved_label_trains_and_replaces_the_served_model(server: Server):
+    before = server.get("/model/info/mednet").json()["checksum"]
+    buffer = io.BytesIO()
+    Image.fromarray(partial_label_the_served_model_misses(server)).save(buffer, format="PNG")
+    server_reply = requests.put(server.url + "/datastore/label?image=m0&tag=final",
+                                files={"label": ("m0.png", buffer.getvalue(), "image/png")},
+                                timeout=REQUEST_TIMEOUT_S)
+    assert server_reply.status_code == 200, server_reply.text
+    objects = server.get("/datastore/?output=all").json()["objects"]
+    assert "final" in objects["m0"]["labels"]
+
+    params = {"max_epochs": 2, "iterations_per_epoch": 1, "batch_size": 2, "num_workers": 0,
+              "val_preset": PRESET}
+    server.post("/train/mednet", json=params)
+    deadline = time.monotonic() + TRAIN_TIMEOUT_S
+    while server.get("/train/?check_if_running=true").status_code == 200:
+        assert time.monotonic() < deadline, "training did not finish in time"
+        time.sleep(2)
+    task = server.get("/train/").json()
+    assert task["status"] == "DONE", task
+
+    stats = server.get("/info/").json()["train_stats"]["mednet"]
+    assert stats["train_mosaics"] == ["m0"] and stats["val_mosaics"] == ["m0"]
+    assert stats["epochs"] == 2 and stats["served_val_dice"] == 0.0
+    assert stats["trained_val_dice"] >= stats["served_val_dice"] and stats["replaced"]
+    assert server.get("/model/info/mednet").json()["checksum"] != before
+    assert (server.bundle / "models" / "model.pt").is_file()  # the source bundle is untouched
+    source = torch.load(server.bundle / "models" / "model.pt", weights_only=True)
+    torch.manual_seed(0)
+    fresh = build_network(server.bundle).state_dict()
+    assert all(torch.equal(source[k], fresh[k]) for k in fresh)
+
+
+def test_entropy_strategy_picks_the_least_certain_unlabelled_mosaic(server: Server):
+    reply = server.post("/activelearning/entropy", json={}).json()
+    served = load_bundle(server.studies / ".rcmseg" / "bundle", "cpu")  # after fine-tuning
+    expected = {}
+    for image_id in UNLABELLED_IDS:
+        path = next(server.studies.glob(f"{image_id}.*"))
+        image, _info = read_mosaic(path)
+        probabilities = segment_image(image, served.network, preset=PRESET)
+        expected[image_id] = float(pixel_entropy(probabilities).mean())
+    assert reply["id"] == max(expected, key=expected.get)
+    assert reply["scores"] == pytest.approx(expected, abs=1e-3)
+
+    random_pick = server.post("/activelearning/random", json={}).json()
+    assert random_pick["id"] in UNLABELLED_IDS

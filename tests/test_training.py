@@ -1,0 +1,205 @@
+"""The trainer on real synthetic mosaics (written by ``rcmseg.synth`` and read back from disk):
+it learns, resumes exactly, splits patient-wise, augments honestly and rejects bad data sets."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rcmseg.classes import NUM_CLASSES, UNLABELLED
+from rcmseg.cli.main import app
+from rcmseg.errors import InputError
+from rcmseg.evaluation.evaluate import predict_labels
+from rcmseg.io.dataset import load_case, read_manifest
+from rcmseg.metrics import confusion_matrix, one_vs_rest
+from rcmseg.networks import get_network
+from rcmseg.synth import write_dataset
+from rcmseg.training import TrainConfig, train
+from rcmseg.training.augment import BatchAugment
+from rcmseg.training.data import split_cases
+
+torch.set_num_threads(2)
+
+SMALL = {"widths": (8, 16, 32, 64, 64)}  # a narrow MED-Net: same structure, fast on a CPU
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five 2048 px mosaics (512 px at 2 µm/px), one patient each."""
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(root, n=5, size=2048, seed=11, patients=5)
+    return root
+
+
+def quick_config(data: Path, out: Path, **overrides: object) -> TrainConfig:
+    settings: dict[str, object] = {
+        "data_dir": data,
+        "output_dir": out,
+        "val_cases": ["synth_0004"],
+        "network_kwargs": SMALL,
+        "patch_size": 64,
+        "window": 128,
+        "batch_size": 4,
+        "iterations_per_epoch": 2,
+        "max_epochs": 3,
+        "device": "cpu",
+        "progress": False,
+    }
+    settings.update(overrides)
+    return TrainConfig(**settings)  # type: ignore[arg-type]
+
+
+def chance_dice(labels: np.ndarray) -> float:
+    """Expected mean Dice over classes of a uniformly random prediction on these labels."""
+    counts = np.bincount(labels[labels != UNLABELLED], minlength=NUM_CLASSES).astype(float)
+    prevalence = counts / counts.sum()
+    dice = 2 * prevalence / NUM_CLASSES / (prevalence + 1 / NUM_CLASSES)
+    return float(dice.mean())
+
+
+def test_short_training_learns_and_beats_chance_on_held_out_mosaic(
+    dataset: Path, tmp_path: Path
+) -> None:
+    config = quick_config(
+        dataset,
+        tmp_path / "run",
+        patch_size=128,
+        window=256,
+        batch_size=8,
+        iterations_per_epoch=6,
+        max_epochs=6,
+        optimizer="adam",
+        learning_rate=3e-3,
+        final_learning_rate=1e-3,
+        val_every=3,
+    )
+    result = train(config)
+
+    losses = [row["loss"] for row in result.history]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert result.model_path.is_file() and result.log_path.is_file()
+    with result.log_path.open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert math.isnan(result.history[0]["val_dice"]) and not math.isnan(result.best_val_dice)
+
+    # The exported weights, read weights-only into a fresh network, segment the held-out mosaic.
+    network = get_network("mednet", **SMALL)
+    network.load_state_dict(torch.load(result.model_path, weights_only=True))
+    held_out = next(c for c in read_manifest(dataset) if c.mosaic.stem == "synth_0004")
+    image, labels = load_case(held_out)
+    prediction = predict_labels(network, image, "fast", "cpu")
+    dice = one_vs_rest(confusion_matrix(prediction, labels))["mean_dice"]
+    assert dice == pytest.approx(result.best_val_dice, abs=1e-9)
+    assert dice > chance_dice(labels) + 0.1
+
+
+def test_resume_after_interruption_gives_the_same_weights(dataset: Path, tmp_path: Path) -> None:
+    straight = train(quick_config(dataset, tmp_path / "straight"))
+    interrupted = quick_config(dataset, tmp_path / "resumed", stop_after_epochs=1)
+    assert train(interrupted).epochs_completed == 1
+    resumed = train(quick_config(dataset, tmp_path / "resumed", resume=True))
+
+    assert resumed.epochs_completed == 3
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    for name in ("last", "best"):
+        a = torch.load(getattr(straight, f"{name}_checkpoint"), weights_only=True)
+        b = torch.load(getattr(resumed, f"{name}_checkpoint"), weights_only=True)
+        assert a["epochs_done"] == b["epochs_done"]
+        for key, tensor in a["network"].items():
+            assert torch.equal(tensor, b["network"][key]), key
+        momentum = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+        momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+        assert all(torch.equal(x, y) for x, y in zip(momentum, momentum_b, strict=True))
+    assert torch.load(resumed.model_path, weights_only=True).keys() == a["network"].keys()
+
+
+def test_different_seeds_give_different_weights(dataset: Path, tmp_path: Path) -> None:
+    one = train(quick_config(dataset, tmp_path / "a", max_epochs=1, val_cases=[]))
+    two = train(quick_config(dataset, tmp_path / "b", max_epochs=1, val_cases=[], seed=1))
+    a = torch.load(one.model_path, weights_only=True)
+    b = torch.load(two.model_path, weights_only=True)
+    assert any(not torch.equal(a[key], b[key]) for key in a)
+    assert math.isnan(one.best_val_dice) and one.best_epoch == 1
+
+
+def test_fold_split_keeps_patients_apart(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_dataset(root, n=6, size=256, seed=3, patients=3)
+    seen_val = set()
+    for fold in range(3):
+        train_cases, val_cases = split_cases(root, None, None, fold, 3, seed=0)
+        train_patients = {c.patient for c in train_cases}
+        val_patients = {c.patient for c in val_cases}
+        assert val_patients and not train_patients & val_patients
+        assert len(train_cases) + len(val_cases) == 6
+        seen_val |= val_patients
+    assert seen_val == {"P000", "P001", "P002"}
+
+
+def test_batch_augment_moves_labels_with_the_image_and_marks_outside_unlabelled() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.arange(64.0).repeat(64, 1)[None, None].repeat(4, 1, 1, 1) * 3.0
+    labels = (torch.arange(64) // 11).repeat(64, 1)[None, None].repeat(4, 1, 1, 1)
+
+    still = BatchAugment(0, 0, 0, 0, 0, (0.0, 0.0))(images, labels, generator)
+    assert torch.allclose(still[0] * 255, images, atol=1e-3)
+    assert torch.equal(still[1], labels)
+
+    flip = BatchAugment(0, 1.0, 0, 0, 0, (0.0, 0.0))(images, labels, generator)
+    assert torch.equal(flip[1], labels.flip(-1).flip(-2))
+
+    rotated_images, rotated = BatchAugment(rotate_deg=180)(images, labels, generator)
+    assert 0.0 <= float(rotated_images.min()) and float(rotated_images.max()) <= 1.0
+    assert set(rotated.unique().tolist()) <= set(range(6)) | {UNLABELLED}
+    # A rotation of a square patch brings outside pixels into some corner unless near 0/90/180°.
+    corners = rotated[:, 0, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners == UNLABELLED).any()
+
+    again = BatchAugment()(images, labels, torch.Generator().manual_seed(5))
+    same = BatchAugment()(images, labels, torch.Generator().manual_seed(5))
+    assert torch.equal(again[0], same[0]) and torch.equal(again[1], same[1])
+
+
+def test_per_patch_augmentation_also_trains(dataset: Path, tmp_path: Path) -> None:
+    result = train(
+        quick_config(dataset, tmp_path / "run", augmentation="per_patch", max_epochs=1)
+    )
+    assert result.epochs_completed == 1 and result.model_path.is_file()
+
+
+def test_bad_data_sets_give_one_line_errors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="manifest"):
+        train(quick_config(empty, tmp_path / "out"))
+
+    header_only = tmp_path / "header_only"
+    header_only.mkdir()
+    (header_only / "manifest.csv").write_text("mosaic,labels,patient,lesion,clinic\n")
+    with pytest.raises(InputError, match="empty data set"):
+        train(quick_config(header_only, tmp_path / "out"))
+
+    unlabelled = tmp_path / "unlabelled"
+    write_dataset(unlabelled, n=1, size=256, seed=0)
+    rows = (unlabelled / "manifest.csv").read_text().splitlines()
+    fields = rows[1].split(",")
+    fields[1] = ""
+    (unlabelled / "manifest.csv").write_text("\n".join([rows[0], ",".join(fields)]) + "\n")
+    with pytest.raises(InputError, match="no labelled mosaics"):
+        train(quick_config(unlabelled, tmp_path / "out"))
+
+    with pytest.raises(InputError, match="not a labelled case"):
+        train(quick_config(unlabelled, tmp_path / "out", val_cases=["nope"]))
+
+    result = CliRunner().invoke(app, ["train", "model", str(empty), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and str(empty) in lines[0] and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
