@@ -43,12 +43,15 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--train-mosaics", type=int, default=16)
     parser.add_argument("--test-mosaics", type=int, default=6)
-    parser.add_argument("--size", type=int, default=384, help="mosaic side, px")
-    parser.add_argument("--shrink", type=int, default=2, help="texture downscale vs the 1.1 scan")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=4, help="optimiser steps per epoch")
+    parser.add_argument("--size", type=int, default=256, help="mosaic side, px")
+    parser.add_argument("--shrink", type=int, default=4, help="texture downscale vs the 1.1 scan")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=6, help="optimiser steps per epoch")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--patch", type=int, default=128, help="training crop side, px")
+    parser.add_argument("--patch", type=int, default=64, help="training crop side, px")
+    parser.add_argument(
+        "--preset", default="paper", help="inference preset (paper: one 256 px window per mosaic)"
+    )
     parser.add_argument("--optimizer", default="adam")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
@@ -84,6 +87,7 @@ def main() -> None:
         "learning_rate": args.lr,
         "final_learning_rate": args.lr / 10,
         "val_every": args.epochs,
+        "val_preset": args.preset,
         "threads": args.threads,
         "seed": args.seed,
     }
@@ -100,6 +104,7 @@ def main() -> None:
             split,
             budget,
             device=args.device,
+            preset=args.preset,
             progress=False,
             title="Real-texture benchmark",
         )
@@ -113,6 +118,7 @@ def main() -> None:
         split,
         budget,
         device=args.device,
+        preset=args.preset,
         progress=False,
         title="Real-texture benchmark",
     )

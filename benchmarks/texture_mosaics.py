@@ -59,16 +59,26 @@ def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     return image[: rows * factor, : cols * factor].reshape(rows, factor, cols, factor).mean((1, 3))
 
 
+def _without_dark_bottom(image: np.ndarray, threshold: float = 40.0) -> np.ndarray:
+    """Drop the black rows that end some scans (2 rows in every 1.1 image, 26 in 1.1.11):
+    mirror tiling would otherwise turn them into dark lines that give the class away."""
+    rows = image.astype(np.float64).mean(axis=1)
+    keep = len(rows)
+    while keep > 1 and rows[keep - 1] < threshold:
+        keep -= 1
+    return image[:keep].astype(np.float64)
+
+
 def load_texture(
     texture_dir: Path, texture: Texture, digitisation: str, shrink: int = 1
 ) -> np.ndarray:
     """float64 texture at the ``1.1`` scale shrunk ``shrink`` times (area average), normalised
-    to TARGET_MEAN/TARGET_STD: (512 / shrink) px square."""
+    to TARGET_MEAN/TARGET_STD: about (512 / shrink) px square."""
     usc = Path(texture_dir) / "usc_sipi"
     if digitisation == "1.1":
-        image = _block_mean(tifffile.imread(usc / texture.file_512).astype(np.float64), shrink)
+        image = _block_mean(_without_dark_bottom(tifffile.imread(usc / texture.file_512)), shrink)
     elif digitisation == "1.3":
-        fine = tifffile.imread(usc / texture.file_1024).astype(np.float64)
+        fine = _without_dark_bottom(tifffile.imread(usc / texture.file_1024))
         image = _block_mean(fine, 2 * shrink)
     else:
         raise ValueError(f"digitisation must be one of {DIGITISATIONS}, not {digitisation!r}")
@@ -80,9 +90,11 @@ def texture_layer(source: np.ndarray, size: int, rng: np.random.Generator) -> np
     layer = np.rot90(source, k=int(rng.integers(4)))
     if rng.random() < 0.5:
         layer = layer[:, ::-1]
-    reps = -(-(2 * size) // layer.shape[0])
-    tiled = np.pad(layer, [(0, (reps - 1) * layer.shape[0])] * 2, mode="symmetric")
-    row, col = rng.integers(0, tiled.shape[0] - size, size=2)
+    # mirror-pad to at least twice the mosaic side so any offset fits (symmetric: no hard seams)
+    pad = [(0, max(0, 2 * size - extent)) for extent in layer.shape]
+    tiled = np.pad(layer, pad, mode="symmetric")
+    row = rng.integers(0, tiled.shape[0] - size)
+    col = rng.integers(0, tiled.shape[1] - size)
     return tiled[row : row + size, col : col + size]
 
 

@@ -27,8 +27,8 @@ from rcmseg.bundle import LoadedBundle, load_bundle
 from rcmseg.classes import MOSAIC_MPP
 from rcmseg.errors import InputError
 from rcmseg.inference import (
-    DEFAULT_BAND_PX,
     MIN_SIDE_PX,
+    auto_band_px,
     iter_probability_bands,
     pixel_entropy,
     resolve_device,
@@ -254,7 +254,7 @@ def segment_mosaic(
     info = probe_mosaic(job.path, fallback_mpp=options.fallback_mpp)
     height, width = info.working_shape(bundle.working_mpp)
     check_size(width, height, job.path)
-    progress.begin(job, steps=math.ceil(height / DEFAULT_BAND_PX) + 2)
+    progress.begin(job, steps=math.ceil(height / auto_band_px(width)) + 2)
     image, info = read_mosaic(job.path, bundle.working_mpp, fallback_mpp=options.fallback_mpp)
     read_done = time.perf_counter()
     progress.step("segmenting")
@@ -327,13 +327,11 @@ def segment_to_maps(
         ),
         entropy=np.empty((height, width), np.float32) if options.uncertainty else None,
     )
-    bands = iter_probability_bands(
-        image, bundle.network, preset, bundle.device, amp=options.amp, band_px=DEFAULT_BAND_PX
-    )
+    bands = iter_probability_bands(image, bundle.network, preset, bundle.device, amp=options.amp)
     for r0, band in bands:
         rows = slice(r0, r0 + band.shape[1])
         labels = band.argmax(axis=0).astype(np.uint8)
-        confidence = np.take_along_axis(band, labels[None].astype(np.intp), axis=0)[0]
+        confidence = band.max(axis=0)  # the winning probability
         maps.labels[rows] = labels
         maps.counts += np.bincount(labels.ravel(), minlength=num_classes)
         maps.confidence_sums += np.bincount(
@@ -483,28 +481,33 @@ def run_batch(
             records.append(record)
             progress.mosaic_done()
 
-    mine_records = {record.mosaic: record for record in records}
-    all_records = [
+    all_records = batch_records(jobs, records)
+    mosaics_csv, patterns_csv = write_reports(out_dir, all_records, bundle.class_names)
+    return BatchResult(records, all_records, mosaics_csv, patterns_csv)
+
+
+def batch_records(jobs: list[MosaicJob], this_run: list[MosaicRecord]) -> list[MosaicRecord]:
+    """A record for every job: this run's, else one saved by another run or part, else pending."""
+    by_mosaic = {record.mosaic: record for record in this_run}
+    return [
         replace(
-            mine_records.get(job.relative) or read_record(job) or MosaicRecord("", "", "pending"),
+            by_mosaic.get(job.relative) or read_record(job) or MosaicRecord("", "", "pending"),
             mosaic=job.relative,
             lesion=job.lesion,  # the manifest may have changed since a record was saved
         )
         for job in jobs
     ]
-    mosaics_csv, patterns_csv = write_reports(out_dir, all_records, bundle.class_names)
-    return BatchResult(records, all_records, mosaics_csv, patterns_csv)
 
 
 def process_job(
     job: MosaicJob, bundle: LoadedBundle, options: BatchOptions, progress: MosaicProgress
 ) -> MosaicRecord:
     """Skip, or segment, one mosaic; any failure becomes a saved ``failed`` record."""
-    if options.resume and (record := finished_record(job, options)) is not None:
-        return replace(record, status="skipped")
-    remove_outputs(job, finished=options.overwrite)
     started = time.perf_counter()
     try:
+        if options.resume and (record := finished_record(job, options)) is not None:
+            return replace(record, status="skipped")
+        remove_outputs(job, finished=options.overwrite)
         return segment_mosaic(job, bundle, options, progress)
     except Exception as error:  # one bad mosaic must not stop the batch
         record = failure_record(job, error, time.perf_counter() - started)

@@ -11,11 +11,11 @@ multiple of 32, at least 256 px, the training field of view); an image smaller t
 padded with zeros (black, i.e. "outside the mosaic").
 
 Memory stays bounded by stitching in horizontal bands: band rows ``[r0, r1)`` are computed from
-input rows ``[b0, b1)`` where ``b0`` is ``r0 - window`` rounded down to a multiple of the stride and
-``b1 = r1 + window``. Every window of the whole-image grid that touches rows ``[r0, r1)`` then lies
-inside the band at the same position, and the band's own extra last window lies below ``r1``, so
-the banded result equals the whole-image result (up to float rounding) while only one band of
-probabilities is held at a time.
+input rows ``[b0, b1)``, where ``b0`` is the first window origin of the whole-image grid (multiples
+of the stride, the last window clamped to the edge) whose window reaches below ``r0``, and ``b1``
+the end of the last window that starts above ``r1``. MONAI's grid on the band then holds exactly
+the whole-image windows that touch ``[r0, r1)``, at the same positions, so the banded result equals
+the whole-image result (up to float rounding) while only one band of probabilities is held.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-from rcmseg.classes import INTENSITY_MAX
+from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
 
 # Smallest accepted side at the working resolution: 32 px = 64 µm, one stride of MED-Net's finest
 # level and a few cells across; a smaller field holds no recognisable pattern.
@@ -81,7 +81,9 @@ PRESETS: dict[str, Preset] = {
     "fast": Preset(window_px=512, overlap=0.5, sw_batch_size=2),
 }
 CUDA_BATCH_FACTOR: int = 8
-DEFAULT_BAND_PX: int = 1024  # output rows per band at the working resolution
+# Stitching memory per band: a 3000 px wide image (a 12000² mosaic) fits in one band, a 6000 px
+# wide one (24000²) takes 2-3; each extra band recomputes up to a window of rows on each side.
+BAND_BUDGET_MB: int = 256
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -148,16 +150,25 @@ def band_rows(
 ) -> Iterator[tuple[int, int, int, int]]:
     """Yield ``(r0, r1, b0, b1)``: output rows ``[r0, r1)`` computed from input rows ``[b0, b1)``.
 
-    ``window`` is the window height. See the module docstring for why these bounds reproduce the
-    whole-image window grid; an image no taller than a window is one band.
+    ``window`` is the window height. ``[b0, b1)`` spans exactly the windows of the whole-image
+    grid that touch ``[r0, r1)`` (see the module docstring), so no window is computed in vain.
     """
     stride = max(int(window * (1 - overlap)), 1)
     band_px = max(band_px, stride) if height > window else height
+    last_start = max(height - window, 0)  # MONAI clamps the grid's last window to the edge
     for r0 in range(0, height, band_px):
         r1 = min(r0 + band_px, height)
-        b0 = max(r0 - window, 0) // stride * stride
-        b1 = min(r1 + window, height)
-        yield r0, r1, b0, b1
+        first = min(((r0 - window) // stride + 1) * stride if r0 >= window else 0, last_start)
+        if last_start < r1:  # the clamped last window touches the band: keep the image's end
+            yield r0, r1, first, height
+        else:
+            yield r0, r1, first, (r1 - 1) // stride * stride + window
+
+
+def auto_band_px(width: int, num_classes: int = NUM_CLASSES) -> int:
+    """Rows per band so that a band's stitching buffers take about :data:`BAND_BUDGET_MB`."""
+    bytes_per_row = width * (num_classes + 1) * 4  # float32 class sums and the weight map
+    return max(int(BAND_BUDGET_MB * 2**20 // bytes_per_row), MIN_WINDOW_PX)
 
 
 def iter_probability_bands(
@@ -166,7 +177,7 @@ def iter_probability_bands(
     preset: str | Preset = "fast",
     device: str | torch.device = "cpu",
     amp: bool = True,
-    band_px: int = DEFAULT_BAND_PX,
+    band_px: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Segment ``image`` band by band.
 
@@ -176,7 +187,8 @@ def iter_probability_bands(
         preset: a name in :data:`PRESETS` or a :class:`Preset`.
         device: where windows run (``"auto"``, ``"cpu"``, ``"cuda:0"``, ...).
         amp: float16 autocast on CUDA (ignored on CPU).
-        band_px: output rows per band; memory grows with ``band_px × W``, not with ``H × W``.
+        band_px: output rows per band (default :func:`auto_band_px`); stitching memory grows
+            with ``band_px × W``, not with ``H × W``.
 
     Yields:
         ``(r0, probabilities)``: float32 (K, h, W) probabilities of rows ``[r0, r0 + h)``.
@@ -191,6 +203,7 @@ def iter_probability_bands(
     network = network.to(device).eval()
     predict = softmax_predictor(network, amp)
     with torch.inference_mode():
+        band_px = band_px or auto_band_px(width)
         for r0, r1, b0, b1 in band_rows(height, window[0], settings.overlap, band_px):
             rows = torch.from_numpy(np.ascontiguousarray(image[b0:b1], dtype=np.float32))
             windows_in = (rows / INTENSITY_MAX)[None, None].to(device)
@@ -204,7 +217,7 @@ def segment_image(
     preset: str | Preset = "fast",
     device: str | torch.device = "cpu",
     amp: bool = True,
-    band_px: int = DEFAULT_BAND_PX,
+    band_px: int | None = None,
 ) -> np.ndarray:
     """Probabilities of every class for a whole image.
 

@@ -239,6 +239,13 @@ def summary_table(
             f"{record.seconds:.1f}",
             _fmt(lesion_mm2, 3),
             dominant_pattern(record, class_names),
-            record.error,
+            short_error(record),
         )
     return table
+
+
+def short_error(record: MosaicRecord, max_chars: int = 60) -> str:
+    """The problem of a failed mosaic without its path (the table names the mosaic), shortened."""
+    where, _, problem = record.error.partition(": ")
+    text = problem if problem and where.endswith(Path(record.mosaic).name) else record.error
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"

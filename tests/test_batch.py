@@ -23,6 +23,7 @@ from rcmseg.batch import BatchOptions, run_batch
 from rcmseg.classes import CLASS_NAMES
 from rcmseg.cli.main import app
 from rcmseg.io.writers import PARTIAL_MARKER, is_complete_label_tiff
+from rcmseg.report import MosaicRecord, lesion_rows
 from rcmseg.synth.mosaic import make_mosaic
 
 torch.set_num_threads(2)
@@ -187,7 +188,7 @@ def test_overwrite_redoes_finished_mosaics(input_folder, tmp_path):
     one = tmp_path / "in"
     (one / "mosaics").mkdir(parents=True)
     shutil.copy(input_folder / "mosaics" / "small.tif", one / "mosaics" / "small.tif")
-    out = tmp_path / "out"
+    out = one / "results"  # inside the input folder: its label TIFFs must not count as mosaics
     assert rcmseg("batch", str(one), "--out", str(out), "--device", "cpu").exit_code == 0
     labels_tif = out / "mosaics" / "small.labels.tif"
     first = tifffile.imread(labels_tif)
@@ -196,7 +197,35 @@ def test_overwrite_redoes_finished_mosaics(input_folder, tmp_path):
     assert redo.exit_code == 0
     assert labels_tif.stat().st_mtime_ns != before
     np.testing.assert_array_equal(tifffile.imread(labels_tif), first)  # deterministic
-    assert read_csv(out / "mosaics.csv")[0]["status"] == "done"
+    assert [row["status"] for row in read_csv(out / "mosaics.csv")] == ["done"]
+
+
+def test_lesion_rows_sum_mosaics_and_weight_confidence_by_area():
+    def record(mosaic, counts, confidence_sums, status="done"):
+        return MosaicRecord(
+            mosaic,
+            "L",
+            status,
+            working_mpp=2.0,
+            pixel_counts=counts,
+            confidence_sums=confidence_sums,
+        )
+
+    records = [
+        record("a.tif", (10, 0, 30, 0, 10, 0), (9.0, 0.0, 15.0, 0.0, 10.0, 0.0)),
+        record("b.tif", (0, 20, 10, 0, 0, 0), (0.0, 10.0, 9.0, 0.0, 0.0, 0.0)),
+        record("c.tif", (), (), status="failed"),
+    ]
+    (row,) = lesion_rows(records, CLASS_NAMES)
+    assert (row["mosaics"], row["mosaics_not_analysed"]) == (2, 1)
+    assert row["analysed_area_mm2"] == f"{80 * PIXEL_MM2:.6f}"
+    assert row["lesion_area_mm2"] == f"{50 * PIXEL_MM2:.6f}"  # meshwork 40 + ring 10 px
+    assert row["meshwork_pct_of_lesion_area"] == "80.000"
+    assert row["ring_pct_of_lesion_area"] == "20.000"
+    assert row["nested_pct_of_lesion_area"] == "0.000"
+    assert row["meshwork_mean_confidence"] == "0.6000"  # (15 + 9) / 40
+    assert row["artifact_mean_confidence"] == "0.5000"
+    assert row["nested_mean_confidence"] == ""  # no pixel: no mean
 
 
 def test_two_parts_cover_every_mosaic_exactly_once(input_folder, tmp_path):

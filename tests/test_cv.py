@@ -111,14 +111,19 @@ def test_study_compares_variants_on_shared_folds(dataset: Path, tmp_path: Path) 
 
 def test_group_scenario_tests_the_held_out_clinic(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "groups"
+    clinic_of = {f"mosaics/{c.mosaic.name}": c.clinic for c in read_manifest(dataset)}
+    held_out = sorted(set(clinic_of.values()))[-1]
     command = ["cv", str(dataset), "--out", str(out), "--scenario", "groups", "--test-group",
-               "clinic1", "--network", "mednet1"]  # fmt: skip
+               held_out, "--network", "mednet1"]  # fmt: skip
     result = CliRunner().invoke(app, command + QUICK)
     assert result.exit_code == 0, result.output
-    clinic_of = {f"mosaics/{c.mosaic.name}": c.clinic for c in read_manifest(dataset)}
     metrics = json.loads((out / "fold_0/evaluation/metrics.json").read_text())
-    assert {clinic_of[c["case_id"]] for c in metrics["cases"]} == {"clinic1"}
-    assert {c["clinic"] for c in metrics["cases"]} == {"clinic1"}
+    tested = {c["case_id"] for c in metrics["cases"]}
+    assert tested == {case for case, clinic in clinic_of.items() if clinic == held_out}
+    folds = json.loads((out / "folds.json").read_text())["folds"][0]
+    assert {clinic_of[c] for c in folds["train"] + folds["validation"]} == set(
+        clinic_of.values()
+    ) - {held_out}
 
 
 def test_bad_study_requests_are_one_line_errors(dataset: Path, tmp_path: Path) -> None:

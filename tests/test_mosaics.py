@@ -255,12 +255,24 @@ def test_intensity_rescaling_rule(tmp_path, values, expected):
     np.testing.assert_allclose(image[0], expected, atol=1e-3)
 
 
-def test_bounded_memory_for_a_tiled_tiff(tmp_path):
-    """A 4000² 8-bit tiled TIFF is read without holding it at full resolution (16 MB)."""
+def _write_big_tiled_tiff(path: Path, mosaic: np.ndarray) -> None:
+    tifffile.imwrite(path, mosaic, tile=(256, 256), compression="zlib")
+
+
+def _write_big_bmp(path: Path, mosaic: np.ndarray) -> None:
+    Image.fromarray(mosaic).save(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "write"), [("big.tif", _write_big_tiled_tiff), ("big.bmp", _write_big_bmp)]
+)
+def test_bounded_memory(tmp_path, name, write):
+    """A 4000² 8-bit mosaic is read without holding it at full resolution (16 MB)."""
     rows, cols = np.ogrid[:4000, :4000]
     mosaic = ((rows * 3 + cols * 5) % 256).astype(np.uint8)
-    path = tmp_path / "big.tif"
-    tifffile.imwrite(path, mosaic, tile=(256, 256), compression="zlib")
+    path = tmp_path / name
+    write(path, mosaic)
+    expected = block_mean_by_hand(mosaic[:8, :4000], 4)
     del mosaic
     tracemalloc.start()
     try:
@@ -269,7 +281,29 @@ def test_bounded_memory_for_a_tiled_tiff(tmp_path):
     finally:
         tracemalloc.stop()
     assert image.shape == (1000, 1000)
+    np.testing.assert_allclose(image[:2], expected, atol=1e-3)
     assert peak < 16e6, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_pillow_decompression_bomb_limit_does_not_block_large_mosaics(tmp_path, grey, monkeypatch):
+    # Lower the limit so that this small BMP counts as a "bomb" (VivaScope BMPs really are).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", HEIGHT * WIDTH // 4)
+    path = tmp_path / "large.bmp"
+    Image.fromarray(grey).save(path)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    image, info = read_mosaic(path)
+    assert (info.height_px, info.width_px) == (HEIGHT, WIDTH)
+    np.testing.assert_allclose(image, block_mean_by_hand(grey, 4), atol=1e-3)
+    assert Image.MAX_IMAGE_PIXELS == HEIGHT * WIDTH // 4  # restored afterwards
+
+
+def test_sixteen_bit_png_uses_its_effective_bit_depth(tmp_path):
+    values = np.array([[0, 1023, 512]], dtype=np.uint16)  # 10-bit data
+    path = tmp_path / "ten_bit.png"
+    Image.fromarray(values).save(path)
+    image, _ = read_mosaic(path, target_mpp=1.0, fallback_mpp=1.0)
+    np.testing.assert_allclose(image[0], values[0] * 255.0 / 1023, atol=1e-3)
 
 
 def test_suffixes():

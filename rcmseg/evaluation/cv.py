@@ -272,15 +272,15 @@ def run_cv(
         if metrics_file.is_file():  # finished earlier: not retrained, not re-evaluated
             evaluations.append(Evaluation.from_json(json.loads(metrics_file.read_text())))
             continue
+        missing = [i for i in fold.test if i not in cases]
+        if missing:  # the manifest changed since folds.json was written
+            raise InputError(
+                root, f"fold {fold.index} tests {missing[0]}, which the manifest no longer lists"
+            )
         # each fold trains from its own seed, derived from the run's seed
         fold_options = {**options, "seed": int(options.get("seed", split.seed)) + fold.index}
         weights = train_fold(root, fold, fold_dir, fold_options, remap)
         model = load_trained_network(network, network_kwargs, weights, resolve_device(device))
-        missing = [i for i in fold.test if i not in cases]
-        if missing:
-            raise InputError(
-                root, f"fold {fold.index} tests {missing[0]}, which the manifest no longer lists"
-            )
         notes = [
             f"Fold {fold.index}: {len(fold.train)} training, {len(fold.validation)} "
             f"validation and {len(fold.test)} test mosaics; network `{network}`, "
@@ -329,7 +329,7 @@ def write_cv_report(result: CVResult, title: str, options: dict[str, Any], prese
         + "\n"
     )
     rows = [
-        [index, name] + [report._number(float(t[m][i])) for m in report.METRICS]
+        [index, name] + [report.csv_number(float(t[m][i])) for m in report.METRICS]
         for index, t in enumerate(tables)
         for i, name in enumerate(report.ROWS)
     ]

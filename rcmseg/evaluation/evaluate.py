@@ -232,7 +232,7 @@ def _per_mosaic_rows(evaluation: Evaluation) -> tuple[list[str], list[list[objec
             int(case.confusion.sum()),
         ]
         row += [
-            report._number(float(table[m][i]))
+            report.csv_number(float(table[m][i]))
             for i in range(len(report.ROWS))
             for m in report.METRICS
         ]

@@ -58,7 +58,8 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]
         writer.writerows(rows)
 
 
-def _number(value: float) -> str:
+def csv_number(value: float) -> str:
+    """A metric for CSV: 4 decimals, empty for NaN (spreadsheets read that as missing)."""
     return "" if not np.isfinite(value) else f"{value:.4f}"
 
 
@@ -69,9 +70,9 @@ def write_metric_csv(
     header = ["class", *METRICS] + ([f"{m}_std" for m in METRICS] if stds is not None else [])
     rows = []
     for i, name in enumerate(ROWS):
-        row = [name] + [_number(float(values[m][i])) for m in METRICS]
+        row = [name] + [csv_number(float(values[m][i])) for m in METRICS]
         if stds is not None:
-            row += [_number(float(stds[m][i])) for m in METRICS]
+            row += [csv_number(float(stds[m][i])) for m in METRICS]
         rows.append(row)
     write_csv(path, header, rows)
 

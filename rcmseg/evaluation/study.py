@@ -153,7 +153,7 @@ def comparison_rows(
             [variant.name, f"{params / 1e6:.2f} M"] + [report.format_value(m, s) for m, s in cells]
         )
         csv_rows.append(
-            [variant.name, params] + [report._number(v) for cell in cells for v in cell]
+            [variant.name, params] + [report.csv_number(v) for cell in cells for v in cell]
         )
     return header, md_rows, csv_rows
 

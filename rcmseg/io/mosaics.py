@@ -27,8 +27,8 @@ Conventions kept here:
   the output size with torch's ``interpolate(mode="area")`` (adaptive average pooling). A ratio
   below 1 (mosaic coarser than the target) is upsampled bilinearly.
 - Memory. Pixels are read in bands of rows (whole strips or tiles), so a 12000×12000 8-bit TIFF
-  or BMP is never held at full resolution; PNG/JPEG and compressed single-strip TIFFs can only be
-  decoded whole.
+  or BMP is never held at full resolution; PNG/JPEG, gzipped NIfTI and TIFFs stored as a few huge
+  compressed strips can only be decoded whole, and are held once at their stored type.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ PLAUSIBLE_MPP_RANGE: tuple[float, float] = (0.05, 20.0)
 LUMINANCE_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
 BAND_ROWS: int = 256  # full-resolution rows read at a time, before rounding to strips and blocks
 _INTEGER_RATIO_TOLERANCE = 0.01
+_WHOLE_DECODE_BYTES = 64 * 2**20  # a chunk bigger than this is decoded once, not per band
 
 _TIFF_SUFFIXES = (".tif", ".tiff", ".svs")
 _PILLOW_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg")
@@ -336,6 +337,8 @@ def _non_planar_axes(axes: str, shape: tuple[int, ...], path: Path) -> None:
 class _TiffSource(_Source):
     """TIFF/SVS: level 0 of the first series, memory-mapped when stored raw, else via zarr."""
 
+    _decode_whole = False
+
     def __init__(self, path: Path) -> None:
         import tifffile
         import zarr
@@ -362,11 +365,21 @@ class _TiffSource(_Source):
             else:
                 self._array = zarr.open(series.aszarr(level=0), mode="r")
                 self.chunk_rows = int(page.chunks[0]) if page.chunks else 1
+                chunk_bytes = self.chunk_rows * self._array.nbytes // self.shape[0]
+                # One or two huge strips: decode once (on first read) at the stored type rather
+                # than converting bands as large as the whole image to float32.
+                self._decode_whole = (
+                    chunk_bytes > _WHOLE_DECODE_BYTES and 2 * self.chunk_rows >= self.shape[0]
+                )
+                if self._decode_whole:
+                    self.chunk_rows = 1
         except BaseException:
             self._tiff.close()
             raise
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
+        if self._decode_whole:
+            self._array, self._decode_whole = np.asarray(self._array[...]), False
         index = tuple(
             slice(y0, y1) if axis == "Y" else slice(None) if axis in "XS" else 0
             for axis in self._axes
@@ -385,7 +398,7 @@ def _check_tiff_complete(path: Path, pages: list) -> None:
     size = os.path.getsize(path)
     for page in pages:
         ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)]
-        if any(n == 0 for n in page.databytecounts) or (ends and max(ends) > size):
+        if ends and max(ends) > size:
             raise InputError(
                 path, f"file is truncated: image data ends at byte {max(ends)}, file has {size}"
             )
@@ -532,13 +545,17 @@ _NIFTI_UNIT_UM = {"mm": 1000.0, "micron": 1.0, "meter": 1e6, "unknown": 1000.0}
 
 
 class _NiftiSource(_Source):
-    """NIfTI-1/2: axes (x, y[, 1...]) → (rows = y, columns = x); zooms → µm (mm when unset)."""
+    """NIfTI-1/2: axes (x, y[, 1...]) → (rows = y, columns = x); zooms → µm (mm when unset).
+
+    Uncompressed files are read band by band; a gzipped file cannot seek cheaply, so its
+    voxels are decompressed once and kept (one copy at the stored type).
+    """
 
     def __init__(self, path: Path) -> None:
         import nibabel as nib
 
         self.path = path
-        image = nib.load(path, keep_file_open=True)
+        image = nib.load(path)
         self._proxy = image.dataobj
         shape = tuple(int(n) for n in image.shape)
         if len(shape) < 2 or any(n > 1 for n in shape[2:]):
@@ -550,16 +567,18 @@ class _NiftiSource(_Source):
         inter = float(getattr(self._proxy, "inter", 0.0))
         scaled = (slope, inter) != (1.0, 0.0)
         self.dtype = np.dtype(np.float64) if scaled and stored.kind in "biu" else stored
-        self.chunk_rows = 1
         zooms = image.header.get_zooms()[:2]
         unit = image.header.get_xyzt_units()[0]
         self.file_mpp = _NIFTI_UNIT_UM.get(unit, 1000.0) * (float(zooms[0]) + float(zooms[1])) / 2
-        self._image = image
+        self._gzipped = mosaic_suffix(path) == ".nii.gz"
+        self._voxels: np.ndarray | None = None
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
+        if self._gzipped:
+            if self._voxels is None:
+                self._voxels = np.asarray(self._proxy[(slice(None), slice(None), *self._extra)])
+            return self._voxels[:, y0:y1].T
         return np.asarray(self._proxy[(slice(None), slice(y0, y1), *self._extra)]).T
 
     def close(self) -> None:
-        opener = getattr(self._proxy, "_opener", None)
-        if opener is not None:
-            opener.close_if_mine()
+        self._voxels = None

@@ -316,15 +316,10 @@ def write_overlay_png(
     height, width = labels.shape
     scale = min(1.0, max_side / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    grey_u8 = np.clip(np.asarray(image, dtype=np.float32), 0, 255).astype(np.uint8)
-    grey = np.asarray(Image.fromarray(grey_u8).resize(size, Image.Resampling.BOX), np.float32)
-    small = np.asarray(Image.fromarray(np.asarray(labels, np.uint8)).resize(size, Image.NEAREST))
-    lut = np.zeros((256, 3), dtype=np.float32)
-    lut[: len(class_colours)] = class_colours
-    coloured = small < len(class_colours)
-    weight = np.where(coloured, alpha, 0.0)[..., None]
-    rgb = grey[..., None] * (1 - weight) + lut[small] * weight
-    picture = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    grey_u8 = np.rint(np.clip(np.asarray(image, dtype=np.float32), 0, 255)).astype(np.uint8)
+    grey = Image.fromarray(grey_u8).resize(size, Image.Resampling.BOX)
+    small = Image.fromarray(np.asarray(labels, np.uint8)).resize(size, Image.Resampling.NEAREST)
+    picture = Image.fromarray(_blend(np.asarray(grey), np.asarray(small), alpha, class_colours))
     counts = np.bincount(labels[labels < len(class_names)].ravel(), minlength=len(class_names))
     shares = counts / max(1, counts.sum())
     entries = [
@@ -334,6 +329,17 @@ def write_overlay_png(
     with atomic_path(path) as partial:
         result.save(partial, format="PNG")
     return Path(path)
+
+
+def _blend(
+    grey: np.ndarray, labels: np.ndarray, alpha: float, class_colours: Sequence[Colour]
+) -> np.ndarray:
+    """RGB uint8 (H, W, 3): grey blended with class colours; other label values stay grey."""
+    lut = np.zeros((256, 3), dtype=np.float32)
+    lut[: len(class_colours)] = class_colours
+    weight = np.where(labels < len(class_colours), alpha, 0.0)[..., None]
+    rgb = grey.astype(np.float32)[..., None] * (1 - weight) + lut[labels] * weight
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
 def _with_legend(picture, entries: Sequence[str], colours: Sequence[Colour]):
@@ -472,15 +478,19 @@ def region_polygons(
         area_px = int(region.sum())
         if area_px < min_area_px:
             continue
-        origin = np.array([box[1].start, box[0].start])
-        # Filling with 4-connected background leaves no pinch vertex on the outline.
-        filled = ndimage.binary_fill_holes(region, structure=_FOUR_CONNECTED)
-        rings = [_oriented(_trace_outline(filled) + origin, exterior=True)]
-        holes, _ = ndimage.label(filled & ~region, structure=_FOUR_CONNECTED)
-        for hole, hole_box in enumerate(ndimage.find_objects(holes), start=1):
-            hole_origin = origin + [hole_box[1].start, hole_box[0].start]
-            outline = _trace_outline(holes[hole_box] == hole) + hole_origin
-            rings.append(_oriented(outline, exterior=False))
+        # Work in the bounding box plus a one-pixel frame; (x, y) of its corner in the map:
+        origin = np.array([box[1].start - 1, box[0].start - 1])
+        framed = np.zeros((region.shape[0] + 2, region.shape[1] + 2), dtype=bool)
+        framed[1:-1, 1:-1] = region
+        # 4-connected pieces of the rest: piece 1 holds the frame (outside), the others are
+        # holes. Filling with 4-connected background leaves no pinch vertex on the outline.
+        rest, pieces = ndimage.label(~framed, structure=_FOUR_CONNECTED)
+        rings = [_oriented(_trace_outline(rest != 1) + origin, exterior=True)]
+        if pieces > 1:
+            for hole, hole_box in enumerate(ndimage.find_objects(rest)[1:], start=2):
+                hole_origin = origin + [hole_box[1].start, hole_box[0].start]
+                outline = _trace_outline(rest[hole_box] == hole) + hole_origin
+                rings.append(_oriented(outline, exterior=False))
         if simplify_px > 0:
             rings = [_simplified(ring, simplify_px) for ring in rings]
         yield rings, area_px
@@ -493,7 +503,8 @@ def _trace_outline(mask: np.ndarray) -> np.ndarray:
     at every outline vertex exactly one edge leaves, so following them walks the outline.
     """
     height, width = mask.shape
-    padded = np.pad(mask, 1)
+    padded = np.zeros((height + 2, width + 2), dtype=bool)
+    padded[1:-1, 1:-1] = mask
     inner = padded[1:-1, 1:-1]
     columns = width + 1
     # (pixels whose neighbour on that side is outside, start corner, end corner) per side
@@ -537,8 +548,8 @@ def _cycle_order(next_edge: np.ndarray, first: int) -> np.ndarray:
 
 def _corners_only(points: np.ndarray) -> np.ndarray:
     """Drop vertices where the outline goes straight on (``points`` is an open cycle)."""
-    incoming = points - np.roll(points, 1, axis=0)
-    outgoing = np.roll(points, -1, axis=0) - points
+    steps = np.diff(points, axis=0, prepend=points[-1:])  # steps[i] = points[i] - points[i-1]
+    incoming, outgoing = steps, np.concatenate([steps[1:], steps[:1]])
     return points[np.any(incoming != outgoing, axis=1)]
 
 

@@ -158,7 +158,9 @@ def class_polygons(labels: np.ndarray, region: Region, min_poly_area: float) -> 
     """Class outlines in MONAI Label's annotation format (mosaic pixel coordinates).
 
     MONAI Label's :class:`FindContoursd` skips label value 0, which is a real class here
-    (background), so class ``k`` is traced as ``k + 1`` and named back.
+    (background), so class ``k`` is traced as ``k + 1`` and named back. A one-pixel frame of 0
+    closes the outlines of regions that touch the region's edge (without OpenCV, MONAI Label
+    traces with scikit-image, which leaves those open); outlines may lie up to 1 px outside.
     """
     colours = zip(CLASS_NAMES, CLASS_COLOURS, strict=True)
     contours = FindContoursd(
@@ -167,19 +169,15 @@ def class_polygons(labels: np.ndarray, region: Region, min_poly_area: float) -> 
         labels={name: index + 1 for index, name in enumerate(CLASS_NAMES)},
         colormap={name: list(colour) for name, colour in colours},
     )
+    framed = np.pad(labels.astype(np.int32) + 1, 1)
     data = {
-        "pred": (labels.astype(np.int32) + 1).T,  # FindContoursd expects (x, y) axis order
-        "location": [region.x, region.y],
+        "pred": framed.T,  # FindContoursd expects (x, y) axis order
+        "location": [region.x - 1, region.y - 1],
         "size": [region.width, region.height],
         "min_poly_area": min_poly_area,
     }
-    found = contours(data).get("result", {}).get("annotation")
-    return found or {
-        "location": data["location"],
-        "size": data["size"],
-        "elements": [],
-        "labels": {},
-    }
+    found = contours(data).get("result", {}).get("annotation") or {"elements": [], "labels": {}}
+    return {**found, "location": [region.x, region.y], "size": [region.width, region.height]}
 
 
 def write_viewer_file(output: str, result: dict[str, Any], model: str) -> str:

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from rcmseg.classes import MOSAIC_MPP, UNLABELLED
 from rcmseg.synth.layout import TILE_PX, RegionPlan, plan_regions
 from rcmseg.synth.noise import Fractal, sample_lattice
-from rcmseg.synth.patterns import MARGIN_PX, PATTERNS, Style, Window
+from rcmseg.synth.patterns import MARGIN_PX, PATTERNS, Canvas, Style, Window
 
 ARTIFACT = 1  # class index whose texture is already in intensity units
-STRIP_ROWS = 1024  # render rows per strip
+STRIP_ROWS = 512  # render rows per strip
 RENDER_FACTOR = 2  # mosaic px per render px (0.5 µm/px mosaic, 1 µm/px render grid)
 
 
@@ -78,10 +78,11 @@ def _render_rows(
     contrast = sample_lattice(lighting.contrast, top, shape, lighting.step)
     core = slice(window.top - extended.top, window.top - extended.top + window.shape[0])
     image = np.zeros(window.shape, dtype=np.float32)
+    canvas = Canvas(style, extended)
     for index, pattern in enumerate(PATTERNS):
         if share[index].max() < 1e-3:
             continue
-        texture = pattern(style, extended)[core]
+        texture = pattern(canvas)[core]
         intensity = texture if index == ARTIFACT else mean + contrast * texture
         image += share[index] * intensity
     image *= _vignette(window, lighting.vignetting)

@@ -10,6 +10,7 @@ returned in intensity units (0-255), since being too bright or too dark is what 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -138,71 +139,97 @@ def _nearest_point(points: Points, window: Window) -> tuple[np.ndarray, np.ndarr
     return distance.astype(np.float32), inside.value[nearest].astype(np.float32), nearest
 
 
-def _beads(style: Style, window: Window) -> np.ndarray:
-    """Cell-scale granularity in [0, 1]: rims and lines are made of cells, not smooth."""
-    return np.clip(0.5 + 0.8 * style.beads(window.top, window.shape), 0.0, 1.0)
+class Canvas:
+    """A window of the render grid for one mosaic, with the noise fields that several patterns
+    share computed at most once."""
+
+    def __init__(self, style: Style, window: Window) -> None:
+        self.style = style
+        self.window = window
+
+    @cached_property
+    def beads(self) -> np.ndarray:
+        """Cell-scale granularity in [0, 1]: rims and lines are made of cells, not smooth."""
+        return np.clip(0.5 + 0.8 * self.style.beads(self.window.top, self.window.shape), 0.0, 1.0)
+
+    @cached_property
+    def dermis(self) -> np.ndarray:
+        """Smooth low-contrast texture (14 µm), mean 0, std 1."""
+        return normalised(self.style.dermis(self.window.top, self.window.shape))
 
 
-def ring(style: Style, window: Window) -> np.ndarray:
+def _blobs(points: Points, window: Window, sigma: float) -> np.ndarray:
+    """Points drawn as Gaussian blobs of ``sigma`` px, peak brightness about 1."""
+    image = points.rasterise(window.top, window.shape)
+    blobs = ndimage.gaussian_filter(image, sigma, truncate=3.0)
+    return blobs * np.float32(2.0 * np.pi * sigma**2)
+
+
+def ring(canvas: Canvas) -> np.ndarray:
     """Dark round papillae, each rimmed by a bright ring of basal cells, packed side by side."""
-    distance, radius, _ = _nearest_point(style.papillae, window)
+    style = canvas.style
+    distance, radius, _ = _nearest_point(style.papillae, canvas.window)
     half = style.rim_width / 2.0
     rim = np.exp(-(((distance - radius - half) / half) ** 2))
     papilla = _step_down((distance - radius + 2.0) / 2.0)
-    pattern = rim * (0.45 + 0.55 * _beads(style, window)) - 0.55 * papilla
+    pattern = rim * (0.45 + 0.55 * canvas.beads) - 0.55 * papilla
     return normalised(pattern)
 
 
-def meshwork(style: Style, window: Window) -> np.ndarray:
+def meshwork(canvas: Canvas) -> np.ndarray:
     """A net of thick bright interpapillary lines (Voronoi edges) around dark polygonal holes."""
-    _, _, cell = _nearest_point(style.mesh_seeds, window)
-    edges = np.zeros(window.shape, dtype=np.float32)
+    _, _, cell = _nearest_point(canvas.style.mesh_seeds, canvas.window)
+    edges = np.zeros(canvas.window.shape, dtype=np.float32)
     edges[:, 1:] += cell[:, 1:] != cell[:, :-1]
     edges[1:, :] += cell[1:, :] != cell[:-1, :]
-    lines = ndimage.gaussian_filter(np.minimum(edges, 1.0), style.mesh_line_sigma)
-    pattern = lines * (0.5 + 0.5 * _beads(style, window))
+    lines = ndimage.gaussian_filter(
+        np.minimum(edges, 1.0), canvas.style.mesh_line_sigma, truncate=3.0
+    )
+    pattern = lines * (0.5 + 0.5 * canvas.beads)
     return normalised(pattern)
 
 
-def nested(style: Style, window: Window) -> np.ndarray:
+def nested(canvas: Canvas) -> np.ndarray:
     """Compact clusters of bright round cells in a dim, faintly textured dermis."""
-    cells = ndimage.gaussian_filter(style.nest_cells.rasterise(window.top, window.shape), 2.7)
-    cells /= cells.max() + 1e-6
-    dermis = 0.08 * style.dermis(window.top, window.shape)
-    return normalised(cells + dermis)
+    cells = _blobs(canvas.style.nest_cells, canvas.window, canvas.style.cell_sigma)
+    return normalised(cells + 0.05 * canvas.dermis)
 
 
-def aspecific(style: Style, window: Window) -> np.ndarray:
+def aspecific(canvas: Canvas) -> np.ndarray:
     """Disordered bright and dark texture at several scales, with scattered bright cells."""
-    texture = style.fine(window.top, window.shape)
-    cells = ndimage.gaussian_filter(style.scattered_cells.rasterise(window.top, window.shape), 2.5)
-    cells /= cells.max() + 1e-6
-    return normalised(normalised(texture) + 1.5 * cells)
+    style, window = canvas.style, canvas.window
+    texture = normalised(style.fine(window.top, window.shape))
+    return normalised(texture + 1.5 * _blobs(style.scattered_cells, window, 2.5))
 
 
-def background(style: Style, window: Window) -> np.ndarray:
+def background(canvas: Canvas) -> np.ndarray:
     """Non-lesion skin: a regular honeycomb of keratinocytes (bright borders, dark cells),
     blending into homogeneous low-contrast texture elsewhere."""
-    rows = window.rows[:, None] + 3.0 * style.warp_y(window.top, window.shape)
-    cols = window.cols[None, :] + 3.0 * style.warp_x(window.top, window.shape)
-    wave = 4.0 * np.pi / (np.sqrt(3.0) * style.honeycomb_period)
+    style, window = canvas.style, canvas.window
+    # Slightly warped coordinates: a regular but not crystal-perfect honeycomb.
+    rows = window.rows.astype(np.float32)[:, None] + 3.0 * style.warp_y(window.top, window.shape)
+    cols = window.cols.astype(np.float32)[None, :] + 3.0 * style.warp_x(window.top, window.shape)
+    wave = np.float32(4.0 * np.pi / (np.sqrt(3.0) * style.honeycomb_period))
     peaks = np.zeros(window.shape, dtype=np.float32)
     for turn in range(3):
         angle = style.honeycomb_angle + turn * 2.0 * np.pi / 3.0
-        peaks += np.cos(wave * (np.cos(angle) * cols + np.sin(angle) * rows))
+        peaks += np.cos(
+            wave * (np.float32(np.cos(angle)) * cols + np.float32(np.sin(angle)) * rows)
+        )
     honeycomb = normalised(-peaks)
-    homogeneous = normalised(style.dermis(window.top, window.shape)) * 0.35
+    homogeneous = 0.35 * canvas.dermis
     share = _step_down(-6.0 * style.background_kind(window.top, window.shape))
     return share * honeycomb + (1.0 - share) * homogeneous
 
 
-def artifact(style: Style, window: Window) -> np.ndarray:
+def artifact(canvas: Canvas) -> np.ndarray:
     """Acquisition artifacts in intensity units: saturation (~240), under-illumination (~12), and
     air bubbles (dark round areas with a bright rim on grey)."""
+    style, window = canvas.style, canvas.window
     kinds = np.stack([noise(window.top, window.shape) for noise in style.artifact_kind])
     share = np.exp(5.0 * (kinds - kinds.max(axis=0, keepdims=True)))
     share /= share.sum(axis=0, keepdims=True)
-    texture = normalised(style.dermis(window.top, window.shape))
+    texture = canvas.dermis
     saturated = 238.0 + 10.0 * texture
     dark = 12.0 + 6.0 * texture
     distance, radius, _ = _nearest_point(style.bubbles, window)

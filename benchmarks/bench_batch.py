@@ -1,0 +1,215 @@
+"""Batch segmentation benchmark: seconds and peak memory per mosaic, and fast-vs-paper agreement.
+
+Usage::
+
+    python benchmarks/bench_batch.py speed --size 12000 --presets fast paper --paper-crop 512
+    python benchmarks/bench_batch.py speed --size 24000 --presets fast       # memory growth
+    python benchmarks/bench_batch.py agreement --side 3072 --seeds 0 1        # choose "fast"
+
+``speed`` writes a synthetic ``size``×``size`` 8-bit TIFF at 0.5 µm/px (a 4000² ``rcmseg synth``
+mosaic mirrored into a seamless tiling, to save minutes of generation) and segments it end to end
+with :func:`rcmseg.batch.segment_mosaic`, the code ``rcmseg batch`` runs (read, infer, write the
+label TIFF), once per preset, each in a fresh child process so that its peak resident memory
+(``ru_maxrss``) is its own. With ``--paper-crop N`` the ``paper`` preset is timed on an N×N crop
+of the working-resolution image and its inference time extrapolated by the number of windows
+(stated in the output); read and write do not depend on the preset.
+
+``agreement`` segments synthetic mosaics with ``paper`` and with candidate ``fast`` settings and
+prints the share of pixels whose label agrees with ``paper``, with each candidate's cost in
+windows per pixel; the cheapest candidate at ≥ 99 % is the one to name ``fast``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rcmseg.batch import BatchOptions, MosaicJob, segment_mosaic
+from rcmseg.bundle import load_bundle
+from rcmseg.inference import PRESETS, Preset, get_preset, segment_image
+
+TILE_PX = 4000  # side of the synthetic mosaic mirrored into a large one
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_large_mosaic(path: Path, size: int, seed: int = 0) -> None:
+    """Write a size×size uint8 TIFF at 0.5 µm/px, tiled from one synthetic mosaic with mirroring."""
+    import tifffile
+
+    from rcmseg.synth.mosaic import make_mosaic
+
+    tile, _labels = make_mosaic(min(TILE_PX, size), seed=seed)
+    reps = math.ceil(size / tile.shape[0])
+
+    def rows() -> object:
+        for r in range(reps):
+            band = tile if r % 2 == 0 else tile[::-1]
+            row = np.concatenate([band if c % 2 == 0 else band[:, ::-1] for c in range(reps)], 1)
+            yield row[: min(tile.shape[0], size - r * tile.shape[0]), :size]
+
+    tifffile.imwrite(
+        path,
+        data=np.concatenate(list(rows()), axis=0),
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+        rowsperstrip=256,
+    )
+
+
+def windows_in(preset: Preset, height: int, width: int) -> int:
+    """Number of windows MONAI's grid places on an image (one band)."""
+    window = preset.window_for(height, width)
+    counts = []
+    for side, roi in zip((height, width), window, strict=True):
+        stride = max(int(roi * (1 - preset.overlap)), 1) if roi < side else roi
+        counts.append(max(math.ceil((side - roi) / stride), 0) + 1)
+    return counts[0] * counts[1]
+
+
+def child_speed(args: argparse.Namespace) -> dict:
+    """One preset on one mosaic, in this (fresh) process."""
+    torch.set_num_threads(args.threads)
+    bundle = load_bundle(device=args.device)
+    base_mb = peak_rss_mb()
+    out = Path(args.out_dir)
+    job = MosaicJob(Path(args.mosaic), Path(args.mosaic).name, out / f"bench-{args.preset}", "x")
+    result = {"preset": args.preset, "device": str(bundle.device), "rss_after_load_mb": base_mb}
+    if args.crop:
+        from rcmseg.io.mosaics import read_mosaic
+
+        image, _info = read_mosaic(args.mosaic)
+        crop = image[: args.crop, : args.crop]
+        preset = bundle.presets[args.preset]
+        started = time.perf_counter()
+        segment_image(crop, bundle.network, preset, bundle.device)
+        crop_seconds = time.perf_counter() - started
+        scale = windows_in(preset, *image.shape) / windows_in(preset, *crop.shape)
+        result.update(
+            crop_px=args.crop,
+            crop_infer_seconds=crop_seconds,
+            infer_seconds=crop_seconds * scale,
+            extrapolated_by_windows=scale,
+        )
+    else:
+        record = segment_mosaic(job, bundle, BatchOptions(preset=args.preset, device=args.device))
+        result.update(
+            read_seconds=record.read_seconds,
+            infer_seconds=record.infer_seconds,
+            write_seconds=record.write_seconds,
+            seconds=record.seconds,
+            working_shape=list(record.working_shape),
+        )
+    if bundle.device.type == "cuda":
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["gpu"] = torch.cuda.get_device_name(bundle.device)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def run_speed(args: argparse.Namespace) -> list[dict]:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_batch_") as workdir:
+        mosaic = Path(workdir) / f"mosaic_{args.size}.tif"
+        started = time.perf_counter()
+        make_large_mosaic(mosaic, args.size)
+        print(f"# wrote {args.size}² test mosaic in {time.perf_counter() - started:.0f} s")
+        for preset in args.presets:
+            crop = args.paper_crop if preset == "paper" and args.paper_crop else 0
+            command = [
+                sys.executable, __file__, "child",
+                "--mosaic", str(mosaic), "--out-dir", workdir, "--preset", preset,
+                "--device", args.device, "--threads", str(args.threads), "--crop", str(crop),
+            ]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result["size_px"] = args.size
+            results.append(result)
+            print(json.dumps(result))
+    return results
+
+
+def run_agreement(args: argparse.Namespace) -> list[dict]:
+    """Pixel agreement of candidate fast settings with ``paper`` on synthetic mosaics."""
+    from rcmseg.synth.mosaic import make_mosaic
+
+    torch.set_num_threads(args.threads)
+    bundle = load_bundle(device=args.device)
+    side = args.side // 4  # working-resolution side
+    candidates = {
+        "512/0.5": Preset(512, 0.5),
+        "512/0.25": Preset(512, 0.25),
+        "384/0.5": Preset(384, 0.5),
+        "256/0.5": Preset(256, 0.5),
+        "256/0.75": Preset(256, 0.75),
+    }
+    agree = {name: [] for name in candidates}
+    cost = {name: [] for name in candidates}
+    for seed in args.seeds:
+        image_full, _labels = make_mosaic(args.side, seed=seed)
+        image = image_full.reshape(side, 4, side, 4).mean(axis=(1, 3), dtype=np.float32)
+        started = time.perf_counter()
+        paper = segment_image(image, bundle.network, "paper", bundle.device).argmax(0)
+        paper_seconds = time.perf_counter() - started
+        for name, preset in candidates.items():
+            started = time.perf_counter()
+            labels = segment_image(image, bundle.network, preset, bundle.device).argmax(0)
+            cost[name].append((time.perf_counter() - started) / paper_seconds)
+            agree[name].append(float((labels == paper).mean()))
+    rows = []
+    for name, preset in candidates.items():
+        row = {
+            "candidate": name,
+            "windows_per_pixel": (preset.window_px / preset.stride_px) ** 2,
+            "agreement_min": min(agree[name]),
+            "agreement_mean": float(np.mean(agree[name])),
+            "time_vs_paper": float(np.mean(cost[name])),
+            "current_fast": preset == get_preset("fast"),
+        }
+        rows.append(row)
+        print(json.dumps(row))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    speed = commands.add_parser("speed", help="seconds and peak memory per mosaic")
+    speed.add_argument("--size", type=int, default=12000, help="mosaic side in px at 0.5 µm/px")
+    speed.add_argument("--presets", nargs="+", default=list(PRESETS))
+    speed.add_argument("--paper-crop", type=int, default=0, help="time paper on an N² crop")
+    agreement = commands.add_parser("agreement", help="fast candidates vs paper")
+    agreement.add_argument("--side", type=int, default=3072, help="mosaic side at 0.5 µm/px")
+    agreement.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    child = commands.add_parser("child")
+    child.add_argument("--mosaic", required=True)
+    child.add_argument("--out-dir", required=True)
+    child.add_argument("--preset", required=True)
+    child.add_argument("--crop", type=int, default=0)
+    for command in (speed, agreement, child):
+        command.add_argument("--device", default="auto")
+        command.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.command == "child":
+        print(json.dumps(child_speed(args)))
+    elif args.command == "speed":
+        run_speed(args)
+    else:
+        run_agreement(args)
+
+
+if __name__ == "__main__":
+    main()
