@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/bench_batch.py speed --size 12000 --presets fast paper --paper-crop 512
-    python benchmarks/bench_batch.py speed --size 24000 --presets fast       # memory growth
+    python benchmarks/bench_batch.py speed --size 24000 --presets fast
+    python benchmarks/bench_batch.py speed --size 12000 24000 --presets fast --stand-in  # memory
     python benchmarks/bench_batch.py agreement --side 3072 --seeds 0 1        # choose "fast"
 
 ``speed`` writes a synthetic ``size``×``size`` 8-bit TIFF at 0.5 µm/px (a 4000² ``rcmseg synth``
@@ -12,7 +13,15 @@ with :func:`rcmseg.batch.segment_mosaic`, the code ``rcmseg batch`` runs (read, 
 label TIFF), once per preset, each in a fresh child process so that its peak resident memory
 (``ru_maxrss``) is its own. With ``--paper-crop N`` the ``paper`` preset is timed on an N×N crop
 of the working-resolution image and its inference time extrapolated by the number of windows
-(stated in the output); read and write do not depend on the preset.
+(stated in the output); read and write do not depend on the preset. Each stage reports wall
+seconds and the process's CPU seconds: on a shared machine the wall time grows with the load,
+CPU seconds / threads estimate the wall time on an idle machine.
+
+``--stand-in`` swaps MED-Net for a one-layer convolution with the same input and output, so that
+a 24000² mosaic goes through the whole pipeline (read, banded stitching, label statistics,
+write) in minutes on a CPU: the peak memory it reports is that of the pipeline, and the growth
+from 12000² to 24000² is the pipeline's growth (MED-Net's activations for a window batch are the
+same for every mosaic size and add a constant, measured by the run without ``--stand-in``).
 
 ``agreement`` segments synthetic mosaics with ``paper`` and with candidate ``fast`` settings and
 prints the share of pixels whose label agrees with ``paper``, with each candidate's cost in
@@ -24,25 +33,34 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rcmseg.batch import BatchOptions, MosaicJob, segment_mosaic
+from rcmseg.batch import BatchOptions, MosaicJob, MosaicProgress, segment_mosaic
 from rcmseg.bundle import load_bundle
+from rcmseg.classes import NUM_CLASSES
 from rcmseg.inference import PRESETS, Preset, get_preset, segment_image
 
 TILE_PX = 4000  # side of the synthetic mosaic mirrored into a large one
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process image in MiB (Linux ``VmHWM``).
+
+    Not ``ru_maxrss``: that one survives ``exec`` and can report the parent's size at fork.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -80,65 +98,103 @@ def windows_in(preset: Preset, height: int, width: int) -> int:
     return counts[0] * counts[1]
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class StageClock(MosaicProgress):
+    """CPU seconds at the end of reading and of inference, from segment_mosaic's progress calls."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {"start": cpu_seconds()}
+
+    def step(self, stage: str) -> None:
+        if stage != "segmenting" or "read" not in self.marks:
+            self.marks["read" if stage == "segmenting" else "infer"] = cpu_seconds()
+
+
+def stand_in_network() -> torch.nn.Module:
+    """One 3×3 convolution, 1 → 6 channels: the pipeline without MED-Net's cost."""
+    return torch.nn.Conv2d(1, NUM_CLASSES, 3, padding=1)
+
+
 def child_speed(args: argparse.Namespace) -> dict:
     """One preset on one mosaic, in this (fresh) process."""
     torch.set_num_threads(args.threads)
     bundle = load_bundle(device=args.device)
-    base_mb = peak_rss_mb()
+    if args.stand_in:
+        bundle = replace(bundle, network=stand_in_network().to(bundle.device).eval())
     out = Path(args.out_dir)
     job = MosaicJob(Path(args.mosaic), Path(args.mosaic).name, out / f"bench-{args.preset}", "x")
-    result = {"preset": args.preset, "device": str(bundle.device), "rss_after_load_mb": base_mb}
+    result = {
+        "preset": args.preset,
+        "device": str(bundle.device),
+        "threads": args.threads,
+        "stand_in_network": args.stand_in,
+        "rss_after_load_mb": peak_rss_mb(),
+    }
     if args.crop:
         from rcmseg.io.mosaics import read_mosaic
 
         image, _info = read_mosaic(args.mosaic)
         crop = image[: args.crop, : args.crop]
         preset = bundle.presets[args.preset]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
         segment_image(crop, bundle.network, preset, bundle.device)
-        crop_seconds = time.perf_counter() - started
         scale = windows_in(preset, *image.shape) / windows_in(preset, *crop.shape)
         result.update(
             crop_px=args.crop,
-            crop_infer_seconds=crop_seconds,
-            infer_seconds=crop_seconds * scale,
+            crop_infer_seconds=time.perf_counter() - started,
+            crop_infer_cpu_seconds=cpu_seconds() - cpu_started,
             extrapolated_by_windows=scale,
         )
+        result["infer_seconds"] = result["crop_infer_seconds"] * scale
+        result["infer_cpu_seconds"] = result["crop_infer_cpu_seconds"] * scale
     else:
-        record = segment_mosaic(job, bundle, BatchOptions(preset=args.preset, device=args.device))
+        clock = StageClock()
+        options = BatchOptions(preset=args.preset, device=args.device)
+        record = segment_mosaic(job, bundle, options, clock)
+        marks = clock.marks
         result.update(
             read_seconds=record.read_seconds,
             infer_seconds=record.infer_seconds,
             write_seconds=record.write_seconds,
             seconds=record.seconds,
+            read_cpu_seconds=marks["read"] - marks["start"],
+            infer_cpu_seconds=marks["infer"] - marks["read"],
+            write_cpu_seconds=cpu_seconds() - marks["infer"],
             working_shape=list(record.working_shape),
         )
     if bundle.device.type == "cuda":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name(bundle.device)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["load_average"] = os.getloadavg()[0]
     return result
 
 
 def run_speed(args: argparse.Namespace) -> list[dict]:
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench_batch_") as workdir:
-        mosaic = Path(workdir) / f"mosaic_{args.size}.tif"
-        started = time.perf_counter()
-        make_large_mosaic(mosaic, args.size)
-        print(f"# wrote {args.size}² test mosaic in {time.perf_counter() - started:.0f} s")
-        for preset in args.presets:
-            crop = args.paper_crop if preset == "paper" and args.paper_crop else 0
-            command = [
-                sys.executable, __file__, "child",
-                "--mosaic", str(mosaic), "--out-dir", workdir, "--preset", preset,
-                "--device", args.device, "--threads", str(args.threads), "--crop", str(crop),
-            ]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            result["size_px"] = args.size
-            results.append(result)
-            print(json.dumps(result))
+    for size in args.size:
+        with tempfile.TemporaryDirectory(prefix="bench_batch_") as workdir:
+            mosaic = Path(workdir) / f"mosaic_{size}.tif"
+            started = time.perf_counter()
+            make_large_mosaic(mosaic, size)
+            print(f"# wrote {size}² test mosaic in {time.perf_counter() - started:.0f} s")
+            for preset in args.presets:
+                crop = args.paper_crop if preset == "paper" and args.paper_crop else 0
+                command = [
+                    sys.executable, __file__, "child",
+                    "--mosaic", str(mosaic), "--out-dir", workdir, "--preset", preset,
+                    "--device", args.device, "--threads", str(args.threads), "--crop", str(crop),
+                    *(["--stand-in"] if args.stand_in else []),
+                ]  # fmt: skip
+                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                result["size_px"] = size
+                results.append(result)
+                print(json.dumps(result), flush=True)
     return results
 
 
@@ -188,9 +244,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     speed = commands.add_parser("speed", help="seconds and peak memory per mosaic")
-    speed.add_argument("--size", type=int, default=12000, help="mosaic side in px at 0.5 µm/px")
+    speed.add_argument("--size", type=int, nargs="+", default=[12000], help="side(s) in px")
     speed.add_argument("--presets", nargs="+", default=list(PRESETS))
     speed.add_argument("--paper-crop", type=int, default=0, help="time paper on an N² crop")
+    speed.add_argument("--stand-in", action="store_true", help="a 1-layer net for MED-Net")
     agreement = commands.add_parser("agreement", help="fast candidates vs paper")
     agreement.add_argument("--side", type=int, default=3072, help="mosaic side at 0.5 µm/px")
     agreement.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -199,6 +256,7 @@ def main() -> None:
     child.add_argument("--out-dir", required=True)
     child.add_argument("--preset", required=True)
     child.add_argument("--crop", type=int, default=0)
+    child.add_argument("--stand-in", action="store_true")
     for command in (speed, agreement, child):
         command.add_argument("--device", default="auto")
         command.add_argument("--threads", type=int, default=2)

@@ -2,8 +2,10 @@
 
 Three figures, each over ``--steps`` batches after one warm-up batch:
 
-- ``pipeline``: per-epoch patch sampling + the paper's augmentation through the DataLoader
-  (``--workers`` processes), no network;
+- ``pipeline``: per-epoch patch sampling, the DataLoader (``--workers`` processes) and the paper's
+  augmentation, batched on the device (the trainer's default, ``BatchAugment``), no network;
+- ``pipeline_per_patch``: the same with MONAI's per-patch transforms (``train_transforms``) in
+  the DataLoader instead;
 - ``network``: forward + backward + optimiser step of the network on ready tensors already on the
   device (mixed precision on CUDA), no data pipeline;
 - ``training``: both together, through the trainer's own ``train_epoch`` (what ``rcmseg train``
@@ -19,6 +21,7 @@ random 2048 x 2048 px images with random labels (the pipeline's cost does not de
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -27,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 
 from rcmseg.inference import resolve_device
 from rcmseg.losses import make_loss
 from rcmseg.networks import get_network
+from rcmseg.training.augment import BatchAugment
 from rcmseg.training.data import epoch_order, load_cases, patch_loader, split_cases
 from rcmseg.training.loop import train_epoch
 from rcmseg.transforms import EpochPatchDataset, train_transforms
@@ -51,10 +56,11 @@ def mosaics(data: Path | None, count: int = 4, side: int = 2048) -> list[tuple[n
     ]
 
 
-def loader_for(args: argparse.Namespace, pairs: list, batches: int) -> torch.utils.data.DataLoader:
-    patches = EpochPatchDataset(
-        pairs, train_transforms(), window=2 * args.patch_size, crop=args.patch_size
-    )
+def loader_for(
+    args: argparse.Namespace, pairs: list, batches: int, per_patch: bool = False
+) -> torch.utils.data.DataLoader:
+    transform = train_transforms() if per_patch else None
+    patches = EpochPatchDataset(pairs, transform, window=2 * args.patch_size, crop=args.patch_size)
     indices = epoch_order(len(patches), (0, 0))
     while len(indices) < batches * args.batch_size:  # small data: repeat the epoch's patches
         indices = indices + indices
@@ -82,8 +88,24 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def augmented_batches(args: argparse.Namespace, pairs: list) -> Iterator[None]:
+    """Batches as the trainer prepares them by default: collated crops, augmented on the device."""
+    augment = BatchAugment()
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    for batch in loader_for(args, pairs, args.steps + 1):
+        images = convert_to_tensor(batch["image"], track_meta=False).to(args.device)
+        labels = convert_to_tensor(batch["label"], track_meta=False).to(args.device)
+        augment(images, labels.long(), generator)
+        synchronise(args.device)
+        yield None
+
+
 def bench_pipeline(args: argparse.Namespace, pairs: list) -> float:
-    loader = loader_for(args, pairs, args.steps + 1)
+    return args.batch_size / timed(augmented_batches(args, pairs), args.steps)
+
+
+def bench_pipeline_per_patch(args: argparse.Namespace, pairs: list) -> float:
+    loader = loader_for(args, pairs, args.steps + 1, per_patch=True)
     return args.batch_size / timed(iter(loader), args.steps)
 
 
@@ -121,14 +143,21 @@ def bench_training(args: argparse.Namespace, pairs: list) -> float:
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     loss_function = make_loss("mdsc_tv")
     # Warm-up epoch of one batch, then the timed epoch.
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    augment = functools.partial(BatchAugment(), generator=generator)
     for batches in (1, args.steps):
         loader = loader_for(args, pairs, batches)
         synchronise(args.device)
         started = time.perf_counter()
-        train_epoch(network, loader, loss_function, optimizer, scaler, args.device, amp)
+        train_epoch(
+            network, loader, loss_function, optimizer, scaler, args.device, amp, augment=augment
+        )
         synchronise(args.device)
         seconds = time.perf_counter() - started
     return args.batch_size * args.steps / seconds
+
+
+BENCHMARKS: tuple[str, ...] = ("pipeline", "pipeline_per_patch", "network", "training")
 
 
 def main() -> None:
@@ -141,18 +170,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--network", default="mednet")
-    parser.add_argument("--only", choices=("pipeline", "network", "training"), nargs="*")
+    parser.add_argument("--only", choices=BENCHMARKS, nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
     card = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
     pairs = mosaics(args.data)
     figures = {}
-    for name in args.only or ("pipeline", "network", "training"):
+    for name in args.only or BENCHMARKS:
         if name == "network":
             figures[name] = bench_network(args)
         else:
-            figures[name] = (bench_pipeline if name == "pipeline" else bench_training)(args, pairs)
+            figures[name] = globals()[f"bench_{name}"](args, pairs)
         print(f"{name}: {figures[name]:.1f} samples/s", flush=True)
     print(
         json.dumps(

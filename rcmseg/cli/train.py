@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Annotated, Any
@@ -90,6 +91,9 @@ def train_model_command(
     with user_errors():
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training import TrainConfig, train
+
+        if not progress:  # one line per epoch instead of the bar
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
         config = TrainConfig(
             data_dir=data,

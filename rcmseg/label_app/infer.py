@@ -125,10 +125,20 @@ class Segmentation:
     mean_entropy: float
 
 
+def context_span(first: int, last: int, length: int, window: int, stride: int) -> tuple[int, int]:
+    """Working pixels ``[start, stop)`` to segment so that pixels ``first..last`` come out exactly
+    as in a whole-image run: one window of context, the start on the whole image's window grid
+    (the same bounds :func:`rcmseg.inference.band_rows` uses for its bands)."""
+    return max(first - window, 0) // stride * stride, min(last + 1 + window, length)
+
+
 def segment_region(
     image: np.ndarray, info: MosaicInfo, region: Region, bundle: LoadedBundle, preset: str
 ) -> Segmentation:
-    """Segment ``region`` with one window of context around it; labels at the mosaic grid.
+    """Segment ``region`` as a whole-mosaic run would; labels at the mosaic grid.
+
+    Only the region and one window of context around it are segmented, aligned to the whole
+    image's window grid, so regions, tiles and whole mosaics agree pixel for pixel.
 
     Args:
         image: the whole mosaic at the working resolution, float32 (H', W') on the 0-255 scale.
@@ -136,16 +146,19 @@ def segment_region(
         region: rectangle in mosaic pixels.
 
     Returns:
-        uint8 (region.height, region.width) class indices, nearest-neighbour from the working grid.
+        uint8 (region.height, region.width) class indices, nearest-neighbour from the working grid,
+        and the mean entropy of the region's working pixels.
     """
     scale = info.mosaic_mpp / bundle.working_mpp
     height, width = image.shape
     check_size(width, height, info.path)
-    margin = bundle.presets[preset].window_px
+    settings = bundle.presets[preset]
     rows = working_index(region.y, region.height, scale, height)
     cols = working_index(region.x, region.width, scale, width)
-    r0, r1 = max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, height)
-    c0, c1 = max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, width)
+    r0, r1 = context_span(int(rows[0]), int(rows[-1]), height, settings.window_px,
+                          settings.stride_px)
+    c0, c1 = context_span(int(cols[0]), int(cols[-1]), width, settings.window_px,
+                          settings.stride_px)
     options = BatchOptions(preset=preset, device=str(bundle.device), uncertainty=True)
     maps = segment_to_maps(image[r0:r1, c0:c1], bundle, options, MosaicProgress())
     labels = maps.labels[(rows - r0)[:, None], (cols - c0)[None, :]]

@@ -40,6 +40,11 @@ MODEL_NAME = "mednet"
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".nrrd", ".nii", ".nii.gz", ASAP_SUFFIX)
 
 
+# Smallest tile side (mosaic px, 2 mm at 0.5 µm/px) of MONAI Label's WSI tiling; viewers ask for
+# 1024 px tiles, which would cost several times the region's own work in context windows.
+MIN_WSI_TILE_PX = 4096
+
+
 def datastore_patterns() -> list[str]:
     """File patterns of mosaics (every format ``rcmseg batch`` reads) and of label files."""
     suffixes = dict.fromkeys((*MOSAIC_SUFFIXES, *LABEL_SUFFIXES))
@@ -113,6 +118,9 @@ class RCMSegApp(MONAILabelApp):
                 task_request.update(request)
                 task_request["output"] = task_request.get("output") or "dsa"
                 return self.infer(task_request, datastore)
+        # Each tile is segmented with a window of context: small tiles repeat most of the work.
+        tile = request.get("tile_size") or (MIN_WSI_TILE_PX, MIN_WSI_TILE_PX)
+        request = {**request, "tile_size": [max(int(side), MIN_WSI_TILE_PX) for side in tile]}
         if not torch.cuda.is_available():
             # MONAI Label 0.8.5 spreads tiles over CUDA devices by default and divides by zero
             # where there are none.

@@ -33,6 +33,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from rcmseg.bundle import load_bundle
 from rcmseg.errors import InputError
 from rcmseg.io.dataset import Case, write_manifest
+from rcmseg.io.mosaics import mosaic_suffix
 from rcmseg.label_app.asap import ASAP_SUFFIX, rasterize_asap_labels
 from rcmseg.label_app.workspace import ServedModel, Workspace, replace_file
 
@@ -79,7 +80,7 @@ def labelled_cases(datastore: Datastore, run_dir: Path) -> dict[str, Case]:
     cases: dict[str, Case] = {}
     for item in datastore.datalist():
         mosaic, labels = Path(item["image"]), Path(item["label"])
-        image_id = mosaic.name[: -len("".join(mosaic.suffixes))] or mosaic.stem
+        image_id = mosaic.name[: -len(mosaic_suffix(mosaic))]
         if labels.name.lower().endswith(ASAP_SUFFIX):
             labels = rasterize_asap_labels(labels, mosaic, run_dir / "labels" / f"{image_id}.png")
         cases[image_id] = Case(mosaic=mosaic, labels=labels, patient=image_id, lesion=image_id,

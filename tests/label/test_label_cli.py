@@ -1,0 +1,54 @@
+"""`rcmseg label serve`: one-line refusals before any server starts."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HAS_MONAILABEL = importlib.util.find_spec("monailabel") is not None
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rcmseg.cli.main", "label", "serve", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.skipif(HAS_MONAILABEL, reason="checks an environment without the label extra")
+def test_serve_without_the_label_extra_says_how_to_install(tmp_path: Path):
+    assert_one_line_error(serve("--studies", str(tmp_path)), "pip install 'rcmseg[label]'")
+
+
+@pytest.mark.skipif(not HAS_MONAILABEL, reason="needs the rcmseg[label] extra (see .ci/label)")
+def test_serve_refuses_a_missing_studies_folder_and_a_bad_bundle(tmp_path: Path):
+    assert_one_line_error(serve("--studies", str(tmp_path / "nope")), "nope", "not a folder")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    assert_one_line_error(
+        serve("--studies", str(studies), "--bundle", str(tmp_path)), "not a trained bundle"
+    )
+    assert not (studies / ".rcmseg" / "bundle").exists()
+
+
+@pytest.mark.skipif(not HAS_MONAILABEL, reason="needs the rcmseg[label] extra (see .ci/label)")
+def test_serve_refuses_a_port_in_use(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve("--studies", str(tmp_path), "--port", str(port))
+    assert_one_line_error(result, f"127.0.0.1:{port}")

@@ -1,0 +1,99 @@
+"""Pieces of the MONAI Label app that need no server: split, model choice, regions, patterns."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("monailabel", reason="needs the rcmseg[label] extra (see .ci/label)")
+
+import torch  # noqa: E402
+
+from rcmseg.bundle import LoadedBundle  # noqa: E402
+from rcmseg.classes import CLASS_NAMES  # noqa: E402
+from rcmseg.errors import InputError  # noqa: E402
+from rcmseg.inference import Preset  # noqa: E402
+from rcmseg.io.mosaics import MosaicInfo  # noqa: E402
+from rcmseg.label_app.infer import Region, segment_region, working_index  # noqa: E402
+from rcmseg.label_app.main import datastore_patterns  # noqa: E402
+from rcmseg.label_app.train import should_replace, split_ids  # noqa: E402
+
+INFO = MosaicInfo(path=Path("m.tif"), width_px=1000, height_px=600, mosaic_mpp=0.5,
+                  mpp_source="file", dtype="uint8")
+
+
+def test_split_holds_out_a_fifth_and_a_single_mosaic_serves_both():
+    split = split_ids([f"m{i}" for i in range(10)], val_split=0.2, seed=0)
+    assert len(split.val) == 2 and len(split.train) == 8
+    assert sorted(split.train + split.val) == sorted(f"m{i}" for i in range(10))
+    assert split == split_ids([f"m{i}" for i in range(10)], val_split=0.2, seed=0)
+    assert split_ids(["a", "b"], 0.2, 0).train and split_ids(["a", "b"], 0.9, 0).train
+    only = split_ids(["m0"], 0.2, 0)
+    assert only.train == ["m0"] and only.val == ["m0"]
+
+
+@pytest.mark.parametrize(
+    ("trained", "served", "replace"),
+    [(0.5, 0.4, True), (0.4, 0.4, True), (0.39, 0.4, False), (math.nan, 0.4, False),
+     (0.1, math.nan, True)],
+)
+def test_fine_tuned_weights_replace_the_served_ones_unless_worse(trained, served, replace):
+    assert should_replace(trained, served) is replace
+
+
+def test_regions_are_clipped_and_whole_when_no_size_is_given():
+    assert Region.from_request({}, INFO) == Region(0, 0, 1000, 600)
+    assert Region.from_request({"size": [0, 0]}, INFO).is_whole(INFO)
+    assert Region.from_request({"location": [900, -10], "size": [300, 100]}, INFO) == Region(
+        900, 0, 100, 90
+    )
+    with pytest.raises(InputError, match="outside"):
+        Region.from_request({"location": [2000, 0], "size": [10, 10]}, INFO)
+    with pytest.raises(InputError, match="level 0"):
+        Region.from_request({"level": 1, "size": [10, 10]}, INFO)
+
+
+def test_mosaic_pixels_take_the_working_pixel_their_centre_falls_in():
+    # 0.5 -> 2 µm/px: four mosaic pixels per working pixel, edge pixels clipped to the grid.
+    np.testing.assert_array_equal(working_index(0, 9, 0.25, 2), [0, 0, 0, 0, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(working_index(6, 3, 0.25, 10), [1, 1, 2])
+
+
+def test_datastore_takes_tiff_and_every_mosaic_format():
+    patterns = datastore_patterns()
+    for pattern in ("*.tif", "*.tiff", "*.png", "*.bmp", "*.jpg", "*.nii.gz", "*.xml"):
+        assert pattern in patterns
+    assert len(patterns) == len(set(patterns))
+
+
+def tiny_bundle() -> LoadedBundle:
+    """A LoadedBundle around a small seeded conv net: fast, and position-dependent outputs."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 5, padding=2), torch.nn.Tanh(), torch.nn.Conv2d(8, 6, 5, padding=2)
+    ).eval()
+    return LoadedBundle(
+        root=Path("."), network=network, device=torch.device("cpu"), name="tiny", version="0",
+        model="tiny", class_names=CLASS_NAMES, working_mpp=2.0,
+        presets={"small": Preset(window_px=64, overlap=0.5, sw_batch_size=4)},
+        intended_use="tests",
+    )
+
+
+def test_regions_come_out_exactly_as_in_the_whole_mosaic():
+    rng = np.random.default_rng(0)
+    image = (rng.random((150, 210)) * 255).astype(np.float32)  # working grid, 2 µm/px
+    info = MosaicInfo(path=Path("m.tif"), width_px=840, height_px=600, mosaic_mpp=0.5,
+                      mpp_source="file", dtype="uint8")
+    bundle = tiny_bundle()
+    whole = segment_region(image, info, Region(0, 0, 840, 600), bundle, "small")
+    assert whole.labels.shape == (600, 840)
+    for region in (Region(301, 157, 250, 190), Region(0, 420, 840, 180), Region(700, 0, 5, 7)):
+        part = segment_region(image, info, region, bundle, "small")
+        np.testing.assert_array_equal(
+            part.labels,
+            whole.labels[region.y : region.y + region.height, region.x : region.x + region.width],
+        )
