@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_batch.py speed --size 12000 --presets fast paper --paper-crop 512
     python benchmarks/bench_batch.py speed --size 24000 --presets fast
     python benchmarks/bench_batch.py speed --size 12000 24000 --presets fast --stand-in  # memory
-    python benchmarks/bench_batch.py agreement --side 3072 --seeds 0 1        # choose "fast"
+    python benchmarks/bench_batch.py agreement --seeds 0 1 --crop 1024      # choose "fast"
 
 ``speed`` writes a synthetic ``size``×``size`` 8-bit TIFF at 0.5 µm/px (a 4000² ``rcmseg synth``
 mosaic mirrored into a seamless tiling, to save minutes of generation) and segments it end to end
@@ -23,9 +23,10 @@ write) in minutes on a CPU: the peak memory it reports is that of the pipeline, 
 from 12000² to 24000² is the pipeline's growth (MED-Net's activations for a window batch are the
 same for every mosaic size and add a constant, measured by the run without ``--stand-in``).
 
-``agreement`` segments synthetic mosaics with ``paper`` and with candidate ``fast`` settings and
-prints the share of pixels whose label agrees with ``paper``, with each candidate's cost in
-windows per pixel; the cheapest candidate at ≥ 99 % is the one to name ``fast``.
+``agreement`` segments working-resolution crops of mosaics (files, or synthetic ones by seed)
+with ``paper`` and with candidate ``fast`` settings and prints the share of pixels whose label
+agrees with ``paper``, with each candidate's cost (windows per pixel, CPU time relative to
+``paper``); the cheapest candidate at ≥ 99 % is the one to name ``fast``.
 """
 
 from __future__ import annotations
@@ -198,45 +199,69 @@ def run_speed(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def run_agreement(args: argparse.Namespace) -> list[dict]:
-    """Pixel agreement of candidate fast settings with ``paper`` on synthetic mosaics."""
+CANDIDATES: dict[str, Preset] = {
+    "512/0.5": Preset(512, 0.5),
+    "512/0.25": Preset(512, 0.25),
+    "384/0.5": Preset(384, 0.5),
+    "256/0.5": Preset(256, 0.5),
+    "256/0.75": Preset(256, 0.75),
+}
+
+
+def agreement_images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
+    """Working-resolution crops (``--crop`` px) of ``--mosaics``, or of fresh synthetic ones."""
+    from rcmseg.io.mosaics import read_mosaic
     from rcmseg.synth.mosaic import make_mosaic
 
+    images = []
+    for path in args.mosaics:
+        image, _info = read_mosaic(path)
+        images.append((Path(path).name, image[: args.crop, : args.crop]))
+    for seed in args.seeds:
+        image_full, _labels = make_mosaic(4 * args.crop, seed=seed)
+        side = args.crop
+        images.append((f"synth seed {seed}", image_full.reshape(side, 4, side, 4).mean((1, 3))))
+    return images
+
+
+def load_weights(network: torch.nn.Module, path: str) -> None:
+    """Weights from a state dict or a trainer checkpoint (its ``network`` entry)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    network.load_state_dict(state.get("network", state))
+
+
+def run_agreement(args: argparse.Namespace) -> list[dict]:
+    """Pixel agreement of candidate fast settings with ``paper``."""
     torch.set_num_threads(args.threads)
     bundle = load_bundle(device=args.device)
-    side = args.side // 4  # working-resolution side
-    candidates = {
-        "512/0.5": Preset(512, 0.5),
-        "512/0.25": Preset(512, 0.25),
-        "384/0.5": Preset(384, 0.5),
-        "256/0.5": Preset(256, 0.5),
-        "256/0.75": Preset(256, 0.75),
-    }
-    agree = {name: [] for name in candidates}
-    cost = {name: [] for name in candidates}
-    for seed in args.seeds:
-        image_full, _labels = make_mosaic(args.side, seed=seed)
-        image = image_full.reshape(side, 4, side, 4).mean(axis=(1, 3), dtype=np.float32)
-        started = time.perf_counter()
+    if args.weights:
+        load_weights(bundle.network, args.weights)
+    agree: dict[str, list[float]] = {name: [] for name in CANDIDATES}
+    cost: dict[str, list[float]] = {name: [] for name in CANDIDATES}
+    for name, image in agreement_images(args):
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        started = cpu_seconds()
         paper = segment_image(image, bundle.network, "paper", bundle.device).argmax(0)
-        paper_seconds = time.perf_counter() - started
-        for name, preset in candidates.items():
-            started = time.perf_counter()
+        paper_cpu = cpu_seconds() - started
+        print(f"# {name}: {image.shape}, paper {paper_cpu:.0f} CPU s", flush=True)
+        for candidate, preset in CANDIDATES.items():
+            started = cpu_seconds()
             labels = segment_image(image, bundle.network, preset, bundle.device).argmax(0)
-            cost[name].append((time.perf_counter() - started) / paper_seconds)
-            agree[name].append(float((labels == paper).mean()))
+            cost[candidate].append((cpu_seconds() - started) / paper_cpu)
+            agree[candidate].append(float((labels == paper).mean()))
     rows = []
-    for name, preset in candidates.items():
+    for candidate, preset in CANDIDATES.items():
         row = {
-            "candidate": name,
+            "candidate": candidate,
             "windows_per_pixel": (preset.window_px / preset.stride_px) ** 2,
-            "agreement_min": min(agree[name]),
-            "agreement_mean": float(np.mean(agree[name])),
-            "time_vs_paper": float(np.mean(cost[name])),
-            "current_fast": preset == get_preset("fast"),
+            "agreement_min": min(agree[candidate]),
+            "agreement_mean": float(np.mean(agree[candidate])),
+            "cpu_time_vs_paper": float(np.mean(cost[candidate])),
+            "is_fast_preset": preset == get_preset("fast"),
+            "weights": args.weights or "bundle",
         }
         rows.append(row)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -249,8 +274,10 @@ def main() -> None:
     speed.add_argument("--paper-crop", type=int, default=0, help="time paper on an N² crop")
     speed.add_argument("--stand-in", action="store_true", help="a 1-layer net for MED-Net")
     agreement = commands.add_parser("agreement", help="fast candidates vs paper")
-    agreement.add_argument("--side", type=int, default=3072, help="mosaic side at 0.5 µm/px")
-    agreement.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    agreement.add_argument("--mosaics", nargs="*", default=[], help="mosaic files to crop")
+    agreement.add_argument("--seeds", type=int, nargs="*", default=[], help="synthetic mosaics")
+    agreement.add_argument("--crop", type=int, default=1024, help="side at 2 µm/px")
+    agreement.add_argument("--weights", help="state dict or checkpoint instead of the bundle's")
     child = commands.add_parser("child")
     child.add_argument("--mosaic", required=True)
     child.add_argument("--out-dir", required=True)

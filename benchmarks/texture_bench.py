@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--test-mosaics", type=int, default=6)
     parser.add_argument("--size", type=int, default=256, help="mosaic side, px")
     parser.add_argument("--shrink", type=int, default=4, help="texture downscale vs the 1.1 scan")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=6, help="optimiser steps per epoch")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--patch", type=int, default=64, help="training crop side, px")

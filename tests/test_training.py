@@ -186,17 +186,19 @@ def test_bad_data_sets_give_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="empty data set"):
         train(quick_config(header_only, tmp_path / "out"))
 
-    unlabelled = tmp_path / "unlabelled"
-    write_dataset(unlabelled, n=1, size=256, seed=0)
-    rows = (unlabelled / "manifest.csv").read_text().splitlines()
-    fields = rows[1].split(",")
-    fields[1] = ""
-    (unlabelled / "manifest.csv").write_text("\n".join([rows[0], ",".join(fields)]) + "\n")
-    with pytest.raises(InputError, match="no labelled mosaics"):
-        train(quick_config(unlabelled, tmp_path / "out"))
+    one = tmp_path / "one"
+    write_dataset(one, n=1, size=256, seed=0)
+    with pytest.raises(InputError, match="'nope' is not a labelled case"):
+        train(quick_config(one, tmp_path / "out", val_cases=["nope"]))
+    with pytest.raises(InputError, match="no labelled training mosaic"):
+        train(quick_config(one, tmp_path / "out", val_cases=["synth_0000"]))
 
-    with pytest.raises(InputError, match="not a labelled case"):
-        train(quick_config(unlabelled, tmp_path / "out", val_cases=["nope"]))
+    rows = (one / "manifest.csv").read_text().splitlines()
+    fields = rows[1].split(",")
+    fields[1] = ""  # the mosaic loses its label map
+    (one / "manifest.csv").write_text("\n".join([rows[0], ",".join(fields)]) + "\n")
+    with pytest.raises(InputError, match="no labelled mosaics"):
+        train(quick_config(one, tmp_path / "out"))
 
     result = CliRunner().invoke(app, ["train", "model", str(empty), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2

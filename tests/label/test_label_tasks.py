@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from rcmseg.inference import Preset  # noqa: E402
 from rcmseg.io.mosaics import MosaicInfo  # noqa: E402
 from rcmseg.label_app.infer import Region, segment_region, working_index  # noqa: E402
 from rcmseg.label_app.main import datastore_patterns  # noqa: E402
+from rcmseg.label_app.strategy import EntropyCache  # noqa: E402
 from rcmseg.label_app.train import should_replace, split_ids  # noqa: E402
 
 INFO = MosaicInfo(path=Path("m.tif"), width_px=1000, height_px=600, mosaic_mpp=0.5,
@@ -97,3 +99,15 @@ def test_regions_come_out_exactly_as_in_the_whole_mosaic():
             part.labels,
             whole.labels[region.y : region.y + region.height, region.x : region.x + region.width],
         )
+
+
+def test_entropy_cache_is_per_model_and_per_file_version(tmp_path: Path):
+    mosaic = tmp_path / "m.png"
+    mosaic.write_bytes(b"first version")
+    cache = EntropyCache(tmp_path / "cache" / "entropy.json")
+    assert cache.get(mosaic, "MEDNet@a") is None
+    cache.put(mosaic, "MEDNet@a", 0.25)
+    assert EntropyCache(cache.path).get(mosaic, "MEDNet@a") == 0.25  # on disk
+    assert cache.get(mosaic, "MEDNet@b") is None  # fine-tuned model: score again
+    os.utime(mosaic, ns=(1, 1))
+    assert cache.get(mosaic, "MEDNet@a") is None  # the file changed
