@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--skip-whole", action="store_true", help="time the region request only")
     args = parser.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-label-"))
@@ -140,10 +141,11 @@ def main() -> None:
     results = {"size_px": args.size, "preset": args.preset, "weights": weights,
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
-    for name, measure in (
+    requests_to_time = [
         ("whole_mosaic", lambda s: time_whole_mosaic(s, mosaic.stem, work / "labels.tif")),
         ("region", lambda s: time_region(s, mosaic.stem, args.size, args.region)),
-    ):
+    ]
+    for name, measure in requests_to_time[1:] if args.skip_whole else requests_to_time:
         server = Server(studies, bundle, args.preset, args.device, log)
         try:
             results[name] = measure(server)

@@ -39,13 +39,26 @@ def bundle(tmp_path: Path) -> Path:
     return copy
 
 
-def test_train_bundle_cli_writes_model_and_log_into_the_bundle(
-    bundle: Path, dataset: Path
-) -> None:
+def test_train_bundle_cli_writes_model_and_log_into_the_bundle(bundle: Path, dataset: Path) -> None:
     result = CliRunner().invoke(
         app,
-        ["train", "bundle", str(bundle), "--data", str(dataset), "--epochs", "1",
-         "--iterations", "1", "--batch-size", "2", "--workers", "0", "--device", "cpu"],
+        [
+            "train",
+            "bundle",
+            str(bundle),
+            "--data",
+            str(dataset),
+            "--epochs",
+            "1",
+            "--iterations",
+            "1",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "best validation Dice" in result.output
@@ -99,12 +112,31 @@ def test_torchrun_two_cpu_processes_train_identical_weights(
     )
     configs = [str(bundle / "configs" / name) for name in ("train.json", "multi_gpu_train.json")]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--standalone", "-m", "monai.bundle", "run",
-        "--config_file", str([*configs, str(test_config)]),
-        "--bundle_root", str(bundle), "--dataset_dir", str(dataset),
-        "--epochs", "2", "--iterations_per_epoch", "2", "--batch_size", "2",
-        "--num_workers", "0", "--val_every", "1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str([*configs, str(test_config)]),
+        "--bundle_root",
+        str(bundle),
+        "--dataset_dir",
+        str(dataset),
+        "--epochs",
+        "2",
+        "--iterations_per_epoch",
+        "2",
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--val_every",
+        "1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -168,9 +168,7 @@ def test_batch_augment_moves_labels_with_the_image_and_marks_outside_unlabelled(
 
 
 def test_per_patch_augmentation_also_trains(dataset: Path, tmp_path: Path) -> None:
-    result = train(
-        quick_config(dataset, tmp_path / "run", augmentation="per_patch", max_epochs=1)
-    )
+    result = train(quick_config(dataset, tmp_path / "run", augmentation="per_patch", max_epochs=1))
     assert result.epochs_completed == 1 and result.model_path.is_file()
 
 

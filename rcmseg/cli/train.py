@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from rcmseg.cli.common import user_errors
+from rcmseg.errors import InputError
 
 train_app = typer.Typer(
     help="Train MED-Net (or a baseline) on labelled mosaics with the paper's protocol.",
@@ -65,6 +66,12 @@ def train_model_command(
     ] = "fast",
     patch_size: Annotated[int, typer.Option(help="Crop side in px at 2 µm/px (paper: 256).")] = 256,
     iterations: Iterations = None,
+    augmentation: Annotated[
+        str,
+        typer.Option(
+            help="batched (on the device), per_patch (MONAI transforms in the DataLoader) or none."
+        ),
+    ] = "batched",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
     workers: Annotated[int, typer.Option(help="DataLoader processes for augmentation.")] = 0,
@@ -95,33 +102,38 @@ def train_model_command(
         if not progress:  # one line per epoch instead of the bar
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-        config = TrainConfig(
-            data_dir=data,
-            output_dir=out,
-            max_epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=lr,
-            final_learning_rate=final_lr,
-            optimizer=optimizer,
-            network=network,
-            loss=loss,
-            fold=fold,
-            num_folds=folds,
-            val_every=val_every,
-            val_preset=preset,
-            patch_size=patch_size,
-            window=2 * patch_size,
-            iterations_per_epoch=iterations,
-            device=device,
-            amp=amp,
-            num_workers=workers,
-            threads=threads,
-            seed=seed,
-            resume=resume,
-            stop_after_epochs=stop_after,
-            progress=progress,
-            label_remap=load_remap_table(remap) if remap is not None else None,
-        )
+        table = load_remap_table(remap) if remap is not None else None
+        try:
+            config = TrainConfig(
+                data_dir=data,
+                output_dir=out,
+                max_epochs=epochs,
+                batch_size=batch_size,
+                learning_rate=lr,
+                final_learning_rate=final_lr,
+                optimizer=optimizer,
+                network=network,
+                loss=loss,
+                fold=fold,
+                num_folds=folds,
+                val_every=val_every,
+                val_preset=preset,
+                patch_size=patch_size,
+                window=2 * patch_size,
+                iterations_per_epoch=iterations,
+                augmentation=augmentation,
+                device=device,
+                amp=amp,
+                num_workers=workers,
+                threads=threads,
+                seed=seed,
+                resume=resume,
+                stop_after_epochs=stop_after,
+                progress=progress,
+                label_remap=table,
+            )
+        except ValueError as error:  # a setting out of range, e.g. an unknown optimizer
+            raise InputError(None, str(error)) from None
         typer.echo(_summary(train(config)))
 
 

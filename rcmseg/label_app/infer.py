@@ -127,9 +127,18 @@ class Segmentation:
 
 def context_span(first: int, last: int, length: int, window: int, stride: int) -> tuple[int, int]:
     """Working pixels ``[start, stop)`` to segment so that pixels ``first..last`` come out exactly
-    as in a whole-image run: one window of context, the start on the whole image's window grid
-    (the same bounds :func:`rcmseg.inference.band_rows` uses for its bands)."""
-    return max(first - window, 0) // stride * stride, min(last + 1 + window, length)
+    as in a whole-image run.
+
+    MONAI's sliding window puts windows at multiples of the stride and one last window flush with
+    the image's end. The span runs from the first grid window that reaches ``first`` to the end
+    of the last grid window that reaches ``last`` (to the image's end where the flush window
+    reaches ``last``), so the same windows with the same Gaussian weights cover the pixels.
+    """
+    start = max(0, -(-(first - window + 1) // stride) * stride)
+    stop = last // stride * stride + window
+    if stop >= length or last >= length - window:
+        stop = length
+    return start, stop
 
 
 def segment_region(
@@ -137,8 +146,8 @@ def segment_region(
 ) -> Segmentation:
     """Segment ``region`` as a whole-mosaic run would; labels at the mosaic grid.
 
-    Only the region and one window of context around it are segmented, aligned to the whole
-    image's window grid, so regions, tiles and whole mosaics agree pixel for pixel.
+    Only the windows that reach the region are run (:func:`context_span`), on the whole image's
+    window grid, so regions, tiles and whole mosaics agree pixel for pixel.
 
     Args:
         image: the whole mosaic at the working resolution, float32 (H', W') on the 0-255 scale.

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
-AUGMENTATIONS: tuple[str, ...] = ("batched", "per_patch")
+AUGMENTATIONS: tuple[str, ...] = ("batched", "per_patch", "none")
 
 
 @dataclass
@@ -46,7 +46,8 @@ class TrainConfig:
             crop at a random position in every ``window`` window at ``window_overlap``.
         augmentation: ``"batched"`` (default: the paper's augmentation on whole batches on the
             training device, :class:`rcmseg.training.augment.BatchAugment`) or ``"per_patch"``
-            (:func:`rcmseg.transforms.train_transforms` in the DataLoader, MONAI transforms).
+            (:func:`rcmseg.transforms.train_transforms` in the DataLoader, MONAI transforms) or
+            ``"none"`` (plain crops, for ablations and debugging).
 
     Validation:
         val_every: validate every this many epochs (the last epoch always validates).

@@ -115,7 +115,7 @@ def _validates_after(epoch: int, config: TrainConfig) -> bool:
 
 def _batch_augment(config: TrainConfig, device: torch.device, seed: int) -> Augment | None:
     """The batched augmentation on ``device`` with its own seeded generator (None when the
-    DataLoader augments per patch)."""
+    DataLoader augments per patch, or without augmentation)."""
     if config.augmentation != "batched":
         return None
     return functools.partial(
@@ -398,6 +398,7 @@ def train(
                 device,
                 amp,
                 on_step,
+                _batch_augment(config, device, epoch_seed),
             )
             seconds = time.perf_counter() - started
             run.scheduler.step()

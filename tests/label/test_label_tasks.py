@@ -71,15 +71,25 @@ def test_datastore_takes_tiff_and_every_mosaic_format():
     assert len(patterns) == len(set(patterns))
 
 
+class WindowPositionNet(torch.nn.Module):
+    """A small conv net plus a fixed random offset per position inside the 64 px window: its
+    labels depend on which windows cover a pixel and where, so a wrong context span shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 6, 5, padding=2)
+        self.register_buffer("offsets", 0.5 * torch.randn(1, 6, 64, 64))
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.conv(windows) + self.offsets
+
+
 def tiny_bundle() -> LoadedBundle:
-    """A LoadedBundle around a small seeded conv net: fast, and position-dependent outputs."""
+    """A LoadedBundle around :class:`WindowPositionNet` with 64 px windows at a 32 px stride."""
     torch.manual_seed(0)
-    network = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 5, padding=2), torch.nn.Tanh(), torch.nn.Conv2d(8, 6, 5, padding=2)
-    ).eval()
     return LoadedBundle(
-        root=Path("."), network=network, device=torch.device("cpu"), name="tiny", version="0",
-        model="tiny", class_names=CLASS_NAMES, working_mpp=2.0,
+        root=Path("."), network=WindowPositionNet().eval(), device=torch.device("cpu"),
+        name="tiny", version="0", model="tiny", class_names=CLASS_NAMES, working_mpp=2.0,
         presets={"small": Preset(window_px=64, overlap=0.5, sw_batch_size=4)},
         intended_use="tests",
     )
@@ -93,7 +103,9 @@ def test_regions_come_out_exactly_as_in_the_whole_mosaic():
     bundle = tiny_bundle()
     whole = segment_region(image, info, Region(0, 0, 840, 600), bundle, "small")
     assert whole.labels.shape == (600, 840)
-    for region in (Region(301, 157, 250, 190), Region(0, 420, 840, 180), Region(700, 0, 5, 7)):
+    regions = (Region(301, 157, 250, 190), Region(0, 420, 840, 180), Region(700, 0, 5, 7),
+               Region(200, 100, 60, 60))
+    for region in regions:
         part = segment_region(image, info, region, bundle, "small")
         np.testing.assert_array_equal(
             part.labels,
