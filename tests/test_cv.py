@@ -24,9 +24,9 @@ QUICK = ["--epochs", "1", "--iterations-per-epoch", "1", "--batch-size", "2", "-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six synthetic mosaics of 512 px at 0.5 µm/px (128 px at 2 µm/px), six patients."""
+    """Four synthetic mosaics of 512 px at 0.5 µm/px (128 px at 2 µm/px), four patients."""
     root = tmp_path_factory.mktemp("synth")
-    write_dataset(root, n=6, size=512, seed=3, patients=6, clinics=2)
+    write_dataset(root, n=4, size=512, seed=3, patients=4, clinics=2)
     return root
 
 
