@@ -29,8 +29,7 @@ APP_SHIM = (
 def check_label_extra() -> None:
     """Refuse with one line when MONAI Label is not installed."""
     if importlib.util.find_spec("monailabel") is None:
-        # Escaped: user_errors prints with rich markup, which would eat "[label]".
-        raise InputError(None, "MONAI Label is not installed: pip install 'rcmseg\\[label]'")
+        raise InputError(None, "MONAI Label is not installed: pip install 'rcmseg[label]'")
 
 
 def check_port_free(host: str, port: int) -> None:
