@@ -66,27 +66,29 @@ def chance_dice(labels: np.ndarray) -> float:
 def test_short_training_learns_and_beats_chance_on_held_out_mosaic(
     dataset: Path, tmp_path: Path
 ) -> None:
+    # Small enough for a 2-core CPU in about a minute: a narrow MED-Net, 64 px crops,
+    # cross-entropy (the fastest of the three losses to get going), no augmentation.
     config = quick_config(
         dataset,
         tmp_path / "run",
-        patch_size=128,
-        window=256,
-        batch_size=8,
-        iterations_per_epoch=6,
-        max_epochs=6,
+        loss="ce",
+        augmentation="none",
+        batch_size=16,
+        iterations_per_epoch=10,
+        max_epochs=12,
         optimizer="adam",
         learning_rate=3e-3,
         final_learning_rate=1e-3,
-        val_every=3,
+        val_every=6,
     )
     result = train(config)
 
     losses = [row["loss"] for row in result.history]
-    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert len(losses) == 12 and losses[-1] < 0.8 * losses[0]
     assert result.model_path.is_file() and result.log_path.is_file()
     with result.log_path.open() as stream:
         rows = list(csv.DictReader(stream))
-    assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert [int(row["epoch"]) for row in rows] == list(range(1, 13))
     assert math.isnan(result.history[0]["val_dice"]) and not math.isnan(result.best_val_dice)
 
     # The exported weights, read weights-only into a fresh network, segment the held-out mosaic.
@@ -97,7 +99,7 @@ def test_short_training_learns_and_beats_chance_on_held_out_mosaic(
     prediction = predict_labels(network, image, "fast", "cpu")
     dice = one_vs_rest(confusion_matrix(prediction, labels))["mean_dice"]
     assert dice == pytest.approx(result.best_val_dice, abs=1e-9)
-    assert dice > chance_dice(labels) + 0.1
+    assert dice > chance_dice(labels) + 0.05
 
 
 def test_resume_after_interruption_gives_the_same_weights(dataset: Path, tmp_path: Path) -> None:

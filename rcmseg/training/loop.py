@@ -19,7 +19,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 from torch.optim.lr_scheduler import ExponentialLR
 
-from rcmseg.classes import NUM_CLASSES
+from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
 from rcmseg.evaluation.evaluate import predict_labels
 from rcmseg.inference import resolve_device
 from rcmseg.losses import make_loss
@@ -114,13 +114,23 @@ def _validates_after(epoch: int, config: TrainConfig) -> bool:
 
 
 def _batch_augment(config: TrainConfig, device: torch.device, seed: int) -> Augment | None:
-    """The batched augmentation on ``device`` with its own seeded generator (None when the
-    DataLoader augments per patch, or without augmentation)."""
-    if config.augmentation != "batched":
+    """What turns a loader batch into network input on ``device``: the batched augmentation
+    with its own seeded generator, only the intensity scaling without augmentation, or nothing
+    when the DataLoader's per-patch transforms did both."""
+    if config.augmentation == "per_patch":
         return None
+    if config.augmentation == "none":
+        return _scale_intensity
     return functools.partial(
         BatchAugment(), generator=torch.Generator(device=device).manual_seed(seed)
     )
+
+
+def _scale_intensity(
+    images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-255 intensities to the network's [0, 1] input, labels unchanged."""
+    return images / INTENSITY_MAX, labels
 
 
 def _seed_of(*numbers: int) -> int:
@@ -159,8 +169,8 @@ def train_epoch(
     """One pass over ``loader``; returns the patch-weighted means of the loss and its terms over
     all processes, and the number of patches they saw.
 
-    ``augment`` runs on each batch once it is on ``device`` (the batched augmentation); without
-    it the loader's batches must be augmented already.
+    ``augment`` maps each batch, once on ``device``, to network input (batched augmentation and
+    scaling to [0, 1]); without it the loader's batches must be network input already.
     """
     network.train()
     totals = {"loss": 0.0, "dice_term": 0.0, "tv_term": 0.0}
