@@ -135,8 +135,8 @@ def test_pixel_entropy_is_zero_when_certain_and_ln_k_when_uniform():
 
 
 def test_windows_shrink_to_small_images_but_not_below_the_training_patch():
-    fast, paper = PRESETS["fast"], PRESETS["paper"]
-    assert fast.window_for(3000, 3000) == (512, 512)
-    assert fast.window_for(300, 2000) == (320, 512)  # rounded up to a multiple of 32
-    assert fast.window_for(100, 150) == (256, 256)  # padded to the 256 px field of view
+    large, paper = Preset(window_px=512, overlap=0.5), PRESETS["paper"]
+    assert large.window_for(3000, 3000) == (512, 512)
+    assert large.window_for(300, 2000) == (320, 512)  # rounded up to a multiple of 32
+    assert large.window_for(100, 150) == (256, 256)  # padded to the 256 px field of view
     assert paper.window_for(100, 3000) == (256, 256)

@@ -21,7 +21,7 @@ def batch(
     preset: Annotated[
         str,
         typer.Option(
-            help="Sliding window: 'fast' (512 px windows, stride 256) or 'paper' "
+            help="Sliding window: 'fast' (256 px windows, stride 128) or 'paper' "
             "(256 px windows, stride 32, as published)."
         ),
     ] = "fast",
