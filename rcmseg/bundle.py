@@ -152,9 +152,12 @@ def load_bundle(
     class_names = channel_names(metadata, root / METADATA_FILE)
     if len(class_names) != len(CLASS_NAMES):
         raise InputError(root / METADATA_FILE, f"{len(class_names)} output classes, expected 6")
+    # Channels-last weights halve MED-Net's CPU inference time (oneDNN kernels; measured in
+    # docs/benchmarks.md); logits differ from NCHW only by float rounding.
+    network = network.to(target, memory_format=torch.channels_last).eval()
     return LoadedBundle(
         root=root,
-        network=network.to(target).eval(),
+        network=network,
         device=target,
         name=str(metadata.get("name", root.name)),
         version=str(metadata.get("version", "unknown")),
