@@ -135,6 +135,21 @@ def test_different_seeds_give_different_weights(dataset: Path, tmp_path: Path) -
     assert math.isnan(one.best_val_dice) and one.best_epoch == 1
 
 
+def test_channels_last_network_trains_in_plain_layout(dataset: Path, tmp_path: Path) -> None:
+    # load_bundle hands out channels-last networks; MONAI Label fine-tunes them. Their backward
+    # pass crashed torch 2.14.1 on CPU, so train() must move them back to NCHW first.
+    config = quick_config(dataset, tmp_path / "cl", max_epochs=1, val_cases=[])
+    torch.manual_seed(config.seed)
+    network = get_network(config.network, **config.network_kwargs)
+    network = network.to(memory_format=torch.channels_last)
+    result = train(config, network=network)
+    assert all(p.is_contiguous() for p in network.parameters())
+    plain = train(quick_config(dataset, tmp_path / "plain", max_epochs=1, val_cases=[]))
+    a = torch.load(result.model_path, weights_only=True)
+    b = torch.load(plain.model_path, weights_only=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
+
+
 def test_fold_split_keeps_patients_apart(tmp_path: Path) -> None:
     root = tmp_path / "data"
     write_dataset(root, n=6, size=256, seed=3, patients=3)

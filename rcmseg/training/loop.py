@@ -306,7 +306,9 @@ def _start_run(
     torch.manual_seed(config.seed)
     if network is None:
         network = get_network(config.network, **config.network_kwargs)
-    network = network.to(device)
+    # Plain NCHW for training: load_bundle hands out channels-last networks (faster CPU inference),
+    # and their backward pass segfaults on the CPU build of torch 2.14.1 (MONAI Label's env).
+    network = network.to(device, memory_format=torch.contiguous_format)
     optimizer = make_optimizer(config, network.parameters())
     run = Run(
         config=config,

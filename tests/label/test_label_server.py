@@ -250,7 +250,7 @@ def test_saved_label_trains_and_replaces_the_served_model(server: Server):
     while (task := server.get("/train/").json())["status"] in ("SUBMITTED", "RUNNING"):
         assert time.monotonic() < deadline, "training did not finish in time"
         time.sleep(2)
-    assert task["status"] == "DONE", task
+    assert task["status"] == "DONE", f"{task}\n{server.log.read_text()[-6000:]}"
 
     stats = server.get("/info/").json()["train_stats"]["mednet"]
     assert stats["train_mosaics"] == ["m0"] and stats["val_mosaics"] == ["m0"]
