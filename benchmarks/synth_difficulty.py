@@ -110,6 +110,8 @@ def train_and_test(
         final_learning_rate=args.learning_rate / 10,
         max_epochs=args.epochs,
         batch_size=args.batch,
+        patch_size=args.patch,
+        window=2 * args.patch,
         iterations_per_epoch=args.iterations,
         seed=args.seed,
         device="cpu",
@@ -187,6 +189,7 @@ def main() -> None:
     )
     parser.add_argument("--iterations", type=int, default=4, help="optimiser steps per epoch")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--patch", type=int, default=256, help="training crop side, px at 2 µm/px")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--width-scale", type=float, default=0.25, help="x paper widths")
     parser.add_argument("--threads", type=int, default=2)
