@@ -109,6 +109,48 @@ def test_study_compares_variants_on_shared_folds(dataset: Path, tmp_path: Path) 
         assert cases[0] == cases[1]
 
 
+def test_cv_trains_with_the_bundles_recipe_under_the_command_line(
+    dataset: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import torch
+
+    from rcmseg.bundle import default_bundle_dir
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle_dir(), bundle, ignore=shutil.ignore_patterns("models", "runs"))
+    train_json = bundle / "configs" / "train.json"
+    config = json.loads(train_json.read_text())
+    config["network_name"] = "mednet1"
+    config["loss"]["name"] = "dice"
+    config["optimizer"].update(name="adam", learning_rate=5e-4, final_learning_rate=5e-5)
+    config["patch"]["window_overlap"] = 0.25
+    train_json.write_text(json.dumps(config))
+
+    out = tmp_path / "cv"
+    command = ["cv", str(dataset), "--out", str(out), "--folds", "2", "--bundle", str(bundle)]
+    result = CliRunner().invoke(app, command + QUICK + ["--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    for fold in (0, 1):
+        used = torch.load(out / f"fold_{fold}/train/checkpoints/last.pt", weights_only=True)
+        used = used["config"]
+        # from train.json
+        assert (used["network"], used["loss"], used["optimizer"]) == ("mednet1", "dice", "adam")
+        assert (used["learning_rate"], used["final_learning_rate"]) == (5e-4, 5e-5)
+        assert used["window_overlap"] == 0.25 and used["tv_weight"] == 1e-6
+        # from the command line, over train.json
+        assert (used["max_epochs"], used["batch_size"], used["patch_size"]) == (2, 2, 64)
+        assert used["seed"] == fold and used["val_preset"] == "paper"
+
+    # an ablation loss from the command line does not inherit the recipe loss's TV weight
+    result = CliRunner().invoke(app, command[:3] + [str(tmp_path / "ce")] + command[4:] + QUICK
+                                + ["--loss", "ce"])
+    assert result.exit_code == 0, result.output
+    used = torch.load(tmp_path / "ce/fold_0/train/checkpoints/last.pt", weights_only=True)
+    assert used["config"]["loss"] == "ce" and used["config"]["tv_weight"] is None
+
+
 def test_group_scenario_tests_the_held_out_clinic(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "groups"
     clinic_of = {f"mosaics/{c.mosaic.name}": c.clinic for c in read_manifest(dataset)}

@@ -50,10 +50,25 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
 Preset = Annotated[str, typer.Option(help="Inference preset for the test mosaics: fast or paper.")]
 Remap = Annotated[Path | None, typer.Option(help="Label remapping table (.json/.csv).")]
 Threads = Annotated[int | None, typer.Option(help="torch threads for training.")]
+Bundle = Annotated[
+    Path | None,
+    typer.Option(
+        help="Bundle whose configs/train.json gives the training recipe (default: the bundled "
+        "rcm_mednet); the options below override it."
+    ),
+]
 PatchSize = Annotated[
     int | None,
     typer.Option(help="Training crop side in px at 2 µm/px (default 256; windows twice that)."),
 ]
+
+
+def recipe(bundle: Path | None) -> dict[str, Any]:
+    """TrainConfig fields of the bundle's ``train.json`` (the training the bundle does)."""
+    from rcmseg.bundle import default_bundle_dir
+    from rcmseg.training.bundle import bundle_train_settings
+
+    return bundle_train_settings(bundle if bundle is not None else default_bundle_dir())
 
 
 def train_options(
@@ -66,7 +81,7 @@ def train_options(
     seed: int,
     patch_size: int | None = None,
 ) -> dict[str, Any]:
-    """TrainConfig fields given on the command line (the rest keep the paper's defaults)."""
+    """TrainConfig fields given on the command line (they override the bundle's recipe)."""
     given = {
         "max_epochs": epochs,
         "batch_size": batch_size,
@@ -111,10 +126,14 @@ def cv_command(
     test_group: TestGroup = None,
     train_group: TrainGroup = None,
     group_column: GroupColumn = "clinic",
+    bundle: Bundle = None,
     network: Annotated[
-        str, typer.Option(help="mednet, mednet2, mednet1, unet, fcn, segnet, deeplab.")
-    ] = "mednet",
-    loss: Annotated[str, typer.Option(help="mdsc_tv, dice or ce.")] = "mdsc_tv",
+        str | None,
+        typer.Option(help="mednet, mednet2, mednet1, unet, fcn, segnet, deeplab (default: the "
+                     "bundle's)."),
+    ] = None,
+    loss: Annotated[str | None, typer.Option(help="mdsc_tv, dice or ce (default: the bundle's).")]
+    = None,
     epochs: Epochs = None,
     batch_size: BatchSize = None,
     iterations_per_epoch: Iterations = None,
@@ -129,6 +148,9 @@ def cv_command(
 ) -> None:
     """Cross-validate: train one model per fold, test it on the held-out part, report mean ± sd.
 
+    Every fold trains with the bundle's recipe (configs/train.json: network, loss, optimiser,
+    schedule, patch sampling, augmentation); the options given here override it.
+
     Writes OUT/folds.json (reproducible from --seed), OUT/fold_<i>/ (training run and test
     report), OUT/summary.csv and OUT/report.md. Run again to resume: finished folds are kept.
     """
@@ -137,13 +159,16 @@ def cv_command(
         from rcmseg.evaluation.report import format_value
         from rcmseg.evaluation.study import Variant
         from rcmseg.io.labels import load_remap_table
+        from rcmseg.training.bundle import with_variant
 
-        variant = Variant.parse(f"{network}:{loss}")
-        options = train_options(
+        base = recipe(bundle)
+        variant = Variant.parse(f"{network or base['network']}:{loss or base['loss']}")
+        options = with_variant(base, variant.network, variant.loss)
+        options.update(train_options(
             epochs, batch_size, iterations_per_epoch, lr, optimizer, threads, seed, patch_size
-        )
+        ))
         # validation during training segments with the same preset as the test mosaics
-        options.update(network=variant.network, loss=variant.loss, val_preset=preset)
+        options["val_preset"] = preset
         split = split_settings(
             scenario, folds, validation_fraction, test_group, train_group, group_column, seed
         )

@@ -9,6 +9,7 @@ import typer
 from rcmseg.cli.common import user_errors
 from rcmseg.cli.cv import (
     BatchSize,
+    Bundle,
     Data,
     Device,
     Epochs,
@@ -27,6 +28,7 @@ from rcmseg.cli.cv import (
     Threads,
     TrainGroup,
     ValidationFraction,
+    recipe,
     split_settings,
     train_options,
 )
@@ -48,6 +50,7 @@ def study_command(
             "--variant", help="A variant network[:loss], e.g. mednet1 or unet:ce (repeatable)."
         ),
     ] = None,
+    bundle: Bundle = None,
     scenario: Scenario = "patients",
     folds: Folds = 5,
     validation_fraction: ValidationFraction = None,
@@ -68,7 +71,8 @@ def study_command(
 ) -> None:
     """Run a study (variants × scenario) and write OUT/comparison.md and OUT/comparison.csv.
 
-    Every variant uses the same folds (OUT/folds.json) and the same training budget. Resumable.
+    Every variant uses the same folds (OUT/folds.json) and the same training recipe: the
+    bundle's configs/train.json with the options given here on top. Resumable.
     """
     with user_errors():
         from rcmseg.errors import InputError
@@ -91,6 +95,7 @@ def study_command(
             out,
             split,
             {
+                **recipe(bundle),
                 **train_options(
                     epochs,
                     batch_size,

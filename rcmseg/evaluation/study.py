@@ -21,6 +21,7 @@ from rcmseg.errors import InputError
 from rcmseg.evaluation import report
 from rcmseg.evaluation.cv import CVResult, SplitSettings, prepare_folds, run_cv
 from rcmseg.networks import NETWORK_NAMES, count_parameters, get_network
+from rcmseg.training.bundle import with_variant
 
 NETWORKS = NETWORK_NAMES
 LOSSES = ("mdsc_tv", "dice", "ce")
@@ -108,12 +109,8 @@ def run_study(
     prepare_folds(Path(data_dir), out, split, remap)
     results = {}
     for variant in variants:
-        options = {
-            **(train_options or {}),
-            "network": variant.network,
-            "loss": variant.loss,
-            "network_kwargs": dict(variant.network_kwargs),
-        }
+        options = with_variant(train_options or {}, variant.network, variant.loss)
+        options["network_kwargs"] = dict(variant.network_kwargs)
         results[variant.name] = run_cv(
             data_dir,
             out / variant.name,

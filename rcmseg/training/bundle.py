@@ -17,6 +17,53 @@ from rcmseg.training.config import TrainResult
 TRAIN_CONFIG = Path("configs/train.json")
 METADATA = Path("configs/metadata.json")
 LOGGING = Path("configs/logging.conf")
+# TrainConfig fields that belong to one run (data, folders, split, device), not to the recipe.
+RUN_FIELDS = frozenset({
+    "data_dir", "output_dir", "export_path", "train_cases", "val_cases", "fold", "num_folds",
+    "label_remap", "device", "resume", "stop_after_epochs", "progress", "num_workers",
+})
+
+
+def bundle_train_settings(bundle_dir: str | Path) -> dict[str, Any]:
+    """The training recipe of a bundle's ``configs/train.json`` as TrainConfig fields.
+
+    Network, loss, optimiser, schedule, patch sampling, augmentation, AMP and workers, as the
+    bundle's ``train_config`` resolves them; run-specific fields (``RUN_FIELDS``) are left out, so
+    ``rcmseg cv`` and ``rcmseg study`` train every fold the way the bundle trains.
+
+    Raises:
+        InputError: the folder has no ``train.json`` or it does not resolve to a TrainConfig.
+    """
+    from monai.bundle import ConfigParser
+
+    from rcmseg.training.config import TrainConfig
+
+    root = Path(bundle_dir)
+    config_file = root / TRAIN_CONFIG
+    if not config_file.is_file():
+        raise InputError(config_file, "missing: the bundle has no training config")
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser["bundle_root"] = str(root)
+    try:
+        parser.get_parsed_content("imports")
+        config = parser.get_parsed_content("train_config")
+    except Exception as error:  # MONAI raises several types for a bad config
+        raise InputError(config_file, f"train_config does not resolve: {error}") from error
+    if not isinstance(config, TrainConfig):
+        raise InputError(config_file, "train_config is not an rcmseg.training.TrainConfig")
+    return {k: v for k, v in config.to_dict().items() if k not in RUN_FIELDS}
+
+
+def with_variant(recipe: dict[str, Any], network: str, loss: str) -> dict[str, Any]:
+    """``recipe`` training ``network`` with ``loss``: the recipe's network widths and TV weight γ
+    apply only to the recipe's own network and loss (an ablation loss keeps its default γ = 0)."""
+    options = {**recipe, "network": network, "loss": loss}
+    if network != recipe.get("network"):
+        options.pop("network_kwargs", None)
+    if loss != recipe.get("loss"):
+        options.pop("tv_weight", None)
+    return options
 
 
 def train_bundle(
