@@ -199,29 +199,46 @@ def run_speed(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-CANDIDATES: dict[str, Preset] = {
-    "512/0.5": Preset(512, 0.5),
-    "512/0.25": Preset(512, 0.25),
-    "384/0.5": Preset(384, 0.5),
-    "256/0.5": Preset(256, 0.5),
-    "256/0.75": Preset(256, 0.75),
-}
+DEFAULT_CANDIDATES = ("512/0.5", "512/0.25", "384/0.5", "256/0.5", "256/0.75")
 
 
-def agreement_images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
-    """Working-resolution crops (``--crop`` px) of ``--mosaics``, or of fresh synthetic ones."""
+def layout(preset: Preset) -> tuple[int, float, float]:
+    return preset.window_px, preset.overlap, preset.sigma_scale
+
+
+def parse_candidate(text: str) -> Preset:
+    """``WINDOW/OVERLAP[/SIGMA_SCALE]``, e.g. ``512/0.5`` or ``512/0.5/0.25``."""
+    window, overlap, *sigma = text.split("/")
+    extra = {"sigma_scale": float(sigma[0])} if sigma else {}
+    return Preset(int(window), float(overlap), **extra)
+
+
+def agreement_images(args: argparse.Namespace) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """Working-resolution crops (``--crop`` px) of ``--mosaics`` (no labels), or of fresh
+    synthetic ones with their label maps brought to 2 µm/px (``downsample_labels``)."""
+    from rcmseg.io.labels import downsample_labels
     from rcmseg.io.mosaics import read_mosaic
     from rcmseg.synth.mosaic import make_mosaic
 
-    images = []
+    images: list[tuple[str, np.ndarray, np.ndarray | None]] = []
     for path in args.mosaics:
         image, _info = read_mosaic(path)
-        images.append((Path(path).name, image[: args.crop, : args.crop]))
+        images.append((Path(path).name, image[: args.crop, : args.crop], None))
     for seed in args.seeds:
-        image_full, _labels = make_mosaic(4 * args.crop, seed=seed)
+        image_full, labels = make_mosaic(4 * args.crop, seed=seed)
         side = args.crop
-        images.append((f"synth seed {seed}", image_full.reshape(side, 4, side, 4).mean((1, 3))))
+        image = image_full.reshape(side, 4, side, 4).mean((1, 3))
+        images.append((f"synth seed {seed}", image, downsample_labels(labels, 4)))
     return images
+
+
+def mean_dice(predicted: np.ndarray, labels: np.ndarray | None) -> float:
+    """Mean over classes of one-vs-rest Dice on labelled pixels (nan without labels)."""
+    from rcmseg.metrics import confusion_matrix, one_vs_rest
+
+    if labels is None:
+        return float("nan")
+    return float(one_vs_rest(confusion_matrix(predicted, labels))["mean_dice"])
 
 
 def load_weights(network: torch.nn.Module, path: str) -> None:
@@ -262,31 +279,36 @@ def run_agreement(args: argparse.Namespace) -> list[dict]:
         load_weights(bundle.network, args.weights)
     images = agreement_images(args)
     if args.calibrate_bn:
-        calibrate_batch_norm(bundle.network, [image for _, image in images], args.calibrate_bn)
-    agree: dict[str, list[float]] = {name: [] for name in CANDIDATES}
-    cost: dict[str, list[float]] = {name: [] for name in CANDIDATES}
-    for name, image in images:
+        calibrate_batch_norm(bundle.network, [image for _, image, _ in images], args.calibrate_bn)
+    candidates = {text: parse_candidate(text) for text in args.candidates}
+    agree: dict[str, list[float]] = {name: [] for name in candidates}
+    dice: dict[str, list[float]] = {name: [] for name in ["paper", *candidates]}
+    cost: dict[str, list[float]] = {name: [] for name in candidates}
+    for name, image, labels_2um in images:
         image = np.ascontiguousarray(image, dtype=np.float32)
         started = cpu_seconds()
         paper = segment_image(image, bundle.network, "paper", bundle.device).argmax(0)
         paper_cpu = cpu_seconds() - started
+        dice["paper"].append(mean_dice(paper, labels_2um))
         shares = np.bincount(paper.ravel(), minlength=NUM_CLASSES) / paper.size
         print(f"# {name}: {image.shape}, paper {paper_cpu:.0f} CPU s, classes {shares.round(3)}")
-        for candidate, preset in CANDIDATES.items():
+        for candidate, preset in candidates.items():
             started = cpu_seconds()
             labels = segment_image(image, bundle.network, preset, bundle.device).argmax(0)
             cost[candidate].append((cpu_seconds() - started) / paper_cpu)
             agree[candidate].append(float((labels == paper).mean()))
+            dice[candidate].append(mean_dice(labels, labels_2um))
     rows = []
-    for candidate, preset in CANDIDATES.items():
+    for candidate, preset in candidates.items():
         row = {
             "candidate": candidate,
             "windows_per_pixel": (preset.window_px / preset.stride_px) ** 2,
             "agreement_min": min(agree[candidate]),
             "agreement_mean": float(np.mean(agree[candidate])),
             "cpu_time_vs_paper": float(np.mean(cost[candidate])),
-            "is_fast_preset": (preset.window_px, preset.overlap)
-            == (get_preset("fast").window_px, get_preset("fast").overlap),
+            "dice_vs_truth": float(np.mean(dice[candidate])),
+            "paper_dice_vs_truth": float(np.mean(dice["paper"])),
+            "is_fast_preset": layout(preset) == layout(get_preset("fast")),
             "weights": (args.weights or "bundle")
             + (" + BN calibration" if args.calibrate_bn else ""),
         }
@@ -309,6 +331,12 @@ def main() -> None:
     agreement.add_argument("--crop", type=int, default=1024, help="side at 2 µm/px")
     agreement.add_argument("--weights", help="state dict or checkpoint instead of the bundle's")
     agreement.add_argument("--calibrate-bn", type=int, default=0, help="BN calibration batches")
+    agreement.add_argument(
+        "--candidates",
+        nargs="+",
+        default=list(DEFAULT_CANDIDATES),
+        help="WINDOW/OVERLAP[/SIGMA_SCALE] settings to compare with paper",
+    )
     child = commands.add_parser("child")
     child.add_argument("--mosaic", required=True)
     child.add_argument("--out-dir", required=True)
