@@ -282,21 +282,29 @@ def run_agreement(args: argparse.Namespace) -> list[dict]:
         calibrate_batch_norm(bundle.network, [image for _, image, _ in images], args.calibrate_bn)
     candidates = {text: parse_candidate(text) for text in args.candidates}
     agree: dict[str, list[float]] = {name: [] for name in candidates}
+    margins: dict[str, list[float]] = {name: [] for name in candidates}
     dice: dict[str, list[float]] = {name: [] for name in ["paper", *candidates]}
     cost: dict[str, list[float]] = {name: [] for name in candidates}
     for name, image, labels_2um in images:
         image = np.ascontiguousarray(image, dtype=np.float32)
         started = cpu_seconds()
-        paper = segment_image(image, bundle.network, "paper", bundle.device).argmax(0)
+        paper_probabilities = segment_image(image, bundle.network, "paper", bundle.device)
+        paper = paper_probabilities.argmax(0)
         paper_cpu = cpu_seconds() - started
+        top_two = np.sort(paper_probabilities, axis=0)[-2:]
+        paper_margin = top_two[1] - top_two[0]  # how firmly paper decides each pixel
         dice["paper"].append(mean_dice(paper, labels_2um))
         shares = np.bincount(paper.ravel(), minlength=NUM_CLASSES) / paper.size
-        print(f"# {name}: {image.shape}, paper {paper_cpu:.0f} CPU s, classes {shares.round(3)}")
+        print(
+            f"# {name}: {image.shape}, paper {paper_cpu:.0f} CPU s, classes {shares.round(3)}, "
+            f"median margin of paper's top two classes {np.median(paper_margin):.2f}"
+        )
         for candidate, preset in candidates.items():
             started = cpu_seconds()
             labels = segment_image(image, bundle.network, preset, bundle.device).argmax(0)
             cost[candidate].append((cpu_seconds() - started) / paper_cpu)
             agree[candidate].append(float((labels == paper).mean()))
+            margins[candidate].append(float(np.median(paper_margin[labels != paper])))
             dice[candidate].append(mean_dice(labels, labels_2um))
     rows = []
     for candidate, preset in candidates.items():
@@ -306,6 +314,7 @@ def run_agreement(args: argparse.Namespace) -> list[dict]:
             "agreement_min": min(agree[candidate]),
             "agreement_mean": float(np.mean(agree[candidate])),
             "cpu_time_vs_paper": float(np.mean(cost[candidate])),
+            "paper_margin_where_they_differ": float(np.mean(margins[candidate])),
             "dice_vs_truth": float(np.mean(dice[candidate])),
             "paper_dice_vs_truth": float(np.mean(dice["paper"])),
             "is_fast_preset": layout(preset) == layout(get_preset("fast")),
