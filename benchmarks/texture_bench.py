@@ -27,6 +27,7 @@ from texture_mosaics import TEXTURES, describe, write_texture_dataset  # noqa: E
 
 from rcmseg.evaluation.cv import SplitSettings, case_id, load_trained_network  # noqa: E402
 from rcmseg.evaluation.evaluate import evaluate_cases  # noqa: E402
+from rcmseg.evaluation.splits import read_folds  # noqa: E402
 from rcmseg.evaluation.study import STUDIES, Variant, parameter_count, run_study  # noqa: E402
 from rcmseg.io.dataset import read_manifest  # noqa: E402
 
@@ -72,7 +73,7 @@ def in_domain_table(
     """
     import torch
 
-    folds = json.loads((study_dir / "folds.json").read_text())["folds"]
+    _settings, folds = read_folds(study_dir / "folds.json")
     cases = {case_id(c, data): c for c in read_manifest(data)}
     names = [texture.name for texture in TEXTURES]
     lines = [
@@ -89,7 +90,7 @@ def in_domain_table(
         )
         evaluation = evaluate_cases(
             network,
-            [cases[i] for i in folds[0]["validation"]],
+            [cases[i] for i in folds[0].validation],
             data,
             fold_dir / "in_domain",
             preset=preset,

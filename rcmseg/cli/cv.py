@@ -63,14 +63,6 @@ PatchSize = Annotated[
 ]
 
 
-def recipe(bundle: Path | None) -> dict[str, Any]:
-    """TrainConfig fields of the bundle's ``train.json`` (the training the bundle does)."""
-    from rcmseg.bundle import default_bundle_dir
-    from rcmseg.training.bundle import bundle_train_settings
-
-    return bundle_train_settings(bundle if bundle is not None else default_bundle_dir())
-
-
 def train_options(
     epochs: int | None,
     batch_size: int | None,
@@ -129,11 +121,13 @@ def cv_command(
     bundle: Bundle = None,
     network: Annotated[
         str | None,
-        typer.Option(help="mednet, mednet2, mednet1, unet, fcn, segnet, deeplab (default: the "
-                     "bundle's)."),
+        typer.Option(
+            help="mednet, mednet2, mednet1, unet, fcn, segnet, deeplab (default: the bundle's)."
+        ),
     ] = None,
-    loss: Annotated[str | None, typer.Option(help="mdsc_tv, dice or ce (default: the bundle's).")]
-    = None,
+    loss: Annotated[
+        str | None, typer.Option(help="mdsc_tv, dice or ce (default: the bundle's).")
+    ] = None,
     epochs: Epochs = None,
     batch_size: BatchSize = None,
     iterations_per_epoch: Iterations = None,
@@ -159,14 +153,16 @@ def cv_command(
         from rcmseg.evaluation.report import format_value
         from rcmseg.evaluation.study import Variant
         from rcmseg.io.labels import load_remap_table
-        from rcmseg.training.bundle import with_variant
+        from rcmseg.training.bundle import bundle_train_settings, with_variant
 
-        base = recipe(bundle)
+        base = bundle_train_settings(bundle)
         variant = Variant.parse(f"{network or base['network']}:{loss or base['loss']}")
         options = with_variant(base, variant.network, variant.loss)
-        options.update(train_options(
-            epochs, batch_size, iterations_per_epoch, lr, optimizer, threads, seed, patch_size
-        ))
+        options.update(
+            train_options(
+                epochs, batch_size, iterations_per_epoch, lr, optimizer, threads, seed, patch_size
+            )
+        )
         # validation during training segments with the same preset as the test mosaics
         options["val_preset"] = preset
         split = split_settings(

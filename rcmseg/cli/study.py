@@ -28,7 +28,6 @@ from rcmseg.cli.cv import (
     Threads,
     TrainGroup,
     ValidationFraction,
-    recipe,
     split_settings,
     train_options,
 )
@@ -78,6 +77,7 @@ def study_command(
         from rcmseg.errors import InputError
         from rcmseg.evaluation.study import STUDIES, Variant, run_study
         from rcmseg.io.labels import load_remap_table
+        from rcmseg.training.bundle import bundle_train_settings
 
         if study is not None and study not in STUDIES:
             raise InputError(None, f"unknown study {study!r}; choose from {', '.join(STUDIES)}")
@@ -95,7 +95,7 @@ def study_command(
             out,
             split,
             {
-                **recipe(bundle),
+                **bundle_train_settings(bundle),
                 **train_options(
                     epochs,
                     batch_size,

@@ -24,21 +24,23 @@ RUN_FIELDS = frozenset({
 })
 
 
-def bundle_train_settings(bundle_dir: str | Path) -> dict[str, Any]:
+def bundle_train_settings(bundle_dir: str | Path | None = None) -> dict[str, Any]:
     """The training recipe of a bundle's ``configs/train.json`` as TrainConfig fields.
 
     Network, loss, optimiser, schedule, patch sampling, augmentation, AMP and workers, as the
     bundle's ``train_config`` resolves them; run-specific fields (``RUN_FIELDS``) are left out, so
     ``rcmseg cv`` and ``rcmseg study`` train every fold the way the bundle trains.
+    ``bundle_dir=None`` reads the bundled ``rcm_mednet``.
 
     Raises:
         InputError: the folder has no ``train.json`` or it does not resolve to a TrainConfig.
     """
     from monai.bundle import ConfigParser
 
+    from rcmseg.bundle import default_bundle_dir
     from rcmseg.training.config import TrainConfig
 
-    root = Path(bundle_dir)
+    root = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir()
     config_file = root / TRAIN_CONFIG
     if not config_file.is_file():
         raise InputError(config_file, "missing: the bundle has no training config")
