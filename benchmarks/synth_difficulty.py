@@ -195,6 +195,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-networks", action="store_true")
     parser.add_argument(
+        "--networks", nargs="+", choices=("mednet", "mednet1"), default=["mednet", "mednet1"]
+    )
+    parser.add_argument(
         "--time-mosaic", type=int, metavar="SIZE", help="only time make_mosaic(SIZE) and exit"
     )
     args = parser.parse_args()
@@ -222,6 +225,8 @@ def main() -> None:
     )
     if not args.skip_networks:
         for name, levels in (("mednet", 3), ("mednet1", 1)):
+            if name not in args.networks:
+                continue
             results[f"MED-Net {levels}-level"] = train_and_test(
                 name, levels, args, data_dir, train_ids, test
             )

@@ -31,6 +31,7 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
+from rcmseg.networks.blocks import fold_batch_norms
 
 # Smallest accepted side at the working resolution: 32 px = 64 µm, one stride of MED-Net's finest
 # level and a few cells across; a smaller field holds no recognisable pattern.
@@ -202,7 +203,7 @@ def iter_probability_bands(
         raise ValueError(f"image {width}×{height} px is below the {MIN_SIDE_PX} px minimum side")
     window = settings.window_for(height, width)
     inferer = make_inferer(settings, device, window)
-    network = network.to(device).eval()
+    network = fold_batch_norms(network.to(device).eval())
     predict = softmax_predictor(network, amp)
     with torch.inference_mode():
         band_px = band_px or auto_band_px(width)

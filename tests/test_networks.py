@@ -211,3 +211,26 @@ def test_monai_bundle_ckpt_export_of_a_trained_checkpoint(tmp_path) -> None:
     image = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(exported(image), trained.eval()(image))
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_folded_batch_norms_give_the_same_logits_and_leave_the_network_alone(levels: int) -> None:
+    from rcmseg.networks.blocks import fold_batch_norms
+
+    torch.manual_seed(0)
+    network = MEDNet(levels=levels, widths=(8, 16, 16, 32, 32))
+    network.train()
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            network(torch.rand(2, 1, 64, 64))
+    network.eval()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    x = torch.rand(2, 1, 96, 64)
+    folded = fold_batch_norms(network)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), network(x), rtol=1e-4, atol=1e-4)
+    for key, value in network.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    assert fold_batch_norms(network.train()) is network  # training mode: nothing to fold

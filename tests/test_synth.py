@@ -147,3 +147,35 @@ def test_cli_writes_a_data_set_and_refuses_to_overwrite(tmp_path: Path) -> None:
     again = runner.invoke(app, ["synth", str(out), "--n", "1", "--size", "384"])
     assert again.exit_code == 2
     assert "manifest.csv" in again.output and "Traceback" not in again.output
+
+
+def test_lesion_regions_are_patchworks_of_foci() -> None:
+    """A region's texture is, focus by focus, the base texture FOCUS_TEXTURES picks for its class:
+    a ring region shows meshwork in some foci, an aspecific region rings in others."""
+    from rcmseg.synth.patterns import (
+        ASPECIFIC,
+        BASE_TEXTURES,
+        FOCUS_TEXTURES,
+        RING,
+        Canvas,
+        Style,
+        Window,
+        aspecific,
+        ring,
+    )
+
+    style = Style.create(np.random.default_rng(7), 600, 600)
+    canvas = Canvas(style, Window(0, (600, 600)))
+    for class_index, region in ((RING, ring(canvas)), (ASPECIFIC, aspecific(canvas))):
+        picks = FOCUS_TEXTURES[class_index]
+        assert len(picks) == 10
+        for base_index, base in enumerate(BASE_TEXTURES):
+            deciles = [d for d, b in enumerate(picks) if b == base_index]
+            inside = canvas.focus_deciles[deciles].sum(axis=0) > 0.999
+            assert inside.sum() > 500, (class_index, base.__name__)
+            correlation = np.corrcoef(region[inside], canvas.texture(base)[inside])[0, 1]
+            assert correlation > 0.99, (class_index, base.__name__, correlation)
+    # Organised patterns are mostly their own texture; aspecific has no majority texture.
+    for class_index in (2, 3, 4):
+        assert max(np.bincount(FOCUS_TEXTURES[class_index])) == 6
+    assert max(np.bincount(FOCUS_TEXTURES[ASPECIFIC])) < 5

@@ -5,8 +5,12 @@ All blocks are 2D and keep MONAI's (B, C, H, W) layout.
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from monai.networks.blocks.dynunet_block import UnetResBlock
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # PyTorch/MONAI's usual slope; the paper does not give one (Keras' LeakyReLU default is 0.3).
 NEGATIVE_SLOPE: float = 0.01
@@ -72,3 +76,38 @@ def he_normal_init(module: nn.Module, negative_slope: float = NEGATIVE_SLOPE) ->
             )
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+
+
+def _fold(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
+    """``conv`` followed by eval-mode ``norm`` as one convolution, in ``conv``'s memory format."""
+    fused = fuse_conv_bn_eval(conv, norm)
+    if conv.weight.is_contiguous(memory_format=torch.channels_last):
+        fused.weight.data = fused.weight.data.contiguous(memory_format=torch.channels_last)
+    return fused
+
+
+def fold_batch_norms(network: nn.Module) -> nn.Module:
+    """An inference copy of ``network`` whose residual blocks have each batch norm folded into
+    the convolution before it (one pass over the feature map instead of two).
+
+    Logits equal the original's up to float rounding (eval mode: batch norm is an affine map
+    with the running statistics). About 1.25x faster MED-Net inference on CPU (docs/benchmarks.md).
+    ``network`` itself is left untouched, so it can still be trained; a network without
+    :class:`ResidualBlock`-style blocks (e.g. TorchScript) is returned as it is.
+    """
+    blocks = [m for m in network.modules() if isinstance(m, UnetResBlock)]
+    if not blocks or network.training:
+        return network
+    folded = copy.deepcopy(network)
+    for block in folded.modules():
+        if not isinstance(block, UnetResBlock):
+            continue
+        pairs = [("conv1", "norm1"), ("conv2", "norm2")]
+        if hasattr(block, "conv3"):  # projection shortcut
+            pairs.append(("conv3", "norm3"))
+        for conv_name, norm_name in pairs:
+            conv, norm = getattr(block, conv_name), getattr(block, norm_name)
+            if isinstance(norm, nn.BatchNorm2d) and isinstance(conv.conv, nn.Conv2d):
+                conv.conv = _fold(conv.conv, norm)
+                setattr(block, norm_name, nn.Identity())
+    return folded

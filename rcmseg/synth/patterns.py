@@ -5,10 +5,20 @@ Sizes follow the anatomy at the dermal-epidermal junction: cells about 10 µm, d
 is returned normalised to mean 0 and std 1 over the window, so region brightness and contrast
 (set by the mosaic, not the class) cannot tell the classes apart: only texture can. Artifacts are
 returned in intensity units (0-255), since being too bright or too dark is what they are.
+
+Lesion patterns are labelled by region, as experts label them, and a region is not one texture
+throughout: it is a patchwork of foci 60-90 µm across (about one papilla), each drawn with one of
+four base textures (meshwork lines, nest cells, papilla rings, disorder) by :data:`FOCUS_TEXTURES`.
+A meshwork, nested or ring region is 60 % its own texture, 10 % each of the other two organised
+textures and 20 % disorder; an aspecific region is a disarranged mix (20 % each organised
+texture, 40 % disorder).
+One focus therefore does not name its region's pattern: the proportions over several foci
+(150-300 µm) do, which is the context a multiscale network is meant to use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -42,6 +52,7 @@ class Window:
 class Style:
     """Per-mosaic random layouts and parameters of every pattern (drawn once, used per strip)."""
 
+    foci: Points  # value = U(0, 1) draw choosing each focus' base texture
     papillae: Points  # value = papilla radius (px)
     rim_width: float
     mesh_seeds: Points
@@ -69,6 +80,7 @@ class Style:
             rng, height, width, nest_spacing, nest_radius=(12.0, 24.0), cell_spacing=8.5
         )
         return cls(
+            foci=Points.jittered(rng, height, width, rng.uniform(60.0, 90.0), 0.45, (0.0, 1.0)),
             papillae=Points.jittered(rng, height, width, ring_spacing, 0.18, radius),
             rim_width=rng.uniform(8.0, 11.0),
             mesh_seeds=Points.jittered(rng, height, width, rng.uniform(45.0, 70.0), 0.45),
@@ -146,11 +158,31 @@ class Canvas:
     def __init__(self, style: Style, window: Window) -> None:
         self.style = style
         self.window = window
+        self._textures: dict[Callable[[Canvas], np.ndarray], np.ndarray] = {}
 
     @cached_property
     def beads(self) -> np.ndarray:
         """Cell-scale granularity in [0, 1]: rims and lines are made of cells, not smooth."""
         return np.clip(0.5 + 0.8 * self.style.beads(self.window.top, self.window.shape), 0.0, 1.0)
+
+    @cached_property
+    def focus_deciles(self) -> np.ndarray:
+        """(10, H, W) float32: how much each pixel belongs to foci whose draw falls in each tenth
+        of [0, 1), with soft edges; sums to 1 per pixel."""
+        _, draw, _ = _nearest_point(self.style.foci, self.window)
+        decile = np.minimum((draw * 10.0).astype(np.int64), 9)
+        return np.stack(
+            [
+                ndimage.gaussian_filter((decile == d).astype(np.float32), FOCUS_EDGE_PX)
+                for d in range(10)
+            ]
+        )
+
+    def texture(self, base: Callable[[Canvas], np.ndarray]) -> np.ndarray:
+        """A base texture over the window, computed once per canvas."""
+        if base not in self._textures:
+            self._textures[base] = base(self)
+        return self._textures[base]
 
     @cached_property
     def dermis(self) -> np.ndarray:
@@ -165,7 +197,7 @@ def _blobs(points: Points, window: Window, sigma: float) -> np.ndarray:
     return blobs * np.float32(2.0 * np.pi * sigma**2)
 
 
-def ring(canvas: Canvas) -> np.ndarray:
+def rings(canvas: Canvas) -> np.ndarray:
     """Dark round papillae, each rimmed by a bright ring of basal cells, packed side by side."""
     style = canvas.style
     distance, radius, _ = _nearest_point(style.papillae, canvas.window)
@@ -176,7 +208,7 @@ def ring(canvas: Canvas) -> np.ndarray:
     return normalised(pattern)
 
 
-def meshwork(canvas: Canvas) -> np.ndarray:
+def meshwork_lines(canvas: Canvas) -> np.ndarray:
     """A net of thick bright interpapillary lines (Voronoi edges) around dark polygonal holes."""
     _, _, cell = _nearest_point(canvas.style.mesh_seeds, canvas.window)
     edges = np.zeros(canvas.window.shape, dtype=np.float32)
@@ -189,17 +221,62 @@ def meshwork(canvas: Canvas) -> np.ndarray:
     return normalised(pattern)
 
 
-def nested(canvas: Canvas) -> np.ndarray:
+def nest_cells(canvas: Canvas) -> np.ndarray:
     """Compact clusters of bright round cells in a dim, faintly textured dermis."""
     cells = _blobs(canvas.style.nest_cells, canvas.window, canvas.style.cell_sigma)
     return normalised(cells + 0.05 * canvas.dermis)
 
 
-def aspecific(canvas: Canvas) -> np.ndarray:
+def disorder(canvas: Canvas) -> np.ndarray:
     """Disordered bright and dark texture at several scales, with scattered bright cells."""
     style, window = canvas.style, canvas.window
     texture = normalised(style.fine(window.top, window.shape))
     return normalised(texture + 1.5 * _blobs(style.scattered_cells, window, 2.5))
+
+
+# Base textures of lesion foci, and which one each tenth of the focus draw U(0, 1) gets in a
+# region of each lesion class (class index -> 10 base-texture indices).
+BASE_TEXTURES = (meshwork_lines, nest_cells, rings, disorder)
+MESHWORK, NESTED, RING, ASPECIFIC = 2, 3, 4, 5
+FOCUS_TEXTURES: dict[int, tuple[int, ...]] = {
+    MESHWORK: (0, 0, 0, 0, 0, 0, 1, 2, 3, 3),
+    NESTED: (1, 1, 1, 1, 1, 1, 0, 2, 3, 3),
+    RING: (2, 2, 2, 2, 2, 2, 0, 1, 3, 3),
+    ASPECIFIC: (0, 0, 1, 1, 2, 2, 3, 3, 3, 3),
+}
+FOCUS_EDGE_PX = 3.0  # σ of the soft edge between foci (render px = µm)
+
+
+def lesion(canvas: Canvas, class_index: int) -> np.ndarray:
+    """The texture of a lesion region of ``class_index``: its foci's base textures, blended
+    over soft focus edges (mean 0, std 1)."""
+    deciles = canvas.focus_deciles
+    pattern = np.zeros(canvas.window.shape, dtype=np.float32)
+    for base_index, base in enumerate(BASE_TEXTURES):
+        chosen = [d for d, b in enumerate(FOCUS_TEXTURES[class_index]) if b == base_index]
+        if chosen:
+            pattern += deciles[chosen].sum(axis=0) * canvas.texture(base)
+    return normalised(pattern)
+
+
+def meshwork(canvas: Canvas) -> np.ndarray:
+    """Meshwork region: mostly bright interpapillary lines."""
+    return lesion(canvas, MESHWORK)
+
+
+def nested(canvas: Canvas) -> np.ndarray:
+    """Nested region: mostly clusters of bright cells."""
+    return lesion(canvas, NESTED)
+
+
+def ring(canvas: Canvas) -> np.ndarray:
+    """Ring region: mostly papillae rimmed by bright cells."""
+    return lesion(canvas, RING)
+
+
+def aspecific(canvas: Canvas) -> np.ndarray:
+    """Aspecific region: fragments of every lesion texture and disorder, none dominant."""
+    return lesion(canvas, ASPECIFIC)
 
 
 def background(canvas: Canvas) -> np.ndarray:
