@@ -156,6 +156,8 @@ def test_lesion_regions_are_patchworks_of_foci() -> None:
         ASPECIFIC,
         BASE_TEXTURES,
         FOCUS_TEXTURES,
+        MESHWORK,
+        NESTED,
         RING,
         Canvas,
         Style,
@@ -176,6 +178,6 @@ def test_lesion_regions_are_patchworks_of_foci() -> None:
             correlation = np.corrcoef(region[inside], canvas.texture(base)[inside])[0, 1]
             assert correlation > 0.99, (class_index, base.__name__, correlation)
     # Organised patterns are mostly their own texture; aspecific has no majority texture.
-    for class_index in (2, 3, 4):
+    for class_index in (MESHWORK, NESTED, RING):
         assert max(np.bincount(FOCUS_TEXTURES[class_index])) == 6
     assert max(np.bincount(FOCUS_TEXTURES[ASPECIFIC])) < 5

@@ -93,10 +93,9 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
     Logits equal the original's up to float rounding (eval mode: batch norm is an affine map
     with the running statistics). About 1.25x faster MED-Net inference on CPU (docs/benchmarks.md).
     ``network`` itself is left untouched, so it can still be trained; a network without
-    :class:`ResidualBlock`-style blocks (e.g. TorchScript) is returned as it is.
+    :class:`UnetResBlock` (e.g. TorchScript) is returned as it is.
     """
-    blocks = [m for m in network.modules() if isinstance(m, UnetResBlock)]
-    if not blocks or network.training:
+    if network.training or not any(isinstance(m, UnetResBlock) for m in network.modules()):
         return network
     folded = copy.deepcopy(network)
     for block in folded.modules():

@@ -25,6 +25,7 @@ from functools import cached_property
 import numpy as np
 from scipy import ndimage
 
+from rcmseg.classes import CLASS_NAMES
 from rcmseg.synth.noise import Fractal, Points, ValueNoise
 
 MARGIN_PX = 96  # render px computed beyond a strip so nearest-point patterns have no seams
@@ -237,7 +238,9 @@ def disorder(canvas: Canvas) -> np.ndarray:
 # Base textures of lesion foci, and which one each tenth of the focus draw U(0, 1) gets in a
 # region of each lesion class (class index -> 10 base-texture indices).
 BASE_TEXTURES = (meshwork_lines, nest_cells, rings, disorder)
-MESHWORK, NESTED, RING, ASPECIFIC = 2, 3, 4, 5
+MESHWORK, NESTED, RING, ASPECIFIC = (
+    CLASS_NAMES.index(name) for name in ("meshwork", "nested", "ring", "aspecific")
+)
 FOCUS_TEXTURES: dict[int, tuple[int, ...]] = {
     MESHWORK: (0, 0, 0, 0, 0, 0, 1, 2, 3, 3),
     NESTED: (1, 1, 1, 1, 1, 1, 0, 2, 3, 3),
