@@ -383,7 +383,7 @@ def write_outputs(
 
 def save_record(job: MosaicJob, record: MosaicRecord) -> None:
     """Write ``<name>.summary.json`` atomically: written last, it marks the mosaic finished."""
-    from rcmseg.io.writers import atomic_path
+    from rcmseg.io.atomic import atomic_path
 
     job.out_stem.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(job.output(SUMMARY)) as partial:
@@ -405,7 +405,7 @@ def failure_record(job: MosaicJob, error: BaseException, seconds: float) -> Mosa
 def remove_outputs(job: MosaicJob, finished: bool) -> None:
     """Delete temporary files a killed run left for this mosaic, and with ``finished`` its
     previous outputs too (record first, so that the mosaic never reads finished meanwhile)."""
-    from rcmseg.io.writers import PARTIAL_MARKER
+    from rcmseg.io.atomic import PARTIAL_MARKER
 
     if finished:
         for kind in (SUMMARY, LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON):

@@ -186,7 +186,7 @@ def lesion_rows(records: Sequence[MosaicRecord], class_names: Sequence[str]) -> 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Write ``rows`` (dicts with the same keys) to ``path`` atomically."""
-    from rcmseg.io.writers import atomic_path
+    from rcmseg.io.atomic import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:

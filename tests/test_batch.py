@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from rcmseg.batch import BatchOptions, run_batch
 from rcmseg.classes import CLASS_NAMES
 from rcmseg.cli.main import app
-from rcmseg.io.writers import PARTIAL_MARKER, is_complete_label_tiff
+from rcmseg.io.atomic import PARTIAL_MARKER
+from rcmseg.io.writers import is_complete_label_tiff
 from rcmseg.report import MosaicRecord, lesion_rows
 from rcmseg.synth.mosaic import make_mosaic
 

@@ -12,9 +12,8 @@ import tiffslide
 from PIL import Image
 
 from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES, UNLABELLED
+from rcmseg.io.atomic import PARTIAL_MARKER, atomic_path
 from rcmseg.io.writers import (
-    PARTIAL_MARKER,
-    atomic_path,
     is_complete_label_tiff,
     label_features,
     mode_downsample_2x,

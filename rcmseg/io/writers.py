@@ -20,10 +20,8 @@ Layouts chosen so that tifffile, tiffslide, OpenSlide and QuPath all read the la
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -31,38 +29,14 @@ import numpy as np
 from scipy import ndimage
 
 from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES, UNLABELLED, WORKING_MPP
+from rcmseg.io.atomic import atomic_path
 
-PARTIAL_MARKER = ".partial-"
 LABEL_TILE_PX = 512  # as QuPath's own label export
 MAP_TILE_PX = 256
 LABEL_TIFF_KIND = "rcmseg label map"
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 Colour = tuple[int, int, int]
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write to; move it onto ``path`` on success.
-
-    The temporary file is ``<name>.partial-<pid>`` in the same folder (so the rename is atomic),
-    flushed to disk before the rename, and removed if the body raises. Parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}{PARTIAL_MARKER}{os.getpid()}")
-    try:
-        yield partial
-        with open(partial, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
-# Label TIFF
 
 
 def label_tiff_description(

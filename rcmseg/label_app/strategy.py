@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from rcmseg.errors import InputError
+from rcmseg.io.atomic import write_text_atomic
 from rcmseg.label_app.workspace import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ class EntropyCache:
         with self._lock:
             scores = self._load()
             scores[self._key(mosaic)] = entry
-            staged = self.path.with_suffix(".incoming")
-            staged.write_text(json.dumps(scores, indent=1), encoding="utf-8")
-            os.replace(staged, self.path)
+            write_text_atomic(self.path, json.dumps(scores, indent=1))
 
 
 class MosaicEntropy:

@@ -15,7 +15,6 @@ datastore lists only files directly in STUDIES, so nothing here shows up as a mo
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from rcmseg.bundle import WEIGHTS_FILE, LoadedBundle, load_bundle
 from rcmseg.errors import InputError
+from rcmseg.io.atomic import copy_atomic
 
 WORKSPACE_DIRNAME = ".rcmseg"
 
@@ -80,9 +80,7 @@ class Workspace:
 
 def replace_file(new: Path, target: Path) -> None:
     """Put ``new`` at ``target`` in one rename, so a reader sees the old or the new file whole."""
-    staged = target.with_name(f".{target.name}.incoming")
-    shutil.copyfile(new, staged)
-    os.replace(staged, target)
+    copy_atomic(new, target)
 
 
 class ServedModel:

@@ -8,13 +8,14 @@ it and nothing in it runs code.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from rcmseg.io.atomic import save_torch_atomic
 
 
 def rng_states() -> dict[str, Any]:
@@ -53,11 +54,8 @@ def _to_lists(value: Any) -> Any:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file, so an interruption never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
+    """``torch.save`` through :func:`rcmseg.io.atomic.atomic_path` (fsync, rename)."""
+    save_torch_atomic(obj, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -1,0 +1,76 @@
+"""Atomic file writes: the one way rcmseg writes a file that a later run trusts.
+
+A file is written under a temporary sibling name (``<name>.partial-<pid>``), flushed to disk
+(``fsync``), renamed over the target in one step and the folder entry flushed too; on any error
+the temporary file is removed. A reader therefore sees the old file or the new one, whole, and a
+run killed at any moment (``kill -9``) leaves at most a ``*.partial-*`` file, never a finished-
+looking one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+PARTIAL_MARKER = ".partial-"
+
+
+def partial_name(path: Path) -> Path:
+    """The temporary sibling that :func:`atomic_path` writes ``path`` under."""
+    return path.with_name(f"{path.name}{PARTIAL_MARKER}{os.getpid()}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the folder entry is on disk (POSIX; no-op elsewhere).
+    with contextlib.suppress(OSError):
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write to; move it onto ``path`` on success.
+
+    Parent folders are created. The body must leave a file at the yielded path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_name(path)
+    try:
+        yield partial
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    with atomic_path(path) as partial:
+        partial.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def copy_atomic(source: str | Path, target: str | Path) -> Path:
+    """Copy ``source`` onto ``target`` atomically (a reader sees the old or the new file whole)."""
+    with atomic_path(target) as partial:
+        shutil.copyfile(source, partial)
+    return Path(target)
+
+
+def save_torch_atomic(obj: object, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically (checkpoints, weights)."""
+    import torch
+
+    with atomic_path(path) as partial:
+        torch.save(obj, partial)
+    return Path(path)
