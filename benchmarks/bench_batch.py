@@ -9,8 +9,8 @@ Usage::
 
 ``speed`` writes a synthetic ``size``×``size`` 8-bit TIFF at 0.5 µm/px (a 4000² ``rcmseg synth``
 mosaic mirrored into a seamless tiling, to save minutes of generation) and segments it end to end
-with :func:`rcmseg.batch.segment_mosaic`, the code ``rcmseg batch`` runs (read, infer, write the
-label TIFF), once per preset, each in a fresh child process so that its peak resident memory
+with :meth:`rcmseg.batch.Segmenter.segment_mosaic`, the code ``rcmseg batch`` runs (read, infer,
+write the label TIFF), once per preset, each in a fresh child process so that its peak resident memory
 (``ru_maxrss``) is its own. With ``--paper-crop N`` the ``paper`` preset is timed on an N×N crop
 of the working-resolution image and its inference time extrapolated by the number of windows
 (stated in the output); read and write do not depend on the preset. Each stage reports wall
@@ -46,10 +46,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rcmseg.batch import BatchOptions, MosaicJob, MosaicProgress, segment_mosaic
+from rcmseg.batch import BatchOptions, MosaicJob, Segmenter
+from rcmseg.batch.progress import MosaicProgress
 from rcmseg.bundle import load_bundle
 from rcmseg.classes import NUM_CLASSES
-from rcmseg.inference import PRESETS, Preset, get_preset, segment_image
+from rcmseg.inference import PRESETS, Preset, get_preset, segment_image, window_starts
 
 TILE_PX = 4000  # side of the synthetic mosaic mirrored into a large one
 
@@ -92,11 +93,11 @@ def make_large_mosaic(path: Path, size: int, seed: int = 0) -> None:
 def windows_in(preset: Preset, height: int, width: int) -> int:
     """Number of windows MONAI's grid places on an image (one band)."""
     window = preset.window_for(height, width)
-    counts = []
-    for side, roi in zip((height, width), window, strict=True):
-        stride = max(int(roi * (1 - preset.overlap)), 1) if roi < side else roi
-        counts.append(max(math.ceil((side - roi) / stride), 0) + 1)
-    return counts[0] * counts[1]
+    rows, cols = (
+        len(window_starts(side, roi, preset.stride_px))
+        for side, roi in zip((height, width), window, strict=True)
+    )
+    return rows * cols
 
 
 def cpu_seconds() -> float:
@@ -142,7 +143,7 @@ def child_speed(args: argparse.Namespace) -> dict:
         crop = image[: args.crop, : args.crop]
         preset = bundle.presets[args.preset]
         started, cpu_started = time.perf_counter(), cpu_seconds()
-        segment_image(crop, bundle.network, preset, bundle.device)
+        bundle.engine(preset, precision=args.precision).probabilities(crop)
         scale = windows_in(preset, *image.shape) / windows_in(preset, *crop.shape)
         result.update(
             crop_px=args.crop,
@@ -155,7 +156,9 @@ def child_speed(args: argparse.Namespace) -> dict:
     else:
         clock = StageClock()
         options = BatchOptions(preset=args.preset, device=args.device)
-        record = segment_mosaic(job, bundle, options, clock)
+        engine = bundle.engine(args.preset, precision=args.precision)
+        record = Segmenter(bundle, engine, options).segment_mosaic(job, clock)
+        result["precision"] = engine.precision
         marks = clock.marks
         result.update(
             read_seconds=record.read_seconds,
@@ -189,6 +192,7 @@ def run_speed(args: argparse.Namespace) -> list[dict]:
                     sys.executable, __file__, "child",
                     "--mosaic", str(mosaic), "--out-dir", workdir, "--preset", preset,
                     "--device", args.device, "--threads", str(args.threads), "--crop", str(crop),
+                    "--precision", args.precision,
                     *(["--stand-in"] if args.stand_in else []),
                 ]  # fmt: skip
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -352,6 +356,8 @@ def main() -> None:
     child.add_argument("--preset", required=True)
     child.add_argument("--crop", type=int, default=0)
     child.add_argument("--stand-in", action="store_true")
+    for command in (speed, child):
+        command.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16")
     for command in (speed, agreement, child):
         command.add_argument("--device", default="auto")
         command.add_argument("--threads", type=int, default=2)

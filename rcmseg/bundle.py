@@ -3,7 +3,8 @@
 A bundle is a folder ``configs/metadata.json`` + ``configs/inference.json`` + ``models/model.pt``
 (MONAI Bundle specification). The network comes from ``network_def`` in ``inference.json`` (so
 ``monai.bundle run``, ``ckpt_export`` and rcmseg build the same network) and its weights from
-``models/model.pt``, loaded with ``torch.load(weights_only=True)``: no pickled code is executed.
+``models/model.pt`` (or the ``ckpt_path`` given), loaded with ``torch.load(weights_only=True)``:
+no pickled code is executed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from rcmseg.classes import CLASS_NAMES, WORKING_MPP
 from rcmseg.errors import InputError
-from rcmseg.inference import PRESETS, Preset, resolve_device
+from rcmseg.inference import PRESETS, Preset, SegmentationEngine, resolve_device
 
 BUNDLE_ENV_VAR = "RCMSEG_BUNDLE"
 METADATA_FILE = Path("configs/metadata.json")
@@ -27,7 +28,7 @@ INFERENCE_FILE = Path("configs/inference.json")
 WEIGHTS_FILE = Path("models/model.pt")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: one engine cache entry per load
 class LoadedBundle:
     """A bundle ready to segment.
 
@@ -54,6 +55,14 @@ class LoadedBundle:
     working_mpp: float
     presets: dict[str, Preset]
     intended_use: str
+
+    def engine(
+        self, preset: str | Preset = "fast", precision: str = "auto", tta: bool = False
+    ) -> SegmentationEngine:
+        """A :class:`~rcmseg.inference.SegmentationEngine` for this bundle's network."""
+        return SegmentationEngine(
+            self.network, preset, self.device, precision=precision, tta=tta, presets=self.presets
+        )
 
 
 def default_bundle_dir() -> Path:
@@ -108,7 +117,7 @@ def load_weights(network: nn.Module, path: Path) -> str:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise InputError(path, "missing: the bundle has no weights") from None
+        raise InputError(path, "missing: no such weights file") from None
     except Exception as error:  # pickle with code, truncated zip, not a torch file
         raise InputError(path, f"not a weights-only PyTorch state dict ({error})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -130,40 +139,52 @@ def bundle_presets(inference_config: dict) -> dict[str, Preset]:
 
 
 def load_bundle(
-    bundle_dir: str | Path | None = None, device: str | torch.device = "cpu"
+    bundle_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    network: nn.Module | None = None,
+    ckpt_path: str | Path | None = None,
+    working_mpp: float | None = None,
 ) -> LoadedBundle:
     """Load a bundle's network with its weights, in eval mode on ``device``.
 
     Args:
         bundle_dir: the bundle folder; ``None`` for :func:`default_bundle_dir`.
         device: ``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
+        network: the network to load the weights into (``inference.json`` passes its parsed
+            ``network_def``, so MONAI overrides of it count); default: built from the file.
+        ckpt_path: the weights (default ``models/model.pt``; ``--ckpt_path`` in MONAI's CLI).
+        working_mpp: µm/px the network sees (default ``working_mpp`` of ``inference.json``).
 
     Raises:
-        InputError: a missing or malformed bundle file, or weights that do not fit the network.
+        InputError: a missing or malformed bundle file, missing weights, or weights that do not
+            fit the network.
     """
     root = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir()
     if not root.is_dir():
         raise InputError(root, "bundle folder not found")
     metadata = read_json(root / METADATA_FILE)
     inference_config = read_json(root / INFERENCE_FILE)
-    network = build_network(root)
-    weights_hash = load_weights(network, root / WEIGHTS_FILE)
     target = resolve_device(device)
+    network = network if network is not None else build_network(root)
+    weights = Path(ckpt_path) if ckpt_path is not None else root / WEIGHTS_FILE
+    weights_hash = load_weights(network, weights)
     class_names = channel_names(metadata, root / METADATA_FILE)
     if len(class_names) != len(CLASS_NAMES):
         raise InputError(root / METADATA_FILE, f"{len(class_names)} output classes, expected 6")
-    # Channels-last weights halve MED-Net's CPU inference time (oneDNN kernels; measured in
-    # docs/benchmarks.md); logits differ from NCHW only by float rounding.
-    network = network.to(target, memory_format=torch.channels_last).eval()
+    if working_mpp is None:
+        working_mpp = float(inference_config.get("working_mpp", WORKING_MPP))
+    if not working_mpp > 0:
+        raise InputError(root / INFERENCE_FILE, f"working_mpp {working_mpp} must be above 0")
     return LoadedBundle(
         root=root,
-        network=network,
+        network=network.to(target).eval(),
         device=target,
         name=str(metadata.get("name", root.name)),
         version=str(metadata.get("version", "unknown")),
         model=f"{type(network).__name__}@{weights_hash}",
         class_names=class_names,
-        working_mpp=float(inference_config.get("working_mpp", WORKING_MPP)),
+        working_mpp=float(working_mpp),
         presets=bundle_presets(inference_config),
         intended_use=str(metadata.get("intended_use", "")),
     )

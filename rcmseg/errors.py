@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
-class InputError(ValueError):
+class InputError(Exception):
     """Bad user input: an unreadable file, a mismatched label map, an empty data set.
 
     ``str(error)`` is one line, ``"<path>: <problem>"``, fit to print without a traceback.
@@ -15,3 +20,14 @@ class InputError(ValueError):
         self.path = None if path is None else Path(path)
         self.problem = " ".join(str(problem).split())
         super().__init__(f"{path}: {self.problem}" if path is not None else self.problem)
+
+
+def or_exit(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``function(*args, **kwargs)``, with an :class:`InputError` printed as one line on stderr
+    and the process ended with status 2 (for bundle configs run by ``python -m monai.bundle``,
+    which would otherwise print a long traceback)."""
+    try:
+        return function(*args, **kwargs)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

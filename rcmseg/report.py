@@ -51,12 +51,15 @@ class MosaicRecord:
     pixel_counts: tuple[int, ...] = ()
     confidence_sums: tuple[float, ...] = ()
     preset: str = ""
+    engine: str = ""
+    precision: str = ""
     model: str = ""
     bundle: str = ""
     bundle_version: str = ""
     source_size: int = 0
     source_mtime_ns: int = 0
     outputs: tuple[str, ...] = field(default_factory=tuple)
+    note: str = ""
 
     @property
     def pixel_area_mm2(self) -> float:
@@ -152,9 +155,12 @@ def mosaic_rows(records: Sequence[MosaicRecord], class_names: Sequence[str]) -> 
         row.update({name: figures.get(name, "") for name in figure_columns(class_names)})
         row.update(
             preset=record.preset,
+            settings=record.engine,
+            precision=record.precision,
             model=record.model,
             bundle=record.bundle,
             bundle_version=record.bundle_version,
+            note=record.note,
         )
         rows.append(row)
     return rows

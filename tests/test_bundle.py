@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcmseg.bundle import default_bundle_dir, load_bundle
+from rcmseg.bundle import WEIGHTS_FILE, default_bundle_dir, load_bundle, load_weights
 from rcmseg.classes import CLASS_NAMES
 from rcmseg.errors import InputError
+from rcmseg.networks import get_network
 
 torch.set_num_threads(2)
 BUNDLE = default_bundle_dir()
 CONFIGS = BUNDLE / "configs"
+WEIGHTS = BUNDLE / WEIGHTS_FILE
 
 
 def monai_bundle(*args: str, cwd: Path = BUNDLE) -> subprocess.CompletedProcess:
@@ -169,3 +171,89 @@ def test_monai_bundle_run_segments_a_folder_through_rcmseg_batch(tmp_path):
         rows = list(csv.DictReader(handle))
     assert [(row["mosaic"], row["status"]) for row in rows] == [("m.tif", "done")]
     assert (out / "patterns.csv").is_file()
+
+
+def _run_inference(tmp_path, in_dir, out, *overrides: str):
+    return monai_bundle(
+        "run",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--dataset_dir",
+        str(in_dir),
+        "--output_dir",
+        str(out),
+        "--device",
+        "$torch.device('cpu')",
+        *overrides,
+        cwd=tmp_path,
+    )
+
+
+@pytest.fixture(scope="module")
+def small_mosaic(tmp_path_factory):
+    import numpy as np
+    import tifffile
+
+    in_dir = tmp_path_factory.mktemp("bundle_in")
+    rng = np.random.default_rng(1)
+    image = np.kron(rng.integers(0, 256, (8, 8), dtype=np.uint8), np.ones((128, 128), np.uint8))
+    tifffile.imwrite(in_dir / "m.tif", image, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    return in_dir
+
+
+def test_bundle_run_honours_ckpt_path_and_fails_in_one_line_without_it(tmp_path, small_mosaic):
+    import tifffile
+
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    torch.save(get_network("mednet").state_dict(), other)  # another "lab's" weights
+    runs = {}
+    for name, ckpt in (("bundled", None), ("other", other)):
+        out = tmp_path / name
+        extra = ("--ckpt_path", str(ckpt)) if ckpt else ()
+        done = _run_inference(tmp_path, small_mosaic, out, *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = tifffile.imread(out / "m.labels.tif")
+        record = json.loads((out / "m.summary.json").read_text())
+        assert record["model"].endswith(load_weights(get_network("mednet"), ckpt or WEIGHTS))
+    assert (runs["bundled"] != runs["other"]).mean() > 0.05
+
+    missing = _run_inference(
+        tmp_path, small_mosaic, tmp_path / "missing", "--ckpt_path", str(tmp_path / "nope.pt")
+    )
+    assert missing.returncode != 0
+    assert missing.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'nope.pt'}: missing: no such weights file"
+    )
+    assert "Traceback" not in missing.stderr
+    assert not (tmp_path / "missing" / "m.labels.tif").exists()
+
+
+def test_bundle_run_honours_inferer_working_mpp_and_network_def(tmp_path, small_mosaic):
+    import tifffile
+
+    out = tmp_path / "paper_like"
+    done = _run_inference(
+        tmp_path, small_mosaic, out, "--inferer#overlap", "0.75", "--working_mpp", "4.0"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((out / "m.summary.json").read_text())
+    assert "stride 64 px" in record["engine"]
+    assert record["working_mpp"] == 4.0
+    assert tifffile.imread(out / "m.labels.tif").shape == (128, 128)  # 512 µm... at 4 µm/px
+
+    # network_def reaches the network: a 1-level MED-Net with its own weights
+    one_level = tmp_path / "mednet1.pt"
+    torch.save(get_network("mednet1").state_dict(), one_level)
+    out1 = tmp_path / "mednet1"
+    done = _run_inference(
+        tmp_path, small_mosaic, out1, "--network_def#name", "mednet1", "--ckpt_path", str(one_level)
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out1 / "m.summary.json").read_text())["model"].startswith("MEDNet@")
+    # the bundled (3-level) weights do not fit a 1-level network: one line, no traceback
+    wrong = _run_inference(
+        tmp_path, small_mosaic, tmp_path / "wrong", "--network_def#name", "mednet1"
+    )
+    assert wrong.returncode != 0 and "weights do not fit network_def" in wrong.stderr
+    assert "Traceback" not in wrong.stderr

@@ -122,9 +122,10 @@ def test_cv_trains_with_the_bundles_recipe_under_the_command_line(
     shutil.copytree(default_bundle_dir(), bundle, ignore=shutil.ignore_patterns("models", "runs"))
     train_json = bundle / "configs" / "train.json"
     config = json.loads(train_json.read_text())
-    config["network_name"] = "mednet1"
+    config["network_def"].update(name="mednet1", widths=[8, 16, 32, 64, 128])
     config["loss"]["name"] = "dice"
-    config["optimizer"].update(name="adam", learning_rate=5e-4, final_learning_rate=5e-5)
+    config["optimizer"] = {"_target_": "torch.optim.RMSprop", "_mode_": "callable", "alpha": 0.9}
+    config.update(learning_rate=5e-4, final_learning_rate=5e-5)
     config["patch"]["window_overlap"] = 0.25
     train_json.write_text(json.dumps(config))
 
@@ -133,11 +134,15 @@ def test_cv_trains_with_the_bundles_recipe_under_the_command_line(
     result = CliRunner().invoke(app, command + QUICK + ["--epochs", "2"])
     assert result.exit_code == 0, result.output
     for fold in (0, 1):
-        used = torch.load(out / f"fold_{fold}/train/checkpoints/last.pt", weights_only=True)
-        used = used["config"]
+        checkpoint = torch.load(out / f"fold_{fold}/train/checkpoints/last.pt", weights_only=True)
+        used = checkpoint["config"]
         # from train.json
-        assert (used["network"], used["loss"], used["optimizer"]) == ("mednet1", "dice", "adam")
+        assert (used["network"], used["loss"]) == ("mednet1", "dice")
+        assert used["network_kwargs"] == {"widths": [8, 16, 32, 64, 128]}
+        assert used["optimizer"] == {"_target_": "torch.optim.rmsprop.RMSprop", "alpha": 0.9}
+        assert checkpoint["optimizer"]["param_groups"][0]["alpha"] == 0.9  # a real RMSprop ran
         assert (used["learning_rate"], used["final_learning_rate"]) == (5e-4, 5e-5)
+        assert used["lr_scheduler"] is None  # --epochs replaced the recipe's schedule
         assert used["window_overlap"] == 0.25 and used["tv_weight"] == 1e-6
         # from the command line, over train.json
         assert (used["max_epochs"], used["batch_size"], used["patch_size"]) == (2, 2, 64)
@@ -187,3 +192,33 @@ def test_every_variant_has_about_six_million_parameters() -> None:
     for variant in STUDIES["paper"]:
         count = parameter_count(variant)
         assert abs(count - reference) <= 0.1 * reference, (variant.name, count, reference)
+
+
+def test_a_fold_whose_metrics_file_was_cut_short_is_evaluated_again(
+    dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cv"
+    command = ["cv", str(dataset), "--out", str(out), "--folds", "2", *QUICK]
+    assert CliRunner().invoke(app, command).exit_code == 0
+    metrics = out / "fold_1" / "evaluation" / "metrics.json"
+    whole = metrics.read_text()
+    metrics.write_text(whole[: len(whole) // 2])  # a run killed while writing it
+    (out / "fold_1" / "train" / "model.pt").unlink()  # ... and its weights are gone too
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 0, again.output
+    assert json.loads(metrics.read_text()) == json.loads(whole)  # retrained the same, re-evaluated
+    assert not list(out.rglob("*.partial-*"))
+
+
+def test_fold_k_of_train_model_validates_on_the_test_patients_of_cv_fold_k(dataset: Path) -> None:
+    from rcmseg.io.dataset import case_id
+    from rcmseg.splits import patient_kfold, split_cases_of
+    from rcmseg.training.data import split_cases
+
+    cases = split_cases_of(dataset, read_manifest(dataset))
+    for folds in (2, 3):
+        cv_folds = patient_kfold(cases, folds, validation_fraction=0.1, seed=5)
+        for fold in range(folds):
+            train, val = split_cases(dataset, None, None, fold, folds, seed=5)
+            assert tuple(sorted(case_id(c, dataset) for c in val)) == cv_folds[fold].test
+            assert not {c.patient for c in train} & {c.patient for c in val}

@@ -248,3 +248,18 @@ def test_bundle_evaluate_config_runs_through_monai(crafted: Path, tmp_path: Path
     saved = json.loads((out / "metrics.json").read_text())
     assert np.sum(saved["pooled_confusion"]) == 3 * 1024 + 4096
     assert (out / "report.md").is_file() and (out / "confusion_matrix.png").is_file()
+
+
+def test_a_bug_is_not_reported_as_bad_input(crafted: Path) -> None:
+    """InputError is not a ValueError: a ValueError from a bug propagates as itself."""
+    from rcmseg.errors import InputError
+    from rcmseg.evaluation.evaluate import evaluate_cases
+
+    assert not issubclass(InputError, ValueError)
+
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("a bug in the network")
+
+    with pytest.raises(ValueError, match="a bug in the network"):
+        evaluate_cases(Broken(), read_manifest(crafted), crafted, progress=False)

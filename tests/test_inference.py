@@ -11,14 +11,16 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
+from rcmseg.errors import InputError
 from rcmseg.inference import (
     MIN_SIDE_PX,
     PRESETS,
     Preset,
-    band_rows,
-    iter_probability_bands,
+    SegmentationEngine,
+    context_span,
     pixel_entropy,
     segment_image,
+    window_starts,
     windows_per_pixel,
 )
 from rcmseg.networks import get_network
@@ -80,24 +82,134 @@ def test_banded_stitching_equals_whole_image_stitching(conv_net, height, band_px
     np.testing.assert_allclose(banded, whole, atol=1e-6)
 
 
-@pytest.mark.parametrize("height", [256, 1000, 1030, 1281])
-def test_bands_cover_every_row_once_with_whole_windows(height):
-    window, overlap = 256, PRESETS["paper"].overlap
-    covered = np.zeros(height, dtype=int)
-    for r0, r1, b0, b1 in band_rows(height, window, overlap, band_px=300):
-        covered[r0:r1] += 1
-        assert b0 <= r0 and b1 >= r1 and b1 - b0 >= min(window, height)
-        assert b0 % 32 == 0 or b0 == height - window  # on the grid, or the clamped last window
-    assert (covered == 1).all()
+@pytest.mark.parametrize("length", [64, 65, 100, 256, 1000, 1030, 1281])
+@pytest.mark.parametrize("window, stride", [(64, 16), (256, 32), (256, 128)])
+def test_window_starts_are_monai_grid(length, window, stride):
+    from monai.inferers.utils import dense_patch_slices
+
+    if length < window:
+        assert window_starts(length, window, stride) == [0]
+        return
+    interval = window if length == window else stride
+    monai = [s[0].start for s in dense_patch_slices((length,), (window,), (interval,))]
+    assert window_starts(length, window, stride) == monai
+
+
+@pytest.mark.parametrize("length", [256, 1000, 1030, 1281])
+def test_context_spans_hold_exactly_the_windows_touching_the_pixels(length):
+    window, stride = 256, 32
+    starts = window_starts(length, window, stride)
+    rng = np.random.default_rng(0)
+    for first in [*rng.integers(0, length, 20), 0, length - 1]:
+        last = int(min(length - 1, first + rng.integers(0, 300)))
+        start, stop = context_span(int(first), last, length, window, stride)
+        touching = [s for s in starts if s <= last and s + window > first]
+        assert (start, stop) == (touching[0], touching[-1] + window)
+        inside = [s for s in starts if start <= s and s + window <= stop]
+        assert inside == touching  # no window computed in vain, none missing
+        # MONAI's own grid on the span is the same windows, shifted
+        assert [start + s for s in window_starts(stop - start, window, stride)] == touching
 
 
 def test_bands_are_yielded_in_order_with_bounded_height(conv_net):
     image = random_image(300, 80, seed=2)
-    starts = [
-        (r0, band.shape) for r0, band in iter_probability_bands(image, conv_net, SMALL, band_px=128)
-    ]
+    engine = SegmentationEngine(conv_net, SMALL)
+    starts = [(r0, band.shape) for r0, band in engine.iter_bands(image, band_px=128)]
     assert [r0 for r0, _ in starts] == [0, 128, 256]
     assert [shape[1] for _, shape in starts] == [128, 128, 44]
+
+
+class PositionNet(nn.Module):
+    """Logits that depend on where a pixel sits in its window: a region segmented with other
+    windows than the whole image's gets other labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, NUM_CLASSES, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        ramp_y = torch.linspace(-3, 3, height)[:, None].expand(height, width)
+        ramp_x = torch.linspace(-3, 3, width)[None, :].expand(height, width)
+        position = torch.stack([ramp_y, ramp_x, -ramp_y, -ramp_x, ramp_y * ramp_x, 0 * ramp_x])
+        return self.conv(x) + position[None]
+
+
+@pytest.mark.parametrize("preset", ["paper", "fast"])
+def test_regions_equal_the_whole_image_everywhere(preset):
+    engine = SegmentationEngine(PositionNet().eval(), preset)
+    image = random_image(610, 547, seed=5)
+    whole = engine.segment(image, probabilities=True, entropy=True)
+    rng = np.random.default_rng(1)
+    height, width = image.shape
+    regions = [
+        ((0, 20), (0, 20)),  # corner, smaller than a window
+        ((height - 13, height), (width - 9, width)),  # bottom-right corner
+        ((height - 300, height), (100, 400)),  # bottom edge
+        ((50, 70), (width - 40, width)),  # right edge
+        ((0, height), (0, width)),  # everything
+    ]
+    for _ in range(12):
+        y0, x0 = int(rng.integers(0, height - 1)), int(rng.integers(0, width - 1))
+        y1 = int(rng.integers(y0 + 1, min(height, y0 + 400) + 1))
+        x1 = int(rng.integers(x0 + 1, min(width, x0 + 400) + 1))
+        regions.append(((y0, y1), (x0, x1)))
+    for rows, cols in regions:
+        part = engine.segment(image, rows, cols, probabilities=True, entropy=True, band_px=97)
+        region = (slice(*rows), slice(*cols))
+        np.testing.assert_array_equal(part.labels, whole.labels[region], err_msg=f"{rows} {cols}")
+        np.testing.assert_allclose(
+            part.probabilities, whole.probabilities[(slice(None), *region)], atol=1e-5
+        )
+        np.testing.assert_allclose(part.entropy, whole.entropy[region], atol=1e-5)
+
+
+def test_tta_averages_the_eight_flips_and_rotations(conv_net):
+    image = random_image(96, 80, seed=4)
+    plain = SegmentationEngine(conv_net, SMALL).probabilities(image)
+    tta = SegmentationEngine(conv_net, SMALL, tta=True).probabilities(image)
+    np.testing.assert_allclose(tta.sum(axis=0), 1.0, atol=1e-5)
+    assert not np.allclose(plain, tta, atol=1e-3)
+    # a network equivariant to flips and rotations gets nothing from TTA
+    symmetric = nn.Conv2d(1, NUM_CLASSES, 1).eval()
+    np.testing.assert_allclose(
+        SegmentationEngine(symmetric, SMALL, tta=True).probabilities(image),
+        SegmentationEngine(symmetric, SMALL).probabilities(image),
+        atol=1e-5,
+    )
+
+
+def test_engine_leaves_the_callers_network_as_it_was():
+    network = get_network("mednet1").train()
+    SegmentationEngine(network, "fast")
+    assert network.training
+    assert all(p.is_contiguous() for p in network.parameters())  # not moved to channels-last
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("bogus", "unknown device 'bogus'"), ("meta", "rcmseg runs on cpu or cuda")],
+)
+def test_bad_devices_are_one_line_input_errors(device, message, conv_net):
+    with pytest.raises(InputError, match=message):
+        SegmentationEngine(conv_net, SMALL, device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_one_line_error(conv_net):
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        SegmentationEngine(conv_net, SMALL, device="cuda")
+
+
+def test_precision_fp16_on_cpu_is_refused_and_bf16_agrees(conv_net):
+    with pytest.raises(InputError, match="fp16 needs a CUDA device"):
+        SegmentationEngine(conv_net, SMALL, precision="fp16")
+    image = random_image(96, 80, seed=6)
+    fp32 = SegmentationEngine(conv_net, SMALL, precision="fp32").probabilities(image)
+    bf16 = SegmentationEngine(conv_net, SMALL, precision="bf16").probabilities(image)
+    assert bf16.dtype == np.float32  # stitching stays float32
+    np.testing.assert_allclose(bf16, fp32, atol=0.05)
 
 
 def test_an_image_smaller_than_a_window_is_padded_and_segmented(conv_net):
@@ -108,7 +220,7 @@ def test_an_image_smaller_than_a_window_is_padded_and_segmented(conv_net):
 
 
 def test_an_image_below_the_minimum_side_is_refused(conv_net):
-    with pytest.raises(ValueError, match=f"{MIN_SIDE_PX} px minimum"):
+    with pytest.raises(InputError, match=f"{MIN_SIDE_PX} px minimum"):
         segment_image(random_image(MIN_SIDE_PX - 1, 200), conv_net, SMALL)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from rcmseg.classes import NUM_CLASSES
 from rcmseg.errors import InputError
-from rcmseg.evaluation.splits import (
+from rcmseg.splits import (
     SplitCase,
     class_fractions,
     group_split,

@@ -155,3 +155,44 @@ def test_torchrun_two_cpu_processes_train_identical_weights(
     assert len(log) == 3  # header + 2 epochs, written once (by rank 0)
     # Both ranks trained, 2 steps of 2 patches each per epoch: the log counts both shares.
     assert all(float(row.split(",")[7]) == 8.0 for row in log[1:])
+
+
+def test_paper_defaults_are_the_same_in_train_json_trainconfig_and_the_cli():
+    """train.json holds the paper's recipe; TrainConfig and `rcmseg train model` agree with it."""
+    import dataclasses
+    import inspect
+
+    from rcmseg.cli.train import train_model_command
+    from rcmseg.training import TrainConfig
+    from rcmseg.training.bundle import bundle_train_settings
+
+    recipe = bundle_train_settings()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    cli = {
+        name: parameter.default
+        for name, parameter in inspect.signature(train_model_command).parameters.items()
+    }
+    pairs = {  # TrainConfig field: rcmseg train model option
+        "max_epochs": "epochs",
+        "batch_size": "batch_size",
+        "learning_rate": "lr",
+        "final_learning_rate": "final_lr",
+        "network": "network",
+        "loss": "loss",
+        "patch_size": "patch_size",
+        "val_preset": "preset",
+        "seed": "seed",
+    }
+    for field_name, option in pairs.items():
+        assert recipe[field_name] == defaults[field_name] == cli[option], field_name
+    assert recipe["window"] == defaults["window"] == 2 * cli["patch_size"]
+    # the recipe's torch optimiser and schedule are TrainConfig's "sgd" and exponential decay
+    assert recipe["optimizer"] == {
+        "_target_": "torch.optim.sgd.SGD",
+        "momentum": defaults["momentum"],
+        "weight_decay": defaults["weight_decay"],
+    }
+    assert defaults["optimizer"] == cli["optimizer"] == "sgd"
+    gamma = recipe["lr_scheduler"]["gamma"]
+    assert gamma == pytest.approx(0.1 ** (1 / 199))
+    assert recipe["tv_weight"] == 1e-6

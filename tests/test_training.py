@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from rcmseg.classes import NUM_CLASSES, UNLABELLED
 from rcmseg.cli.main import app
 from rcmseg.errors import InputError
-from rcmseg.evaluation.evaluate import predict_labels
+from rcmseg.inference import SegmentationEngine
 from rcmseg.io.dataset import load_case, read_manifest
 from rcmseg.metrics import confusion_matrix, one_vs_rest
 from rcmseg.networks import get_network
@@ -100,7 +100,7 @@ def test_short_training_learns_and_beats_chance_on_held_out_mosaic(
     network.load_state_dict(torch.load(result.model_path, weights_only=True))
     held_out = next(c for c in read_manifest(dataset) if c.mosaic.stem == "synth_0004")
     image, labels = load_case(held_out)
-    prediction = predict_labels(network, image, "fast", "cpu")
+    prediction = SegmentationEngine(network, "fast", "cpu").labels(image)
     dice = one_vs_rest(confusion_matrix(prediction, labels))["mean_dice"]
     assert dice == pytest.approx(result.best_val_dice, abs=1e-9)
     assert dice > chance_dice(labels) + 0.05

@@ -12,7 +12,9 @@ from rcmseg.cli.common import user_errors
 
 
 def batch(
-    in_dir: Annotated[Path, typer.Argument(help="Folder searched recursively for mosaics.")],
+    in_dir: Annotated[
+        Path, typer.Argument(help="A mosaic file, or a folder searched recursively for mosaics.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for outputs and reports.")],
     bundle: Annotated[
         Path | None,
@@ -22,11 +24,23 @@ def batch(
         str,
         typer.Option(
             help="Sliding window: 'fast' (256 px windows, stride 128) or 'paper' "
-            "(256 px windows, stride 32, as published)."
+            "(256 px windows, stride 32, as published), or one the bundle defines."
         ),
     ] = "fast",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    amp: Annotated[bool, typer.Option(help="Mixed precision (float16) on CUDA.")] = True,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Network precision: auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16. "
+            "Stitching is always float32."
+        ),
+    ] = "auto",
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta", help="Test-time augmentation: mean over 8 flips/rotations (8x slower)."
+        ),
+    ] = False,
     mpp: Annotated[
         float, typer.Option(help="µm/px of mosaics whose file carries no pixel size.")
     ] = MOSAIC_MPP,
@@ -57,6 +71,10 @@ def batch(
     part_id: Annotated[
         int | None, typer.Option(help="Which part this process does (default: $RANK, else 0).")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads (default: the cores this process may run on)."),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Segment every mosaic under IN_DIR into OUT: <name>.labels.tif per mosaic,
@@ -68,7 +86,8 @@ def batch(
         options = BatchOptions(
             preset=preset,
             device=device,
-            amp=amp,
+            precision=precision,
+            tta=tta,
             fallback_mpp=mpp,
             probabilities=probabilities,
             uncertainty=uncertainty,
@@ -78,6 +97,7 @@ def batch(
             overwrite=overwrite,
             num_parts=num_parts if num_parts is not None else env_parts,
             part_id=part_id if part_id is not None else env_part_id,
+            threads=threads,
         )
         result = run_batch(in_dir, out, bundle_dir=bundle, options=options, show_progress=progress)
     print_summary(result)

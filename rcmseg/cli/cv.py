@@ -153,15 +153,15 @@ def cv_command(
         from rcmseg.evaluation.report import format_value
         from rcmseg.evaluation.study import Variant
         from rcmseg.io.labels import load_remap_table
-        from rcmseg.training.bundle import bundle_train_settings, with_variant
+        from rcmseg.training.bundle import bundle_train_settings, with_overrides, with_variant
 
         base = bundle_train_settings(bundle)
         variant = Variant.parse(f"{network or base['network']}:{loss or base['loss']}")
-        options = with_variant(base, variant.network, variant.loss)
-        options.update(
+        options = with_overrides(
+            with_variant(base, variant.network, variant.loss),
             train_options(
                 epochs, batch_size, iterations_per_epoch, lr, optimizer, threads, seed, patch_size
-            )
+            ),
         )
         # validation during training segments with the same preset as the test mosaics
         options["val_preset"] = preset

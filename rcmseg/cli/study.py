@@ -77,7 +77,7 @@ def study_command(
         from rcmseg.errors import InputError
         from rcmseg.evaluation.study import STUDIES, Variant, run_study
         from rcmseg.io.labels import load_remap_table
-        from rcmseg.training.bundle import bundle_train_settings
+        from rcmseg.training.bundle import bundle_train_settings, with_overrides
 
         if study is not None and study not in STUDIES:
             raise InputError(None, f"unknown study {study!r}; choose from {', '.join(STUDIES)}")
@@ -95,16 +95,18 @@ def study_command(
             out,
             split,
             {
-                **bundle_train_settings(bundle),
-                **train_options(
-                    epochs,
-                    batch_size,
-                    iterations_per_epoch,
-                    lr,
-                    optimizer,
-                    threads,
-                    seed,
-                    patch_size,
+                **with_overrides(
+                    bundle_train_settings(bundle),
+                    train_options(
+                        epochs,
+                        batch_size,
+                        iterations_per_epoch,
+                        lr,
+                        optimizer,
+                        threads,
+                        seed,
+                        patch_size,
+                    ),
                 ),
                 "val_preset": preset,
             },

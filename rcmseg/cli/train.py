@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import typer
 
 from rcmseg.cli.common import user_errors
-from rcmseg.errors import InputError
 
 train_app = typer.Typer(
     help="Train MED-Net (or a baseline) on labelled mosaics with the paper's protocol.",
@@ -103,37 +102,34 @@ def train_model_command(
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
         table = load_remap_table(remap) if remap is not None else None
-        try:
-            config = TrainConfig(
-                data_dir=data,
-                output_dir=out,
-                max_epochs=epochs,
-                batch_size=batch_size,
-                learning_rate=lr,
-                final_learning_rate=final_lr,
-                optimizer=optimizer,
-                network=network,
-                loss=loss,
-                fold=fold,
-                num_folds=folds,
-                val_every=val_every,
-                val_preset=preset,
-                patch_size=patch_size,
-                window=2 * patch_size,
-                iterations_per_epoch=iterations,
-                augmentation=augmentation,
-                device=device,
-                amp=amp,
-                num_workers=workers,
-                threads=threads,
-                seed=seed,
-                resume=resume,
-                stop_after_epochs=stop_after,
-                progress=progress,
-                label_remap=table,
-            )
-        except ValueError as error:  # a setting out of range, e.g. an unknown optimizer
-            raise InputError(None, str(error)) from None
+        config = TrainConfig(
+            data_dir=data,
+            output_dir=out,
+            max_epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=lr,
+            final_learning_rate=final_lr,
+            optimizer=optimizer,
+            network=network,
+            loss=loss,
+            fold=fold,
+            num_folds=folds,
+            val_every=val_every,
+            val_preset=preset,
+            patch_size=patch_size,
+            window=2 * patch_size,
+            iterations_per_epoch=iterations,
+            augmentation=augmentation,
+            device=device,
+            amp=amp,
+            num_workers=workers,
+            threads=threads,
+            seed=seed,
+            resume=resume,
+            stop_after_epochs=stop_after,
+            progress=progress,
+            label_remap=table,
+        )
         typer.echo(_summary(train(config)))
 
 

@@ -15,6 +15,7 @@ evaluated, and an interrupted training resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Sequence
@@ -25,22 +26,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from rcmseg.classes import NUM_CLASSES
 from rcmseg.errors import InputError
 from rcmseg.evaluation import report
-from rcmseg.evaluation.evaluate import Evaluation, case_id, evaluate_cases
-from rcmseg.evaluation.splits import (
+from rcmseg.evaluation.evaluate import Evaluation, evaluate_cases, read_finished_evaluation
+from rcmseg.inference import resolve_device
+from rcmseg.io.atomic import write_text_atomic
+from rcmseg.io.dataset import case_id, read_manifest
+from rcmseg.splits import (
     SCENARIOS,
     Fold,
     SplitCase,
     group_split,
     patient_kfold,
     read_folds,
+    split_cases_of,
     write_folds,
 )
-from rcmseg.inference import resolve_device
-from rcmseg.io.dataset import Case, read_manifest
-from rcmseg.io.labels import read_label_map
+from rcmseg.training import TrainConfig, train
 
 FOLDS_FILE = "folds.json"
 
@@ -89,29 +91,6 @@ class SplitSettings:
             "group_column": self.group_column,
             "seed": self.seed,
         }
-
-
-def split_cases_of(
-    root: Path,
-    cases: Sequence[Case],
-    group_column: str = "clinic",
-    remap: dict[int, int] | None = None,
-) -> list[SplitCase]:
-    """Labelled cases with their labelled-pixel count per class (label maps read once)."""
-    result = []
-    for case in cases:
-        if case.labels is None:
-            continue
-        labels = read_label_map(case.labels, remap=remap)
-        counts = np.bincount(labels.reshape(-1), minlength=256)[:NUM_CLASSES].astype(np.int64)
-        result.append(
-            SplitCase(
-                case_id(case, root), str(case.patient), str(getattr(case, group_column)), counts
-            )
-        )
-    if not result:
-        raise InputError(root, "no labelled mosaics (the manifest's labels column is empty)")
-    return result
 
 
 def make_folds(
@@ -172,11 +151,13 @@ def train_fold(
     remap: dict[int, int] | None,
 ) -> Path:
     """Train the fold's model (or resume / reuse it); returns the best weights' path."""
-    from rcmseg.training import TrainConfig, train
+
 
     done = fold_dir / "trained.json"
-    if done.is_file():
-        return Path(json.loads(done.read_text())["model_path"])
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        trained = Path(json.loads(done.read_text(encoding="utf-8"))["model_path"])
+        if trained.is_file():
+            return trained
     config = TrainConfig(
         data_dir=root,
         output_dir=fold_dir / "train",
@@ -187,7 +168,8 @@ def train_fold(
         **train_options,
     )
     result = train(config)
-    done.write_text(
+    write_text_atomic(
+        done,
         json.dumps(
             {
                 "model_path": str(result.model_path),
@@ -197,7 +179,7 @@ def train_fold(
             },
             indent=1,
         )
-        + "\n"
+        + "\n",
     )
     return Path(result.model_path)
 
@@ -268,9 +250,9 @@ def run_cv(
     evaluations = []
     for fold in folds:
         fold_dir = out / f"fold_{fold.index}"
-        metrics_file = fold_dir / "evaluation" / "metrics.json"
-        if metrics_file.is_file():  # finished earlier: not retrained, not re-evaluated
-            evaluations.append(Evaluation.from_json(json.loads(metrics_file.read_text())))
+        finished = read_finished_evaluation(fold_dir / "evaluation")
+        if finished is not None:  # finished earlier: not retrained, not re-evaluated
+            evaluations.append(finished)
             continue
         missing = [i for i in fold.test if i not in cases]
         if missing:  # the manifest changed since folds.json was written

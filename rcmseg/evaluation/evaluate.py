@@ -1,8 +1,8 @@
 """Evaluate a model on the labelled mosaics of a dataset, as in the paper.
 
 Every labelled mosaic is segmented with the shared sliding-window path
-(:func:`rcmseg.inference.segment_image` on :func:`rcmseg.io.dataset.load_case` images at the
-working resolution, 2 µm/px); metrics are one-vs-rest per class on labelled pixels only
+(:class:`rcmseg.inference.SegmentationEngine` on :func:`rcmseg.io.dataset.load_case` images at
+the working resolution, 2 µm/px); metrics are one-vs-rest per class on labelled pixels only
 (:mod:`rcmseg.metrics`), per mosaic and pooled over all mosaics (confusion matrices summed).
 """
 
@@ -21,18 +21,22 @@ from rich.progress import track
 from rcmseg.classes import CLASS_NAMES, WORKING_MPP
 from rcmseg.errors import InputError
 from rcmseg.evaluation import report
-from rcmseg.inference import Preset, segment_image
-from rcmseg.io.dataset import Case, load_case, read_manifest
+from rcmseg.inference import Preset, SegmentationEngine
+from rcmseg.io.atomic import write_text_atomic
+from rcmseg.io.dataset import Case, case_id, load_case, read_manifest
+from rcmseg.io.overlay import overlay_panels, save_png
 from rcmseg.metrics import confusion_matrix, one_vs_rest
 
+METRICS_FILE = "metrics.json"
 
-def case_id(case: Case, root: Path) -> str:
-    """The mosaic's path relative to the dataset root (POSIX), which names a case everywhere."""
-    mosaic = Path(case.mosaic)
+
+def read_finished_evaluation(out_dir: Path) -> Evaluation | None:
+    """The evaluation saved in ``out_dir`` when it is complete and readable, else None."""
     try:
-        return mosaic.resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return mosaic.as_posix()
+        evaluation = Evaluation.from_json(json.loads((out_dir / METRICS_FILE).read_text("utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return evaluation if evaluation.cases else None
 
 
 def metric_table(confusion: np.ndarray) -> dict[str, np.ndarray]:
@@ -110,16 +114,8 @@ class Evaluation:
         )
 
 
-def predict_labels(
-    network: torch.nn.Module, image: np.ndarray, preset: str | Preset, device: str | torch.device
-) -> np.ndarray:
-    """Class map uint8 (H, W) of a working-resolution image through the shared inference path."""
-    probabilities = segment_image(image, network, preset=preset, device=device)
-    return torch.from_numpy(probabilities).argmax(dim=0).to(torch.uint8).numpy()
-
-
 def evaluate_cases(
-    network: torch.nn.Module,
+    network: torch.nn.Module | SegmentationEngine,
     cases: Sequence[Case],
     root: Path,
     out_dir: Path | None = None,
@@ -131,10 +127,14 @@ def evaluate_cases(
     title: str = "Evaluation",
     notes: Sequence[str] = (),
     progress: bool = True,
+    precision: str = "auto",
+    tta: bool = False,
 ) -> Evaluation:
     """Segment every labelled case and collect confusion matrices; write the report if ``out_dir``.
 
-    The first ``overlays`` cases get an overlay PNG (mosaic, ground truth, prediction).
+    ``network`` may be a ready :class:`SegmentationEngine` (then ``preset``, ``device``,
+    ``precision`` and ``tta`` are its own). The first ``overlays`` cases get an overlay PNG
+    (mosaic, ground truth, prediction).
     """
     labelled = [c for c in cases if c.labels is not None]
     if not labelled:
@@ -143,15 +143,19 @@ def evaluate_cases(
             "no labelled mosaics to evaluate (the manifest's labels column "
             "is empty for every mosaic)",
         )
-    network.eval()
+    engine = (
+        network
+        if isinstance(network, SegmentationEngine)
+        else SegmentationEngine(network, preset, device, precision=precision, tta=tta)
+    )
     results = []
     steps = track(labelled, description="evaluating", transient=True) if progress else labelled
     for index, case in enumerate(steps):
         image, labels = load_case(case, target_mpp=target_mpp, remap=remap)
         try:
-            prediction = predict_labels(network, image, preset, device)
-        except ValueError as error:  # e.g. a mosaic below the inference minimum size
-            raise InputError(case.mosaic, str(error)) from None
+            prediction = engine.labels(image)
+        except InputError as error:  # e.g. a mosaic below the inference minimum size
+            raise InputError(case.mosaic, error.problem) from None
         name = case_id(case, root)
         results.append(
             CaseResult(
@@ -163,8 +167,8 @@ def evaluate_cases(
             )
         )
         if out_dir is not None and index < overlays:
-            report.save_png(
-                report.overlay_panels(image, labels, prediction),
+            save_png(
+                overlay_panels(image, labels, prediction),
                 Path(out_dir) / "overlays" / overlay_name(name),
             )
     evaluation = Evaluation(results)
@@ -186,30 +190,29 @@ def evaluate_bundle(
     remap: dict[int, int] | None = None,
     overlays: int = 3,
     progress: bool = True,
+    precision: str = "auto",
+    tta: bool = False,
+    ckpt_path: str | Path | None = None,
 ) -> Evaluation:
-    """Load a bundle's model and evaluate it on a dataset in the rcmseg layout.
+    """Load a bundle's model (weights from ``ckpt_path`` when given) and evaluate it on a
+    dataset in the rcmseg layout.
 
     Used by ``rcmseg evaluate`` and by the bundle's ``configs/evaluate.json``.
     """
     from rcmseg.bundle import load_bundle
 
-    bundle = load_bundle(Path(bundle_dir), device)
-    if preset not in bundle.presets:
-        raise InputError(
-            bundle.root, f"unknown preset {preset!r}; the bundle has {', '.join(bundle.presets)}"
-        )
+    bundle = load_bundle(Path(bundle_dir), device, ckpt_path=ckpt_path)
+    engine = bundle.engine(preset, precision=precision, tta=tta)
     cases = read_manifest(Path(dataset_dir))
     notes = [
         f"Model: bundle `{bundle.name}` version {bundle.version} ({bundle.model}).",
-        f"Data: `{Path(dataset_dir)}`; inference preset `{preset}` on {bundle.device}.",
+        f"Data: `{Path(dataset_dir)}`; segmented with {engine.describe()}.",
     ]
     return evaluate_cases(
-        bundle.network,
+        engine,
         cases,
         Path(dataset_dir),
         Path(output_dir),
-        preset=bundle.presets[preset],
-        device=bundle.device,
         remap=remap,
         overlays=overlays,
         target_mpp=bundle.working_mpp,
@@ -258,11 +261,10 @@ def write_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     pooled = evaluation.pooled()
     means, stds = mosaic_spread(evaluation)
-    (out_dir / "metrics.json").write_text(json.dumps(evaluation.to_json(), indent=1) + "\n")
     report.write_metric_csv(out_dir / "metrics_pooled.csv", pooled)
     report.write_csv(out_dir / "metrics_per_mosaic.csv", *_per_mosaic_rows(evaluation))
     report.write_confusion_csv(out_dir / "confusion_matrix.csv", evaluation.pooled_confusion)
-    report.save_png(
+    save_png(
         report.confusion_heatmap(evaluation.pooled_confusion), out_dir / "confusion_matrix.png"
     )
     header = ["", "sensitivity", "specificity", "Dice"]
@@ -309,4 +311,6 @@ def write_evaluation(
     if overlays:
         lines += ["## Examples", "", "Mosaic, ground truth (unlabelled grey) and prediction.", ""]
         lines += [f"![{p.stem}](overlays/{p.name})" for p in overlays]
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out_dir / "report.md", "\n".join(lines) + "\n")
+    # Written last: a complete metrics.json marks the evaluation finished (rcmseg cv resumes on it).
+    write_text_atomic(out_dir / METRICS_FILE, json.dumps(evaluation.to_json(), indent=1) + "\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from rcmseg.classes import CLASS_NAMES, colour_lut
+from rcmseg.classes import CLASS_NAMES
 
 METRICS = ("sensitivity", "specificity", "dice")
 ROWS = (*CLASS_NAMES, "mean")  # table rows: one per class, then the mean over classes
@@ -123,56 +123,3 @@ def confusion_heatmap(confusion: np.ndarray, cell: int = 72) -> Image.Image:
         fill="black",
     )
     return image
-
-
-def overlay_panels(
-    image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, max_side: int = 512
-) -> Image.Image:
-    """Mosaic, ground truth (unlabelled grey) and prediction side by side, with a legend.
-
-    ``image`` float (H, W) on the 0-255 scale; ``truth`` and ``prediction`` uint8 (H, W) class
-    maps (255 = unlabelled). Each panel is scaled to ``max_side`` px on its longer side (at most
-    8x up for small images), nearest neighbour for the class maps so colours stay pure.
-    """
-    lut = colour_lut()
-    height, width = image.shape
-    scale = min(8.0, max_side / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    mosaic = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).convert("RGB")
-    panels = [
-        mosaic.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.NEAREST),
-        Image.fromarray(lut[truth]).resize(size, Image.Resampling.NEAREST),
-        Image.fromarray(lut[prediction]).resize(size, Image.Resampling.NEAREST),
-    ]
-    gap, title_px, line_px = 8, 18, 18
-    sheet_width = max(3 * size[0] + 2 * gap, 320)
-    entries = [*enumerate(CLASS_NAMES), (255, "unlabelled")]
-    widths = [24 + 7 * len(name) for _, name in entries]
-    legend_lines = 1 + sum(
-        1
-        for i in range(1, len(widths))
-        if sum(widths[: i + 1]) // sheet_width > sum(widths[:i]) // sheet_width
-    )
-    sheet = Image.new(
-        "RGB", (sheet_width, title_px + size[1] + 4 + legend_lines * line_px), "white"
-    )
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for index, (panel, title) in enumerate(
-        zip(panels, ("mosaic", "ground truth", "prediction"), strict=True)
-    ):
-        sheet.paste(panel, (index * (size[0] + gap), title_px))
-        draw.text((index * (size[0] + gap) + 2, 3), title, font=font, fill="black")
-    x, y = 2, title_px + size[1] + 4
-    for (value, name), entry_width in zip(entries, widths, strict=True):
-        if x + entry_width > sheet_width:
-            x, y = 2, y + line_px
-        draw.rectangle([x, y + 2, x + 12, y + 14], fill=tuple(int(c) for c in lut[value]))
-        draw.text((x + 16, y + 2), name, font=font, fill="black")
-        x += entry_width
-    return sheet
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)

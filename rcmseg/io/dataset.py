@@ -49,6 +49,15 @@ class Case:
     clinic: str
 
 
+def case_id(case: Case, root: Path) -> str:
+    """The mosaic's path relative to the dataset root (POSIX), which names a case everywhere."""
+    mosaic = Path(case.mosaic)
+    try:
+        return mosaic.resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return mosaic.as_posix()
+
+
 def manifest_path(root: str | Path) -> Path:
     """``ROOT/manifest.csv`` for a data set folder; a path to a .csv file is taken as it is."""
     root = Path(root)

@@ -1,11 +1,10 @@
 """Infer task: MED-Net label maps at the mosaic's own pixel grid, for a whole mosaic or a region.
 
 The task reads, resamples and segments with the code behind ``rcmseg batch``
-(:func:`rcmseg.io.mosaics.read_mosaic`, :func:`rcmseg.batch.segment_to_maps`, the Gaussian
-sliding window of :mod:`rcmseg.inference`), so a mosaic gets the same labels from both. It
-implements MONAI Label's :class:`~monailabel.interfaces.tasks.infer_v2.InferTask` directly rather
-than ``BasicInferTask``, whose transform pipeline and constant-weight sliding window would be a
-second segmentation path.
+(:func:`rcmseg.io.mosaics.read_mosaic` and :class:`rcmseg.inference.SegmentationEngine`), so a
+mosaic gets the same labels from both. It implements MONAI Label's
+:class:`~monailabel.interfaces.tasks.infer_v2.InferTask` directly rather than ``BasicInferTask``,
+whose transform pipeline and constant-weight sliding window would be a second segmentation path.
 
 Requests (MONAI Label's ``/infer/{model}`` params or ``/infer/wsi_v2/{model}`` body):
     image: path of the mosaic (MONAI Label resolves datastore ids).
@@ -37,10 +36,11 @@ from monailabel.utils.others.pathology import (
     create_dsa_annotations_json,
 )
 
-from rcmseg.batch import BatchOptions, MosaicProgress, check_size, segment_to_maps
+from rcmseg.batch import check_size
 from rcmseg.bundle import LoadedBundle
 from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES
 from rcmseg.errors import InputError
+from rcmseg.inference import SegmentationEngine
 from rcmseg.io.mosaics import MosaicInfo, read_mosaic
 from rcmseg.label_app.workspace import ServedModel
 
@@ -125,29 +125,14 @@ class Segmentation:
     mean_entropy: float
 
 
-def context_span(first: int, last: int, length: int, window: int, stride: int) -> tuple[int, int]:
-    """Working pixels ``[start, stop)`` to segment so that pixels ``first..last`` come out exactly
-    as in a whole-image run.
-
-    MONAI's sliding window puts windows at multiples of the stride and one last window flush with
-    the image's end. The span runs from the first grid window that reaches ``first`` to the end
-    of the last grid window that reaches ``last`` (to the image's end where the flush window
-    reaches ``last``), so the same windows with the same Gaussian weights cover the pixels.
-    """
-    start = max(0, -(-(first - window + 1) // stride) * stride)
-    stop = last // stride * stride + window
-    if stop >= length or last >= length - window:
-        stop = length
-    return start, stop
-
-
 def segment_region(
     image: np.ndarray, info: MosaicInfo, region: Region, bundle: LoadedBundle, preset: str
 ) -> Segmentation:
     """Segment ``region`` as a whole-mosaic run would; labels at the mosaic grid.
 
-    Only the windows that reach the region are run (:func:`context_span`), on the whole image's
-    window grid, so regions, tiles and whole mosaics agree pixel for pixel.
+    The engine runs only the windows that reach the region, on the whole image's window grid
+    (:meth:`rcmseg.inference.SegmentationEngine.segment` with rows and columns), so regions,
+    tiles and whole mosaics agree pixel for pixel.
 
     Args:
         image: the whole mosaic at the working resolution, float32 (H', W') on the 0-255 scale.
@@ -161,19 +146,19 @@ def segment_region(
     scale = info.mosaic_mpp / bundle.working_mpp
     height, width = image.shape
     check_size(width, height, info.path)
-    settings = bundle.presets[preset]
     rows = working_index(region.y, region.height, scale, height)
     cols = working_index(region.x, region.width, scale, width)
-    r0, r1 = context_span(int(rows[0]), int(rows[-1]), height, settings.window_px,
-                          settings.stride_px)
-    c0, c1 = context_span(int(cols[0]), int(cols[-1]), width, settings.window_px,
-                          settings.stride_px)
-    options = BatchOptions(preset=preset, device=str(bundle.device), uncertainty=True)
-    maps = segment_to_maps(image[r0:r1, c0:c1], bundle, options, MosaicProgress())
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    maps = engine_for(bundle, preset).segment(image, (r0, r1), (c0, c1), entropy=True)
     labels = maps.labels[(rows - r0)[:, None], (cols - c0)[None, :]]
-    assert maps.entropy is not None  # asked for with uncertainty=True
-    inner = maps.entropy[rows[0] - r0 : rows[-1] + 1 - r0, cols[0] - c0 : cols[-1] + 1 - c0]
-    return Segmentation(labels=labels, mean_entropy=float(inner.mean()))
+    assert maps.entropy is not None  # asked for with entropy=True
+    return Segmentation(labels=labels, mean_entropy=float(maps.entropy.mean()))
+
+
+@functools.lru_cache(maxsize=4)
+def engine_for(bundle: LoadedBundle, preset: str) -> SegmentationEngine:
+    """The served bundle's engine for a preset, built once (batch norms folded once)."""
+    return bundle.engine(preset)
 
 
 def class_polygons(labels: np.ndarray, region: Region, min_poly_area: float) -> dict[str, Any]:

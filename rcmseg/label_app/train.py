@@ -31,11 +31,13 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from rcmseg.bundle import load_bundle
+from rcmseg.classes import NUM_CLASSES
 from rcmseg.errors import InputError
 from rcmseg.io.dataset import Case, write_manifest
 from rcmseg.io.mosaics import mosaic_suffix
 from rcmseg.label_app.asap import ASAP_SUFFIX, rasterize_asap_labels
 from rcmseg.label_app.workspace import ServedModel, Workspace, replace_file
+from rcmseg.splits import SplitCase, holdout_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,8 @@ REQUEST_OVERRIDES: dict[str, str] = {
     "batch_size": "batch_size",
     "num_workers": "num_workers",
     "seed": "seed",
-    "learning_rate": "optimizer#learning_rate",
-    "final_learning_rate": "optimizer#final_learning_rate",
+    "learning_rate": "learning_rate",
+    "final_learning_rate": "final_learning_rate",
     "val_preset": "val_preset",
 }
 
@@ -61,7 +63,9 @@ class Split:
 
 
 def split_ids(ids: list[str], val_split: float, seed: int) -> Split:
-    """Hold out ``val_split`` of the mosaics (at least one) for validation, the rest trains.
+    """Hold out ``val_split`` of the mosaics (at least one) for validation, the rest trains:
+    :func:`rcmseg.splits.holdout_fraction`, the split every rcmseg command uses, with each
+    datastore image its own patient.
 
     With one labelled mosaic it both trains and validates: fine-tuning from few labels is the
     point of the app, and the served-model comparison needs some validation Dice.
@@ -69,10 +73,9 @@ def split_ids(ids: list[str], val_split: float, seed: int) -> Split:
     ordered = sorted(ids)
     if len(ordered) == 1:
         return Split(train=ordered, val=ordered)
-    order = np.random.default_rng(seed).permutation(len(ordered))
-    num_val = min(max(1, round(len(ordered) * val_split)), len(ordered) - 1)
-    val = sorted(ordered[i] for i in order[:num_val])
-    return Split(train=[i for i in ordered if i not in val], val=val)
+    cases = [SplitCase(i, i, "", np.ones(NUM_CLASSES, dtype=np.int64)) for i in ordered]
+    train, val = holdout_fraction(cases, val_split, seed)
+    return Split(train=list(train), val=list(val))
 
 
 def labelled_cases(datastore: Datastore, run_dir: Path) -> dict[str, Case]:

@@ -54,7 +54,35 @@ def bundle_train_settings(bundle_dir: str | Path | None = None) -> dict[str, Any
         raise InputError(config_file, f"train_config does not resolve: {error}") from error
     if not isinstance(config, TrainConfig):
         raise InputError(config_file, "train_config is not an rcmseg.training.TrainConfig")
-    return {k: v for k, v in config.to_dict().items() if k not in RUN_FIELDS}
+    settings = {k: v for k, v in config.to_dict().items() if k not in RUN_FIELDS}
+    settings.update(network_settings(parser, config_file))
+    return settings
+
+
+def network_settings(parser: Any, config_file: Path) -> dict[str, Any]:
+    """``network`` and ``network_kwargs`` of the bundle's ``network_def`` (resolved values), so
+    that any change of ``network_def`` reaches ``cv``/``study`` as it reaches ``train bundle``."""
+    raw = parser.get("network_def")
+    if not isinstance(raw, dict) or not str(raw.get("_target_", "")).endswith("get_network"):
+        raise InputError(
+            config_file, "network_def must call rcmseg.networks.get_network for cv and study"
+        )
+    kwargs = {
+        key: parser.get_parsed_content(f"network_def#{key}")
+        for key in raw
+        if not key.startswith("_") and key not in ("in_channels", "out_channels")
+    }
+    return {"network": str(kwargs.pop("name")), "network_kwargs": kwargs}
+
+
+def with_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` with command-line ``overrides`` on top. A recipe's own ``lr_scheduler`` was
+    set up for its epochs and rate: when ``--epochs`` or ``--lr`` change them, the paper's
+    exponential decay (``learning_rate`` → ``final_learning_rate``) replaces it."""
+    merged = {**recipe, **overrides}
+    if {"max_epochs", "learning_rate"} & set(overrides):
+        merged["lr_scheduler"] = None
+    return merged
 
 
 def with_variant(recipe: dict[str, Any], network: str, loss: str) -> dict[str, Any]:

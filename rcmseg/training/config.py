@@ -8,12 +8,41 @@ decayed exponentially to 0.001 by the last epoch, weight decay 1e-8, MDSC+TV los
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rcmseg.errors import InputError
+
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 AUGMENTATIONS: tuple[str, ...] = ("batched", "per_patch", "none")
+
+
+def component_dict(value: Any, name: str) -> Any:
+    """A name (lower-cased), or a component as a JSON-able ``{"_target_": ..., **kwargs}`` dict:
+    MONAI's ``"_mode_": "callable"`` partials are turned back into that form."""
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, functools.partial):
+        target = f"{value.func.__module__}.{value.func.__qualname__}"
+        return {"_target_": target, **value.keywords}
+    if isinstance(value, dict) and isinstance(value.get("_target_"), str):
+        return {k: v for k, v in value.items() if k not in ("_mode_", "_requires_", "_desc_")}
+    raise InputError(None, f"{name} must be a name or a component with a _target_, not {value!r}")
+
+
+def build_component(spec: dict[str, Any], first: Any, **defaults: Any) -> Any:
+    """Instantiate ``spec`` (``{"_target_": "torch.optim.SGD", ...}``) as
+    ``target(first, **defaults, **rest)``."""
+    module, _, name = str(spec["_target_"]).rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise InputError(None, f"cannot import {spec['_target_']!r}") from None
+    kwargs = {**defaults, **{k: v for k, v in spec.items() if k != "_target_"}}
+    return target(first, **kwargs)
 
 
 @dataclass
@@ -34,9 +63,15 @@ class TrainConfig:
         loss, tv_weight: a name of :func:`rcmseg.losses.make_loss` and γ of its TV term
             (``None``: the loss's default, 1e-6 for ``mdsc_tv`` and 0 for ``dice`` and ``ce``).
         optimizer: ``"sgd"`` (default: momentum 0.9, the usual partner of a base learning rate
-            of 0.01; the paper does not name its optimiser), ``"adam"`` or ``"adamw"``.
+            of 0.01; the paper does not name its optimiser), ``"adam"`` or ``"adamw"``; or any
+            torch optimiser as a MONAI component, ``{"_target_": "torch.optim.RMSprop", ...}``
+            (or the ``functools.partial`` that MONAI's ``"_mode_": "callable"`` makes of one),
+            called as ``target(parameters, lr=learning_rate, **rest)``.
         learning_rate, final_learning_rate: the rate of the first and of the last epoch; the
             rate decays exponentially in between (one step per epoch).
+        lr_scheduler: ``None`` for that exponential decay, or any torch LR scheduler as a
+            component like ``optimizer``, called as ``target(optimizer, **rest)`` and stepped
+            once per epoch.
         max_epochs, batch_size: epochs and patches per optimiser step (per process under DDP).
         iterations_per_epoch: cap on optimiser steps per epoch, for quick runs (``None``: all of
             the epoch's patches).
@@ -79,11 +114,12 @@ class TrainConfig:
     network_kwargs: dict[str, Any] = field(default_factory=dict)
     loss: str = "mdsc_tv"
     tv_weight: float | None = None
-    optimizer: str = "sgd"
+    optimizer: str | dict[str, Any] = "sgd"
     learning_rate: float = 0.01
     final_learning_rate: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 1e-8
+    lr_scheduler: dict[str, Any] | None = None
     max_epochs: int = 200
     batch_size: int = 48
     iterations_per_epoch: int | None = None
@@ -108,18 +144,23 @@ class TrainConfig:
         self.output_dir = Path(self.output_dir)
         if self.export_path is not None:
             self.export_path = Path(self.export_path)
-        self.optimizer = self.optimizer.lower()
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
+        self.optimizer = component_dict(self.optimizer, "optimizer")
+        if self.lr_scheduler is not None:
+            self.lr_scheduler = component_dict(self.lr_scheduler, "lr_scheduler")
+            if not isinstance(self.lr_scheduler, dict):
+                raise InputError(None, "lr_scheduler must be a component with a _target_")
+        if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
+            raise InputError(None, f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
         if self.augmentation not in AUGMENTATIONS:
-            raise ValueError(
+            raise InputError(
+                None,
                 f"augmentation must be one of {AUGMENTATIONS}, not {self.augmentation!r}"
             )
         for name in ("max_epochs", "batch_size", "num_folds", "val_every", "patch_size", "window"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+                raise InputError(None, f"{name} must be at least 1, not {getattr(self, name)}")
         if not 0 <= self.fold < self.num_folds:
-            raise ValueError(f"fold must be in 0..{self.num_folds - 1}, not {self.fold}")
+            raise InputError(None, f"fold must be in 0..{self.num_folds - 1}, not {self.fold}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values only (paths as strings), fit for JSON and for weights-only checkpoints."""

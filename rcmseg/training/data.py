@@ -16,8 +16,8 @@ import torch
 from monai.data import DataLoader
 
 from rcmseg.errors import InputError
-from rcmseg.evaluation.evaluate import case_id
-from rcmseg.io.dataset import Case, load_case, read_manifest
+from rcmseg.io.dataset import Case, case_id, load_case, read_manifest
+from rcmseg.splits import holdout_fold, split_cases_of
 from rcmseg.transforms import EpochPatchDataset
 
 
@@ -46,19 +46,6 @@ def _pick(cases: Sequence[Case], root: Path, wanted: Sequence[str], role: str) -
     return picked
 
 
-def patient_fold_split(
-    cases: Sequence[Case], fold: int, num_folds: int, seed: int
-) -> tuple[list[Case], list[Case]]:
-    """Patient-wise split: shuffled patients go round-robin into ``num_folds`` groups; group
-    ``fold`` validates, the others train, so no patient is on both sides."""
-    patients = sorted({str(case.patient) for case in cases})
-    order = np.random.default_rng(seed).permutation(len(patients))
-    val_patients = {patients[i] for rank, i in enumerate(order) if rank % num_folds == fold}
-    train = [case for case in cases if str(case.patient) not in val_patients]
-    val = [case for case in cases if str(case.patient) in val_patients]
-    return train, val
-
-
 def split_cases(
     root: Path,
     train_cases: Sequence[str] | None,
@@ -66,8 +53,12 @@ def split_cases(
     fold: int,
     num_folds: int,
     seed: int,
+    remap: dict[int, int] | None = None,
 ) -> tuple[list[Case], list[Case]]:
     """Training and validation cases of the labelled mosaics in ``root/manifest.csv``.
+
+    Without named cases, fold ``fold`` of :func:`rcmseg.splits.holdout_fold` validates: the same
+    patients that fold ``fold`` of ``rcmseg cv`` tests.
 
     Raises :class:`InputError` when the manifest is missing or unreadable, when it has no labelled
     case, when a named case is absent, or when a split leaves no training case.
@@ -78,7 +69,11 @@ def split_cases(
     if not labelled:
         raise InputError(root / "manifest.csv", "no labelled mosaics to train on")
     if train_cases is None and val_cases is None:
-        train, val = patient_fold_split(labelled, fold, num_folds, seed)
+        by_id = {case_id(case, root): case for case in labelled}
+        train_ids, val_ids = holdout_fold(
+            split_cases_of(root, labelled, remap=remap), fold, num_folds, seed
+        )
+        train, val = [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
     else:
         val = _pick(labelled, root, val_cases or [], "validation")
         if train_cases is None:

@@ -20,8 +20,7 @@ from torch import nn
 from torch.optim.lr_scheduler import ExponentialLR
 
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
-from rcmseg.evaluation.evaluate import predict_labels
-from rcmseg.inference import resolve_device
+from rcmseg.inference import SegmentationEngine, resolve_device
 from rcmseg.losses import make_loss
 from rcmseg.metrics import confusion_matrix, one_vs_rest
 from rcmseg.networks import get_network
@@ -33,7 +32,7 @@ from rcmseg.training.checkpoint import (
     save_atomic,
     set_rng_states,
 )
-from rcmseg.training.config import TrainConfig, TrainResult
+from rcmseg.training.config import TrainConfig, TrainResult, build_component
 from rcmseg.training.data import LoadedCase, epoch_order, load_cases, patch_loader, split_cases
 from rcmseg.training.distributed import (
     rank_and_world,
@@ -88,6 +87,8 @@ def make_optimizer(
     config: TrainConfig, parameters: Iterable[nn.Parameter]
 ) -> torch.optim.Optimizer:
     """The configured optimiser with the base learning rate and weight decay."""
+    if isinstance(config.optimizer, dict):
+        return build_component(config.optimizer, parameters, lr=config.learning_rate)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             parameters,
@@ -106,6 +107,13 @@ def lr_decay_per_epoch(config: TrainConfig) -> float:
         return 1.0
     ratio = config.final_learning_rate / config.learning_rate
     return ratio ** (1.0 / (config.max_epochs - 1))
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """The configured LR scheduler, stepped once per epoch (default: exponential decay)."""
+    if config.lr_scheduler is not None:
+        return build_component(config.lr_scheduler, optimizer)
+    return ExponentialLR(optimizer, gamma=lr_decay_per_epoch(config))
 
 
 def _validates_after(epoch: int, config: TrainConfig) -> bool:
@@ -214,16 +222,15 @@ def validate(
 ) -> float:
     """Mean Dice over classes on the labelled pixels of whole validation mosaics.
 
-    Each mosaic is segmented by the shared sliding-window path (:func:`segment_image` through
-    :func:`rcmseg.evaluation.evaluate.predict_labels`); the confusion matrix is summed over
+    Each mosaic is segmented by the shared :class:`~rcmseg.inference.SegmentationEngine` (built
+    once per validation from the network's current weights); the confusion matrix is summed over
     mosaics (and over processes under DDP, each segmenting its share) before the one-vs-rest
     Dice.
     """
-    model = unwrap(network)
-    model.eval()
+    engine = SegmentationEngine(unwrap(network), preset, device)
     matrix = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
     for case in cases:
-        prediction = predict_labels(model, case.image, preset, device)
+        prediction = engine.labels(case.image)
         matrix += torch.as_tensor(confusion_matrix(prediction, case.labels, NUM_CLASSES))
     matrix = sum_across_ranks(matrix.to(device)).cpu()
     return float(one_vs_rest(matrix.numpy())["mean_dice"])
@@ -281,6 +288,18 @@ class Run:
                 export_weights(weights, Path(self.config.export_path))
         write_log(self.state.history, self.paths.log)
 
+    def ensure_exported(self) -> None:
+        """Re-export ``model.pt`` from the best checkpoint when it is missing (a run resumed
+        after it had finished, whose exported weights were lost)."""
+        targets = [self.paths.model]
+        if self.config.export_path is not None:
+            targets.append(Path(self.config.export_path))
+        missing = [path for path in targets if not path.is_file()]
+        if missing and self.paths.best.is_file():
+            weights = load_checkpoint(self.paths.best)["network"]
+            for path in missing:
+                export_weights(weights, path)
+
     def result(self) -> TrainResult:
         validated = self.state.best_epoch > 0 and math.isfinite(self.state.best_val_dice)
         return TrainResult(
@@ -314,7 +333,7 @@ def _start_run(
         config=config,
         network=network,
         optimizer=optimizer,
-        scheduler=ExponentialLR(optimizer, gamma=lr_decay_per_epoch(config)),
+        scheduler=make_scheduler(config, optimizer),
         scaler=torch.amp.GradScaler("cuda", enabled=amp),
         state=RunState(),
         paths=RunPaths(Path(config.output_dir)),
@@ -354,7 +373,13 @@ def train(
     rank, world_size = rank_and_world()
     root = Path(config.data_dir)
     train_cases, val_cases = split_cases(
-        root, config.train_cases, config.val_cases, config.fold, config.num_folds, config.seed
+        root,
+        config.train_cases,
+        config.val_cases,
+        config.fold,
+        config.num_folds,
+        config.seed,
+        config.label_remap,
     )
     patches = EpochPatchDataset(
         [(case.image, case.labels) for case in load_cases(train_cases, root, config.label_remap)],
@@ -440,4 +465,6 @@ def train(
             if rank == 0:
                 run.save(improved)
             logger.info("epoch %d: %s", epoch + 1, status)
+    if rank == 0:
+        run.ensure_exported()
     return run.result()

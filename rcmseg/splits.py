@@ -1,4 +1,12 @@
-"""Patient-wise data splits as in the paper's two evaluation scenarios.
+"""Patient-wise data splits: the one place where rcmseg decides which mosaics train and which
+are held out, for ``rcmseg train`` (``--fold``), ``rcmseg cv``/``study`` and the MONAI Label app.
+
+The patients are shared between ``K`` class-stratified groups by :func:`stratified_partition`;
+group ``k`` is the held-out group of fold ``k`` everywhere: the validation mosaics of
+``rcmseg train model --fold k --num-folds K`` are the test mosaics of fold ``k`` of
+``rcmseg cv --folds K`` with the same seed.
+
+The paper's two evaluation scenarios:
 
 Scenario 1 (``patients``): patient-wise, class-stratified K-fold cross-validation; each fold holds
 out one K-th of the patients for testing and about ``validation_fraction`` of all patients for
@@ -22,6 +30,8 @@ import numpy as np
 
 from rcmseg.classes import NUM_CLASSES
 from rcmseg.errors import InputError
+from rcmseg.io.dataset import Case, case_id
+from rcmseg.io.labels import read_label_map
 
 SCENARIOS = ("patients", "groups")
 
@@ -294,3 +304,54 @@ def read_folds(path: Path) -> tuple[dict, list[Fold]]:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(path, f"not a readable fold file ({error})") from None
     return data.get("settings", {}), folds
+
+
+def split_cases_of(
+    root: Path,
+    cases: Sequence[Case],
+    group_column: str = "clinic",
+    remap: dict[int, int] | None = None,
+) -> list[SplitCase]:
+    """Labelled cases with their labelled-pixel count per class (label maps read once)."""
+    result = []
+    for case in cases:
+        if case.labels is None:
+            continue
+        labels = read_label_map(case.labels, remap=remap)
+        counts = np.bincount(labels.reshape(-1), minlength=256)[:NUM_CLASSES].astype(np.int64)
+        result.append(
+            SplitCase(
+                case_id(case, root), str(case.patient), str(getattr(case, group_column)), counts
+            )
+        )
+    if not result:
+        raise InputError(root, "no labelled mosaics (the manifest's labels column is empty)")
+    return result
+
+
+
+def holdout_fold(
+    cases: Sequence[SplitCase], fold: int, num_folds: int, seed: int = 0
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(train, held_out)`` case ids: group ``fold`` of the ``num_folds`` stratified patient
+    groups is held out, the rest trains; the held-out group is the test part of fold ``fold`` of
+    :func:`patient_kfold` with the same seed. With fewer patients than folds some groups are
+    empty (their fold validates on nothing).
+    """
+    patient_pixels = _patient_pixels(cases)
+    if num_folds < 2:
+        return _cases_of(cases, list(patient_pixels)), ()
+    groups = stratified_partition(patient_pixels, [1.0] * num_folds, seed)
+    held_out = groups[fold]
+    rest = [p for p in patient_pixels if p not in set(held_out)]
+    return _cases_of(cases, rest), _cases_of(cases, held_out)
+
+
+def holdout_fraction(
+    cases: Sequence[SplitCase], fraction: float, seed: int = 0
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(train, held_out)`` case ids with about ``fraction`` of the labelled pixels held out
+    (at least one patient on each side when there are two or more)."""
+    patients = sorted(_patient_pixels(cases))
+    train, held_out = _split_validation(cases, patients, fraction, seed)
+    return _cases_of(cases, train), _cases_of(cases, held_out)

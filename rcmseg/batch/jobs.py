@@ -1,0 +1,121 @@
+"""Which mosaics a batch segments, where their outputs go and which lesion each belongs to.
+
+For each mosaic ``IN/<dir>/<name>.<ext>`` the outputs go to ``OUT/<dir>/<name>.*``. IN may also
+be a single mosaic file; its outputs then go to ``OUT/<name>.*``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from rcmseg.errors import InputError
+from rcmseg.io.dataset import MANIFEST_NAME, read_manifest
+from rcmseg.io.mosaics import MOSAIC_SUFFIXES, mosaic_suffix
+
+LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON, SUMMARY = (
+    "labels.tif",
+    "probabilities.tif",
+    "uncertainty.tif",
+    "overlay.png",
+    "geojson",
+    "summary.json",
+)
+OUTPUT_KINDS = (SUMMARY, LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON)
+
+
+@dataclass(frozen=True)
+class MosaicJob:
+    """One mosaic to segment: where it is, where its outputs go, which lesion it belongs to."""
+
+    path: Path
+    relative: str
+    out_stem: Path
+    lesion: str
+
+    def output(self, kind: str) -> Path:
+        return self.out_stem.with_name(f"{self.out_stem.name}.{kind}")
+
+
+def is_mosaic_file(path: Path) -> bool:
+    """A visible file whose ending is one ``rcmseg batch`` reads."""
+    visible = path.is_file() and not path.name.startswith(".")
+    return visible and mosaic_suffix(path) in MOSAIC_SUFFIXES
+
+
+def find_mosaics(in_dir: Path, exclude: Path | None = None) -> list[Path]:
+    """Mosaic files under ``in_dir`` (recursively, sorted), skipping the ``exclude`` folder."""
+    excluded = exclude.resolve() if exclude is not None else None
+    return [
+        path
+        for path in sorted(in_dir.rglob("*"))
+        if not (excluded is not None and path.resolve().is_relative_to(excluded))
+        and is_mosaic_file(path)
+    ]
+
+
+def manifest_lesions(in_dir: Path) -> dict[Path, str]:
+    """Lesion id of each mosaic listed in a ``manifest.csv`` under ``in_dir`` (or next to it).
+
+    Manifests follow the data set layout (:mod:`rcmseg.io.dataset`); when the tree holds none,
+    ``in_dir/../manifest.csv`` is used, so that ``rcmseg batch DATA/mosaics`` finds
+    ``DATA/manifest.csv``.
+    """
+    manifests = sorted(in_dir.rglob(MANIFEST_NAME))
+    if not manifests and (in_dir.parent / MANIFEST_NAME).is_file():
+        manifests = [in_dir.parent / MANIFEST_NAME]
+    lesions = {}
+    for manifest in manifests:
+        for case in read_manifest(manifest):
+            if case.lesion:
+                lesions[case.mosaic.resolve()] = case.lesion
+    return lesions
+
+
+def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
+    """Every mosaic under the folder ``source`` (or the one mosaic file ``source``) with its
+    output stem and lesion id, sorted by path.
+
+    The lesion id comes from a manifest when one lists the mosaic, else the file name. Two
+    mosaics that differ only by suffix (``a.tif``, ``a.png``) keep the suffix in their stems.
+
+    Raises:
+        InputError: ``source`` does not exist or is a file of another type.
+    """
+    if source.is_file():
+        if not is_mosaic_file(source):
+            raise InputError(source, f"not a mosaic file (endings: {' '.join(MOSAIC_SUFFIXES)})")
+        root, mosaics = source.parent, [source]
+    elif source.is_dir():
+        root, mosaics = source, find_mosaics(source, exclude=out_dir)
+    else:
+        raise InputError(source, "no such mosaic file or folder")
+    lesions = manifest_lesions(root)
+    stems = [path.relative_to(root).as_posix()[: -len(mosaic_suffix(path))] for path in mosaics]
+    jobs = []
+    for path, stem in zip(mosaics, stems, strict=True):
+        if stems.count(stem) > 1:
+            stem = stem + mosaic_suffix(path).replace(".", "_")
+        jobs.append(
+            MosaicJob(
+                path=path,
+                relative=path.relative_to(root).as_posix(),
+                out_stem=out_dir / stem,
+                lesion=lesions.get(path.resolve(), Path(stem).name),
+            )
+        )
+    return jobs
+
+
+def parts_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """``(num_parts, part_id)`` from torchrun's ``WORLD_SIZE`` and ``RANK``; ``(1, 0)`` alone."""
+    return int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
+
+
+def select_part(jobs: list[MosaicJob], num_parts: int, part_id: int) -> list[MosaicJob]:
+    """Every ``num_parts``-th job starting at ``part_id``: parts are disjoint and cover all."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise InputError(None, f"--part-id must be in 0..{num_parts - 1} and --num-parts ≥ 1")
+    return jobs[part_id::num_parts]

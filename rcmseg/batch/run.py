@@ -1,0 +1,346 @@
+"""Segment every mosaic under a folder (or one mosaic file): ``rcmseg batch`` and the bundle's
+``inference.json``.
+
+Every file is written to a temporary sibling and renamed into place when complete, and the
+mosaic's record (``<name>.summary.json``) last, so a killed run never leaves a file that looks
+finished. A mosaic that fails (unreadable, truncated, wrong type, too small) gets a ``failed``
+record and the batch goes on. ``OUT/mosaics.csv`` and ``OUT/patterns.csv`` are rebuilt at the end
+of every run from all records in OUT, so the last part of a split run to finish writes complete
+reports. All options are checked before any mosaic is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rcmseg.batch.jobs import MosaicJob, plan_jobs, select_part
+from rcmseg.batch.outputs import requested_outputs, write_outputs
+from rcmseg.batch.progress import MosaicProgress, batch_progress, console
+from rcmseg.batch.resume import (
+    Provenance,
+    check_not_finished,
+    read_record,
+    remove_outputs,
+    reuse_verdict,
+    save_record,
+)
+from rcmseg.bundle import LoadedBundle, load_bundle
+from rcmseg.classes import MOSAIC_MPP
+from rcmseg.errors import InputError
+from rcmseg.inference import MIN_SIDE_PX, SegmentationEngine, configure_threads, resolve_device
+from rcmseg.report import MosaicRecord, summary_table, write_reports
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How ``run_batch`` segments and what it writes.
+
+    Attributes:
+        preset: sliding-window preset name (``fast`` or ``paper``, or one the bundle defines).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda:1``, ...
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see
+            :func:`rcmseg.inference.resolve_precision`).
+        tta: test-time augmentation, the mean over 8 flips/rotations (8x the network time).
+        fallback_mpp: µm/px of mosaics whose file carries no pixel size.
+        probabilities, uncertainty, overlay, geojson: optional outputs.
+        resume: skip mosaics whose outputs are complete, valid and made the same way
+            (``--continue``).
+        overwrite: redo mosaics that already have finished outputs.
+        num_parts, part_id: process only mosaics ``part_id, part_id + num_parts, ...`` of the
+            sorted list, so that parts run on several processes or machines without overlap.
+        threads: torch CPU threads (default: the cores this process may run on).
+    """
+
+    preset: str = "fast"
+    device: str = "auto"
+    precision: str = "auto"
+    tta: bool = False
+    fallback_mpp: float = MOSAIC_MPP
+    probabilities: bool = False
+    uncertainty: bool = False
+    overlay: bool = False
+    geojson: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+    threads: int | None = None
+
+    def requested_outputs(self) -> tuple[str, ...]:
+        return requested_outputs(self.probabilities, self.uncertainty, self.overlay, self.geojson)
+
+    def check(self) -> None:
+        """Refuse contradictory or impossible options with one line."""
+        if not self.fallback_mpp > 0:  # also refuses NaN
+            raise InputError(None, f"--mpp {self.fallback_mpp}: a pixel size must be above 0 µm")
+        if self.resume and self.overwrite:
+            raise InputError(None, "--continue and --overwrite exclude each other")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Records of this run's part (in order) and of the whole batch, and the report paths."""
+
+    records: list[MosaicRecord]
+    all_records: list[MosaicRecord]
+    mosaics_csv: Path
+    patterns_csv: Path
+
+    @property
+    def failed(self) -> list[MosaicRecord]:
+        return [record for record in self.records if record.status == "failed"]
+
+
+def check_size(width: int, height: int, path: Path) -> None:
+    """Refuse mosaics below :data:`~rcmseg.inference.MIN_SIDE_PX` at the working resolution."""
+    if min(width, height) < MIN_SIDE_PX:
+        raise InputError(
+            path,
+            f"too small: {width}×{height} px at the working resolution, below the "
+            f"{MIN_SIDE_PX} px minimum side",
+        )
+
+
+@dataclass
+class Segmenter:
+    """What segments every mosaic of a run: the bundle, its engine and the run's options."""
+
+    bundle: LoadedBundle
+    engine: SegmentationEngine
+    options: BatchOptions
+
+    @property
+    def provenance(self) -> Provenance:
+        return Provenance(
+            model=self.bundle.model,
+            bundle_version=self.bundle.version,
+            preset=self.engine.preset_name,
+            engine=self.engine.describe(with_device=False),
+            outputs=self.options.requested_outputs(),
+            fallback_mpp=self.options.fallback_mpp,
+        )
+
+    def segment_mosaic(
+        self, job: MosaicJob, progress: MosaicProgress, note: str = ""
+    ) -> MosaicRecord:
+        """Segment one mosaic, write its outputs and its record; raise on any failure."""
+        from rcmseg.io.mosaics import probe_mosaic, read_mosaic
+
+        bundle, options = self.bundle, self.options
+        started = time.perf_counter()
+        stat = job.path.stat()
+        info = probe_mosaic(job.path, fallback_mpp=options.fallback_mpp)
+        height, width = info.working_shape(bundle.working_mpp)
+        check_size(width, height, job.path)
+        progress.begin(job, steps=self.engine.band_count(height, width) + 2)
+        image, info = read_mosaic(job.path, bundle.working_mpp, fallback_mpp=options.fallback_mpp)
+        read_done = time.perf_counter()
+        progress.step("segmenting")
+
+        maps = self.engine.segment(
+            image,
+            probabilities=options.probabilities,
+            entropy=options.uncertainty,
+            on_band=lambda: progress.step("segmenting"),
+        )
+        infer_done = time.perf_counter()
+        progress.step("writing")
+        provenance = self.provenance
+        description = {
+            "source": job.relative,
+            "model": bundle.model,
+            "bundle": f"{bundle.name} {bundle.version}",
+            "preset": provenance.preset,
+            "settings": provenance.engine,
+        }
+        outputs = write_outputs(
+            job, image, info.mosaic_mpp, bundle, maps, provenance.outputs, description
+        )
+        finished = time.perf_counter()
+        record = MosaicRecord(
+            mosaic=job.relative,
+            lesion=job.lesion,
+            status="done",
+            seconds=finished - started,
+            read_seconds=read_done - started,
+            infer_seconds=infer_done - read_done,
+            write_seconds=finished - infer_done,
+            width_px=info.width_px,
+            height_px=info.height_px,
+            mosaic_mpp=info.mosaic_mpp,
+            mpp_source=info.mpp_source,
+            working_mpp=bundle.working_mpp,
+            working_shape=tuple(maps.labels.shape),
+            pixel_counts=tuple(int(count) for count in maps.counts),
+            confidence_sums=tuple(float(total) for total in maps.confidence_sums),
+            preset=provenance.preset,
+            engine=provenance.engine,
+            precision=self.engine.precision,
+            model=bundle.model,
+            bundle=bundle.name,
+            bundle_version=bundle.version,
+            source_size=stat.st_size,
+            source_mtime_ns=stat.st_mtime_ns,
+            outputs=outputs,
+            note=note,
+        )
+        save_record(job, record)
+        return record
+
+    def process(self, job: MosaicJob, progress: MosaicProgress) -> MosaicRecord:
+        """Skip, or segment, one mosaic; any failure becomes a saved ``failed`` record."""
+        started = time.perf_counter()
+        note = ""
+        try:
+            if self.options.resume:
+                kept, why = reuse_verdict(job, self.provenance)
+                if kept is not None:
+                    return replace(kept, status="skipped")
+                if why:
+                    note = f"redone: {why}"
+                    console.print(f"[yellow]redo[/yellow] {job.relative}: {why}", highlight=False)
+            remove_outputs(job, finished=self.options.overwrite or bool(note))
+            return self.segment_mosaic(job, progress, note)
+        except Exception as error:  # one bad mosaic must not stop the batch
+            record = failure_record(job, error, time.perf_counter() - started)
+            with contextlib.suppress(OSError):
+                save_record(job, record)
+            return record
+
+
+def failure_record(job: MosaicJob, error: BaseException, seconds: float) -> MosaicRecord:
+    """A ``failed`` record whose error is one line naming the file and the problem."""
+    if isinstance(error, InputError):
+        message = str(error) if error.path is not None else f"{job.path}: {error.problem}"
+    else:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        message = f"{job.path}: {type(error).__name__}: {first_line}"
+    return MosaicRecord(
+        mosaic=job.relative, lesion=job.lesion, status="failed", error=message, seconds=seconds
+    )
+
+
+def device_for_part(device: str) -> str:
+    """Under torchrun, ``auto`` picks the GPU of this process (``LOCAL_RANK``)."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device == "auto" and local_rank is not None and resolve_device("auto").type == "cuda":
+        return f"cuda:{int(local_rank)}"
+    return device
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output path that is a file (or lies under one)."""
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(folder, "is a file, not a folder for outputs (--out)")
+            return
+
+
+def run_batch(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    bundle_dir: str | Path | None = None,
+    options: BatchOptions | None = None,
+    show_progress: bool = True,
+    *,
+    bundle: LoadedBundle | None = None,
+    engine: SegmentationEngine | None = None,
+) -> BatchResult:
+    """Segment every mosaic under ``in_dir`` (a folder or one mosaic file) into ``out_dir``.
+
+    ``bundle`` and ``engine`` given (``inference.json`` builds them from its parsed config)
+    are used as they are; otherwise the bundle is loaded from ``bundle_dir`` and its engine
+    built from ``options``.
+
+    Raises:
+        InputError: a missing input, an output path that is a file, bad options (device,
+            precision, preset, pixel size, parts), a bad bundle or manifest, no mosaics, or
+            finished outputs without ``resume``/``overwrite``. All are checked before any mosaic
+            is segmented. Failures of single mosaics do not raise: they are recorded and the
+            batch goes on.
+    """
+    options = options or BatchOptions()
+    if not str(in_dir) or not str(out_dir):  # e.g. inference.json run without --dataset_dir
+        raise InputError(None, "both an input folder and an output folder are needed")
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    options.check()
+    check_out_dir(out_dir)
+    jobs = plan_jobs(in_dir, out_dir)
+    if not jobs:
+        raise InputError(in_dir, "holds no mosaics (TIFF, SVS, BMP, PNG, JPEG or NIfTI files)")
+    mine = select_part(jobs, options.num_parts, options.part_id)
+    if not (options.resume or options.overwrite):
+        check_not_finished(mine, out_dir)
+    threads = configure_threads(options.threads)
+    if bundle is None:
+        bundle = load_bundle(bundle_dir, device=device_for_part(options.device))
+    if engine is None:
+        engine = bundle.engine(options.preset, precision=options.precision, tta=options.tta)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    if bundle.intended_use:
+        console.print(
+            f"[yellow]{bundle.name} {bundle.version}:[/] {bundle.intended_use}", highlight=False
+        )
+    where = f", {threads} CPU threads" if engine.device.type == "cpu" else ""
+    console.print(f"segmenting with {engine.describe()}{where}", highlight=False)
+    segmenter = Segmenter(bundle, engine, options)
+    records = []
+    with batch_progress(show_progress, len(mine)) as progress:
+        for job in mine:
+            record = segmenter.process(job, progress)
+            if record.status == "failed":
+                console.print(f"[red]failed[/red] {record.error}", highlight=False, soft_wrap=True)
+            records.append(record)
+            progress.mosaic_done()
+
+    announce_fallback_mpp(records, options.fallback_mpp)
+    all_records = batch_records(jobs, records)
+    mosaics_csv, patterns_csv = write_reports(out_dir, all_records, bundle.class_names)
+    return BatchResult(records, all_records, mosaics_csv, patterns_csv)
+
+
+def announce_fallback_mpp(records: list[MosaicRecord], fallback_mpp: float) -> None:
+    """Say how many mosaics carried no pixel size: their mm² rest on ``--mpp``."""
+    count = sum(r.mpp_source == "fallback" and r.status != "failed" for r in records)
+    if count:
+        console.print(
+            f"[yellow]note:[/] {count} mosaic(s) carry no pixel size; {fallback_mpp} µm/px "
+            "assumed (--mpp); their areas in mm² are right only if that is their pixel size",
+            highlight=False,
+        )
+
+
+def batch_records(jobs: list[MosaicJob], this_run: list[MosaicRecord]) -> list[MosaicRecord]:
+    """A record for every job: this run's, else one saved by another run or part, else pending."""
+    by_mosaic = {record.mosaic: record for record in this_run}
+    return [
+        replace(
+            by_mosaic.get(job.relative) or read_record(job) or MosaicRecord("", "", "pending"),
+            mosaic=job.relative,
+            lesion=job.lesion,  # the manifest may have changed since a record was saved
+        )
+        for job in jobs
+    ]
+
+
+def print_summary(result: BatchResult) -> None:
+    """The summary table of this run and one line of totals, on stdout."""
+    from rich.console import Console
+
+    stdout = Console()
+    stdout.print(summary_table(result.records))
+    counts = {status: 0 for status in ("done", "skipped", "failed")}
+    for record in result.records:
+        counts[record.status] = counts.get(record.status, 0) + 1
+    stdout.print(
+        ", ".join(f"{count} {status}" for status, count in counts.items())
+        + f"; reports: {result.mosaics_csv}, {result.patterns_csv}",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -1,0 +1,147 @@
+"""`rcmseg batch` at the edges a new user hits first, and `--continue` that checks provenance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from rcmseg.bundle import default_bundle_dir
+from rcmseg.cli.main import app
+from rcmseg.networks import get_network
+from rcmseg.synth.mosaic import make_mosaic
+
+torch.set_num_threads(2)
+
+
+def rcmseg(*args: str):
+    return CliRunner().invoke(app, [*args], catch_exceptions=False)
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert "Traceback" not in result.output
+    assert len(lines) <= 2, result.output  # one message (rich may fold it once)
+    return " ".join(lines)
+
+
+@pytest.fixture(scope="module")
+def mosaics(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("edge_in")
+    image, _ = make_mosaic((800, 960), seed=3)
+    tifffile.imwrite(root / "a.tif", image, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    Image.fromarray(make_mosaic((600, 640), seed=4)[0]).save(root / "b.png")  # no pixel size
+    return root
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--device", "bogus"], "unknown device 'bogus'"),
+        (["--mpp", "0"], "--mpp 0.0: a pixel size must be above 0"),
+        (["--mpp", "-1"], "--mpp -1.0: a pixel size must be above 0"),
+        (["--preset", "bogus"], "unknown preset 'bogus'; choose one of paper, fast"),
+        (["--precision", "fp8"], "unknown precision 'fp8'"),
+        (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    ],
+)
+def test_bad_options_give_one_line_and_exit_2_before_any_work(mosaics, tmp_path, options, message):
+    out = tmp_path / "out"
+    result = rcmseg("batch", str(mosaics), "--out", str(out), *options)
+    assert result.exit_code == 2
+    assert message in one_error_line(result)
+    assert not list(out.rglob("*.labels.tif")) if out.exists() else True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_on_a_machine_without_one_is_one_line(mosaics, tmp_path):
+    result = rcmseg("batch", str(mosaics), "--out", str(tmp_path / "o"), "--device", "cuda")
+    assert result.exit_code == 2
+    assert "no CUDA GPU" in one_error_line(result)
+
+
+def test_out_naming_a_file_is_one_line(mosaics, tmp_path):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    result = rcmseg("batch", str(mosaics), "--out", str(target))
+    assert result.exit_code == 2
+    assert "is a file, not a folder for outputs" in one_error_line(result)
+    assert target.read_text() == "keep me"
+
+
+def test_missing_input_and_non_mosaic_file_are_one_line(tmp_path):
+    result = rcmseg("batch", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "no such mosaic file or folder" in one_error_line(result)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    result = rcmseg("batch", str(text), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "not a mosaic file" in one_error_line(result)
+
+
+def test_a_single_mosaic_file_is_segmented(mosaics, tmp_path):
+    out = tmp_path / "one"
+    result = rcmseg("batch", str(mosaics / "a.tif"), "--out", str(out), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert tifffile.imread(out / "a.labels.tif").shape == (200, 240)
+    assert not (out / "b.labels.tif").exists()
+
+
+def test_fallback_pixel_size_is_announced_and_overlay_says_what_its_shares_are(mosaics, tmp_path):
+    out = tmp_path / "both"
+    result = rcmseg("batch", str(mosaics), "--out", str(out), "--device", "cpu", "--overlay")
+    assert result.exit_code == 0, result.output
+    assert "1 mosaic(s) carry no pixel size; 0.5 µm/px assumed" in " ".join(result.output.split())
+    from rcmseg.classes import CLASS_NAMES
+    from rcmseg.io.overlay import area_legend
+
+    labels = tifffile.imread(out / "a.labels.tif")
+    entries, note = area_legend(labels, CLASS_NAMES)
+    lesion = np.isin(labels, [2, 3, 4, 5])
+    meshwork_share = 100 * (labels == 2).sum() / max(1, lesion.sum())
+    assert entries[2] == f"meshwork {meshwork_share:.0f}%"  # share of the lesion, as patterns.csv
+    assert "% of lesion area" in note and "% of analysed area" in note
+
+
+def _bundle_with_other_weights(tmp_path: Path) -> Path:
+    bundle = tmp_path / "retrained"
+    shutil.copytree(default_bundle_dir(), bundle, ignore=shutil.ignore_patterns("runs"))
+    torch.manual_seed(7)
+    torch.save(get_network("mednet").state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
+def test_continue_redoes_mosaics_made_another_way_and_says_why(mosaics, tmp_path):
+    out = tmp_path / "out"
+    first = rcmseg("batch", str(mosaics), "--out", str(out), "--device", "cpu")
+    assert first.exit_code == 0, first.output
+    seconds = json.loads((out / "a.summary.json").read_text())["seconds"]
+
+    same = rcmseg("batch", str(mosaics), "--out", str(out), "--device", "cpu", "--continue")
+    assert same.exit_code == 0
+    rows = (out / "mosaics.csv").read_text().splitlines()
+    assert all(",skipped," in row for row in rows[1:])
+    assert f"{seconds:.2f}" in rows[1]  # skipped rows keep their original seconds
+
+    retrained = _bundle_with_other_weights(tmp_path)
+    again = rcmseg(
+        "batch", str(mosaics), "--out", str(out), "--device", "cpu", "--continue",
+        "--bundle", str(retrained),
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert "made with other weights" in " ".join(again.output.split())
+    record = json.loads((out / "a.summary.json").read_text())
+    assert record["status"] == "done" and record["note"].startswith("redone: made with other")
+
+    preset = rcmseg(
+        "batch", str(mosaics), "--out", str(out), "--device", "cpu", "--continue",
+        "--bundle", str(retrained), "--preset", "paper",
+    )  # fmt: skip
+    assert preset.exit_code == 0
+    assert "settings 'fast" in " ".join(preset.output.split())
