@@ -10,10 +10,10 @@ Usage::
 ``speed`` writes a synthetic ``size``×``size`` 8-bit TIFF at 0.5 µm/px (a 4000² ``rcmseg synth``
 mosaic mirrored into a seamless tiling, to save minutes of generation) and segments it end to end
 with :meth:`rcmseg.batch.Segmenter.segment_mosaic`, the code ``rcmseg batch`` runs (read, infer,
-write the label TIFF), once per preset, each in a fresh child process so that its peak resident memory
-(``ru_maxrss``) is its own. With ``--paper-crop N`` the ``paper`` preset is timed on an N×N crop
-of the working-resolution image and its inference time extrapolated by the number of windows
-(stated in the output); read and write do not depend on the preset. Each stage reports wall
+write the label TIFF), once per preset, each in a fresh child process so that its peak resident
+memory (``ru_maxrss``) is its own. With ``--paper-crop N`` the ``paper`` preset is timed on an
+N×N crop of the working-resolution image and its inference time extrapolated by the number of
+windows (stated in the output); read and write do not depend on the preset. Each stage reports wall
 seconds and the process's CPU seconds: on a shared machine the wall time grows with the load,
 CPU seconds / threads estimate the wall time on an idle machine.
 
@@ -156,7 +156,9 @@ def child_speed(args: argparse.Namespace) -> dict:
     else:
         clock = StageClock()
         options = BatchOptions(preset=args.preset, device=args.device)
-        engine = bundle.engine(args.preset, precision=args.precision)
+        built = time.perf_counter()
+        engine = bundle.engine(args.preset, precision=args.precision, backend=args.backend)
+        result.update(backend=args.backend, engine_build_seconds=time.perf_counter() - built)
         record = Segmenter(bundle, engine, options).segment_mosaic(job, clock)
         result["precision"] = engine.precision
         marks = clock.marks
@@ -178,6 +180,37 @@ def child_speed(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_folder(args: argparse.Namespace) -> dict:
+    """A folder of ``count`` mosaics through :func:`rcmseg.batch.run_batch`: wall time against
+    the sum of the stages (reads and writes overlap the segmentation of the neighbours)."""
+    from rcmseg.batch import run_batch
+
+    with tempfile.TemporaryDirectory(prefix="bench_folder_") as workdir:
+        folder = Path(workdir) / "in"
+        folder.mkdir()
+        for index in range(args.count):
+            make_large_mosaic(folder / f"m{index}.tif", args.size, seed=index)
+        started = time.perf_counter()
+        options = BatchOptions(
+            device=args.device, precision=args.precision, threads=args.threads, backend=args.backend
+        )
+        result = run_batch(folder, Path(workdir) / "out", options=options, show_progress=False)
+        wall = time.perf_counter() - started
+    records = result.records
+    summary = {
+        "mosaics": args.count,
+        "size_px": args.size,
+        "wall_seconds": wall,
+        "sum_infer_seconds": sum(r.infer_seconds for r in records),
+        "sum_read_write_seconds": sum(r.read_seconds + r.write_seconds for r in records),
+        "statuses": [r.status for r in records],
+        "peak_rss_mb": peak_rss_mb(),
+        "load_average": os.getloadavg()[0],
+    }
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def run_speed(args: argparse.Namespace) -> list[dict]:
     results = []
     for size in args.size:
@@ -192,7 +225,7 @@ def run_speed(args: argparse.Namespace) -> list[dict]:
                     sys.executable, __file__, "child",
                     "--mosaic", str(mosaic), "--out-dir", workdir, "--preset", preset,
                     "--device", args.device, "--threads", str(args.threads), "--crop", str(crop),
-                    "--precision", args.precision,
+                    "--precision", args.precision, "--backend", args.backend,
                     *(["--stand-in"] if args.stand_in else []),
                 ]  # fmt: skip
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -350,15 +383,19 @@ def main() -> None:
         default=list(DEFAULT_CANDIDATES),
         help="WINDOW/OVERLAP[/SIGMA_SCALE] settings to compare with paper",
     )
+    folder = commands.add_parser("folder", help="a folder of mosaics end to end")
+    folder.add_argument("--count", type=int, default=3)
+    folder.add_argument("--size", type=int, default=12000)
     child = commands.add_parser("child")
     child.add_argument("--mosaic", required=True)
     child.add_argument("--out-dir", required=True)
     child.add_argument("--preset", required=True)
     child.add_argument("--crop", type=int, default=0)
     child.add_argument("--stand-in", action="store_true")
-    for command in (speed, child):
+    for command in (speed, child, folder):
         command.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16")
-    for command in (speed, agreement, child):
+        command.add_argument("--backend", default="torch", help="torch or openvino")
+    for command in (speed, agreement, child, folder):
         command.add_argument("--device", default="auto")
         command.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -366,6 +403,8 @@ def main() -> None:
         print(json.dumps(child_speed(args)))
     elif args.command == "speed":
         run_speed(args)
+    elif args.command == "folder":
+        run_folder(args)
     else:
         run_agreement(args)
 

@@ -1,15 +1,17 @@
-"""Reduced precision on this machine: speed per window and agreement with float32.
+"""Engine variants on this machine: precision, backend and TTA against torch float32.
 
 Usage::
 
     python benchmarks/bench_precision.py --textures /work/shared/data/textures --threads 2
+    python benchmarks/bench_precision.py --variants fp32 bf16 openvino:fp32 openvino:bf16 fp32+tta
 
 Segments synthetic mosaics (``rcmseg.synth``, with their ground truth) and real-texture mosaics
 (``benchmarks/texture_mosaics.py``) with the bundled weights through
 :class:`rcmseg.inference.SegmentationEngine` (preset ``fast``) once per precision, and reports
-the share of pixels whose label equals float32's, the mean Dice against the labelled pixels,
-and the network milliseconds per 256² window (batch of 8, batch norms folded, channels-last),
-with the CPU's bf16 support as detected (:func:`rcmseg.inference.cpu_has_native_bf16`).
+the share of pixels whose label equals torch float32's, the mean Dice against the labelled
+pixels, the network milliseconds per 256² window (batch of 8, batch norms folded) and the
+seconds to segment all images (TTA's cost factor), with the CPU's bf16 support as detected
+(:func:`rcmseg.inference.cpu_has_native_bf16`). A variant is ``[backend:]precision[+tta]``.
 """
 
 from __future__ import annotations
@@ -64,13 +66,22 @@ def ms_per_window(engine: SegmentationEngine, repeats: int = 5) -> float:
     return (time.perf_counter() - started) / repeats / 8 * 1000
 
 
+def make_engine(bundle, variant: str) -> SegmentationEngine:
+    """``[backend:]precision[+tta]``, e.g. ``openvino:bf16`` or ``fp32+tta``."""
+    setting, _, extra = variant.partition("+")
+    backend, _, precision = setting.rpartition(":")
+    return bundle.engine(
+        "fast", precision=precision, tta=extra == "tta", backend=backend or "torch"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--textures", type=Path, help="folder holding usc_sipi/ (optional)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[201, 202, 203])
     parser.add_argument("--side", type=int, default=768, help="synthetic side at 2 µm/px")
     parser.add_argument("--texture-mosaics", type=int, default=3)
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "fp32+tta"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -79,20 +90,21 @@ def main() -> None:
     images = synthetic_images(args.seeds, args.side)
     if args.textures:
         images += texture_images(args.textures, args.texture_mosaics)
-    engines = {p: bundle.engine("fast", precision=p) for p in args.precisions}
+    engines = {variant: make_engine(bundle, variant) for variant in ["fp32", *args.variants]}
     results = {"cpu_native_bf16": cpu_has_native_bf16(), "threads": args.threads, "rows": []}
-    for precision, engine in engines.items():
-        results["rows"].append({"precision": precision, "ms_per_window": ms_per_window(engine)})
+    for variant, engine in engines.items():
+        results["rows"].append({"variant": variant, "ms_per_window": ms_per_window(engine)})
     reference = {name: engines["fp32"].labels(image) for name, image, _ in images}
     for row in results["rows"]:
-        engine = engines[row["precision"]]
+        engine = engines[row["variant"]]
         agreement, dice = {}, {}
+        started = time.perf_counter()
         for name, image, truth in images:
-            labels = reference[name] if row["precision"] == "fp32" else engine.labels(image)
+            labels = engine.labels(image)
             agreement[name] = float((labels == reference[name]).mean())
             matrix = confusion_matrix(labels, truth, num_classes=NUM_CLASSES)
             dice[name] = float(one_vs_rest(matrix)["mean_dice"])
-        row.update(agreement=agreement, dice=dice)
+        row.update(agreement=agreement, dice=dice, seconds=time.perf_counter() - started)
         row["min_agreement"] = min(agreement.values())
         row["mean_dice"] = float(np.mean(list(dice.values())))
     print(json.dumps(results, indent=1))

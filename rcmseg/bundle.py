@@ -57,11 +57,21 @@ class LoadedBundle:
     intended_use: str
 
     def engine(
-        self, preset: str | Preset = "fast", precision: str = "auto", tta: bool = False
+        self,
+        preset: str | Preset = "fast",
+        precision: str = "auto",
+        tta: bool = False,
+        backend: str = "torch",
     ) -> SegmentationEngine:
         """A :class:`~rcmseg.inference.SegmentationEngine` for this bundle's network."""
         return SegmentationEngine(
-            self.network, preset, self.device, precision=precision, tta=tta, presets=self.presets
+            self.network,
+            preset,
+            self.device,
+            precision=precision,
+            tta=tta,
+            presets=self.presets,
+            backend=backend,
         )
 
 

@@ -45,6 +45,7 @@ from rcmseg.networks.blocks import fold_batch_norms
 MIN_SIDE_PX: int = 32
 MIN_WINDOW_PX: int = 256  # MED-Net's training patch side (0.5 mm): windows never shrink below it
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+BACKENDS: tuple[str, ...] = ("torch", "openvino")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -280,6 +281,30 @@ def windows_per_pixel(preset: str | Preset) -> float:
     return (settings.window_px / settings.stride_px) ** 2
 
 
+def openvino_model(network: nn.Module, precision: str, device: torch.device) -> object:
+    """``network`` converted in memory to an OpenVINO model compiled for the CPU, inputs
+    (B, 1, H, W) float32 of any batch and window size; nothing is written to disk."""
+    if device.type != "cpu":
+        raise InputError(None, "--backend openvino runs on the CPU; use --device cpu")
+    if precision not in ("fp32", "bf16"):
+        raise InputError(None, f"--backend openvino runs fp32 or bf16, not {precision}")
+    try:
+        import openvino
+    except ImportError:
+        raise InputError(
+            None, "--backend openvino needs the openvino extra: pip install 'rcmseg[openvino]'"
+        ) from None
+    example = torch.zeros(1, 1, MIN_WINDOW_PX, MIN_WINDOW_PX)
+    with torch.no_grad():
+        converted = openvino.convert_model(
+            network.to(memory_format=torch.contiguous_format).eval(),
+            example_input=example,
+            input=[openvino.PartialShape([-1, 1, -1, -1])],
+        )
+    hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+    return openvino.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+
+
 def dihedral_mean(
     predict: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor
 ) -> torch.Tensor:
@@ -356,6 +381,9 @@ class SegmentationEngine:
         precision: one of :data:`PRECISIONS` (see :func:`resolve_precision`).
         tta: average the probabilities of the 8 flips/90° rotations of every window (8x cost).
         presets: named presets to look ``preset`` up in (a bundle's, say).
+        backend: ``"torch"``, or ``"openvino"`` (CPU only, extra ``rcmseg[openvino]``): the
+            folded network converted once, in memory, to an OpenVINO model with dynamic batch
+            and window sizes, run at ``precision`` (fp32 or bf16) by OpenVINO's CPU plugin.
     """
 
     network: nn.Module
@@ -364,6 +392,7 @@ class SegmentationEngine:
     precision: str = "auto"
     tta: bool = False
     presets: dict[str, Preset] | None = None
+    backend: str = "torch"
     settings: Preset = field(init=False)
     model: nn.Module = field(init=False, repr=False)
 
@@ -373,6 +402,13 @@ class SegmentationEngine:
         self.device = resolve_device(self.device)
         self.precision = resolve_precision(self.precision, self.device)
         self.model = self._inference_copy(self.network)
+        self._compiled = None
+        if self.backend not in BACKENDS:
+            raise InputError(
+                None, f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}"
+            )
+        if self.backend == "openvino":
+            self._compiled = openvino_model(self.model, self.precision, self.device)
 
     def _inference_copy(self, network: nn.Module) -> nn.Module:
         was_training = network.training
@@ -386,9 +422,14 @@ class SegmentationEngine:
         """What segments, e.g. ``"fast (256 px windows, stride 128 px), fp32, cpu"``."""
         tta = ", 8-fold TTA" if self.tta else ""
         where = f", {self.device}" if with_device else ""
-        return f"{self.preset_name} ({self.settings.describe()}), {self.precision}{tta}{where}"
+        backend = ", OpenVINO" if self.backend == "openvino" else ""
+        settings = self.settings.describe()
+        return f"{self.preset_name} ({settings}), {self.precision}{backend}{tta}{where}"
 
     def _predict(self, windows: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None:
+            logits = self._compiled(windows.contiguous().numpy())[0]
+            return torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)), dim=1)
         dtype = _AUTOCAST_DTYPES.get(self.precision)
         autocast = (
             torch.autocast(device_type=windows.device.type, dtype=dtype)

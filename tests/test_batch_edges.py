@@ -145,3 +145,41 @@ def test_continue_redoes_mosaics_made_another_way_and_says_why(mosaics, tmp_path
     )  # fmt: skip
     assert preset.exit_code == 0
     assert "settings 'fast" in " ".join(preset.output.split())
+
+
+def test_reads_and_writes_overlap_inference_with_at_most_one_mosaic_ahead(tmp_path):
+    from rcmseg.batch import BatchOptions, Segmenter, plan_jobs
+    from rcmseg.batch.progress import MosaicProgress
+    from rcmseg.bundle import load_bundle
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(4):
+        image, _ = make_mosaic((512, 512), seed=index)
+        tifffile.imwrite(folder / f"m{index}.tif", image, resolution=(2e4, 2e4),
+                         resolutionunit="CENTIMETER")  # fmt: skip
+    (folder / "m1.tif").write_text("not a TIFF")  # a failure in the middle of the pipeline
+    events: list[tuple[str, str]] = []
+
+    class Recording(Segmenter):
+        def read(self, job):
+            events.append(("read", job.relative))
+            return super().read(job)
+
+        def infer(self, job, mosaic, progress):
+            events.append(("infer", job.relative))
+            result = super().infer(job, mosaic, progress)
+            events.append(("inferred", job.relative))
+            return result
+
+    bundle = load_bundle(device="cpu")
+    options = BatchOptions(device="cpu")
+    segmenter = Recording(bundle, bundle.engine("fast"), options)
+    jobs = plan_jobs(folder, tmp_path / "out")
+    records = segmenter.segment_all(jobs, MosaicProgress())
+    assert [r.mosaic for r in records] == ["m0.tif", "m1.tif", "m2.tif", "m3.tif"]
+    assert [r.status for r in records] == ["done", "failed", "done", "done"]
+    assert all((tmp_path / "out" / f"m{i}.labels.tif").is_file() for i in (0, 2, 3))
+    # the read of mosaic k+2 starts only once mosaic k is segmented (one mosaic read ahead)
+    assert events.index(("inferred", "m0.tif")) < events.index(("read", "m2.tif"))
+    assert events.index(("inferred", "m2.tif")) > events.index(("read", "m3.tif"))  # overlap

@@ -252,3 +252,21 @@ def test_windows_shrink_to_small_images_but_not_below_the_training_patch():
     assert large.window_for(300, 2000) == (320, 512)  # rounded up to a multiple of 32
     assert large.window_for(100, 150) == (256, 256)  # padded to the 256 px field of view
     assert paper.window_for(100, 3000) == (256, 256)
+
+
+def test_openvino_backend_gives_the_torch_labels(conv_net):
+    image = random_image(200, 150, seed=8)
+    torch_maps = SegmentationEngine(conv_net, SMALL, precision="fp32").segment(image, entropy=True)
+    engine = SegmentationEngine(conv_net, SMALL, precision="fp32", backend="openvino")
+    assert "OpenVINO" in engine.describe()
+    maps = engine.segment(image, entropy=True)
+    assert (maps.labels == torch_maps.labels).mean() > 0.999
+    np.testing.assert_allclose(maps.entropy, torch_maps.entropy, atol=1e-3)
+    # regions equal the whole image with this backend too (dynamic batch and window sizes)
+    part = engine.segment(image, (150, 200), (20, 90))
+    np.testing.assert_array_equal(part.labels, maps.labels[150:200, 20:90])
+
+
+def test_unknown_backend_is_one_line(conv_net):
+    with pytest.raises(InputError, match="unknown backend 'tensorrt'; choose torch, openvino"):
+        SegmentationEngine(conv_net, SMALL, backend="tensorrt")

@@ -1,4 +1,4 @@
-"""Writers: label TIFF read by tifffile, tiffslide and OpenSlide; atomic writes; maps; GeoJSON."""
+"""Writers: label TIFF read by tifffile, tiffslide and OpenSlide; atomic writes; maps."""
 
 from __future__ import annotations
 
@@ -13,15 +13,11 @@ from PIL import Image
 
 from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES, UNLABELLED
 from rcmseg.io.atomic import PARTIAL_MARKER, atomic_path
+from rcmseg.io.labels import downsample_labels
+from rcmseg.io.overlay import write_overlay_png
 from rcmseg.io.writers import (
     is_complete_label_tiff,
-    label_features,
-    mode_downsample_2x,
-    region_polygons,
-    signed_area,
-    write_geojson,
     write_label_tiff,
-    write_overlay_png,
     write_probability_tiff,
     write_uncertainty_tiff,
 )
@@ -68,7 +64,7 @@ def test_label_tiff_with_tifffile(label_tiff):
         assert [tuple(c["color"]) for c in record["classes"]] == list(CLASS_COLOURS)
         assert record["mosaic"] == "m1.bmp" and record["unlabelled"] == UNLABELLED
         np.testing.assert_array_equal(levels[0].asarray(), labels)
-        np.testing.assert_array_equal(levels[1].asarray(), mode_downsample_2x(labels))
+        np.testing.assert_array_equal(levels[1].asarray(), downsample_labels(labels, 2))
 
 
 def test_label_tiff_with_tiffslide(label_tiff):
@@ -99,7 +95,7 @@ def test_label_tiff_with_openslide(label_tiff):
         assert tuple(rgba[rows[0], cols[0], :3]) == colour
 
 
-def test_mode_downsample_takes_a_block_value_never_an_average():
+def test_pyramid_downsample_takes_a_block_value_never_an_average():
     labels = np.array(
         [
             [0, 0, 1, 2, 4],
@@ -110,9 +106,9 @@ def test_mode_downsample_takes_a_block_value_never_an_average():
     )
     # blocks: {0,0,5,1} → 0; {1,2,3,3} → 3; {4,4} padded → 4; {2,2} → 2; {5,5} → 5; {0} → 0
     expected = np.array([[0, 3, 4], [2, 5, 0]], dtype=np.uint8)
-    np.testing.assert_array_equal(mode_downsample_2x(labels), expected)
+    np.testing.assert_array_equal(downsample_labels(labels, 2), expected)
     tie = np.array([[1, 2], [3, 4]], dtype=np.uint8)
-    assert mode_downsample_2x(tie)[0, 0] == 1
+    assert downsample_labels(tie, 2)[0, 0] == 1
 
 
 def test_is_complete_label_tiff(tmp_path, label_tiff):
@@ -217,90 +213,3 @@ def test_overlay_png(tmp_path):
     legend = overlay[200:].reshape(-1, 3)
     for colour in CLASS_COLOURS:
         assert (legend == colour).all(axis=1).any(), f"no swatch of colour {colour}"
-
-
-# ---------------------------------------------------------------------------------------------
-# GeoJSON
-
-
-def inside(rings: list[list[list[float]]], height: int, width: int) -> np.ndarray:
-    """Pixel centres inside a polygon (even-odd rule over all rings, axis-aligned edges)."""
-    cy, cx = np.mgrid[:height, :width] + 0.5
-    crossings = np.zeros((height, width), dtype=np.int64)
-    for ring in rings:
-        for (x1, y1), (x2, y2) in zip(ring[:-1], ring[1:], strict=True):
-            if x1 == x2:
-                crossings += (x1 > cx) & (min(y1, y2) < cy) & (cy < max(y1, y2))
-    return crossings % 2 == 1
-
-
-def test_region_with_a_hole_keeps_the_hole(tmp_path):
-    labels = np.zeros((20, 20), np.uint8)
-    labels[2:12, 2:12] = 3  # nested, 10×10 ...
-    labels[5:8, 5:8] = 0  # ... with a 3×3 hole
-    path = tmp_path / "regions.geojson"
-    write_geojson(path, labels, 4.0, mpp=2.0, classes=[3])
-    collection = json.loads(path.read_text(encoding="utf-8"))
-    assert collection["type"] == "FeatureCollection"
-    (feature,) = collection["features"]
-    assert feature["geometry"]["type"] == "Polygon"
-    outer, hole = (np.asarray(ring) for ring in feature["geometry"]["coordinates"])
-    assert outer.min() == 8 and outer.max() == 48  # mosaic pixels: working px × 4
-    assert signed_area(outer) == 40 * 40 and signed_area(hole) == -12 * 12
-    properties = feature["properties"]
-    assert properties["objectType"] == "annotation"
-    assert properties["classification"] == {"name": "nested", "color": list(CLASS_COLOURS[3])}
-    assert properties["measurements"]["Area µm^2"] == pytest.approx((100 - 9) * 2.0**2)
-
-
-def test_island_in_a_hole_and_diagonal_neighbours_are_separate_regions():
-    mask = np.zeros((9, 9), bool)
-    mask[1:8, 1:8] = True
-    mask[2:7, 2:7] = False  # hole
-    mask[4, 4] = True  # island inside the hole
-    mask[0, 8] = True  # touches the frame only at a corner
-    polygons = list(region_polygons(mask))
-    areas = sorted(area for _rings, area in polygons)
-    assert areas == [1, 1, 49 - 25]
-    frame = next(rings for rings, area in polygons if area == 24)
-    assert len(frame) == 2
-
-
-def test_features_rasterise_back_to_the_label_map():
-    labels = blocky_labels(60, 50, seed=3)
-    rng = np.random.default_rng(4)
-    labels[rng.random(labels.shape) < 0.15] = 2  # speckle: many small regions and holes
-    features = label_features(labels, 1.0)
-    covered = np.zeros(labels.shape, np.int64)
-    for feature in features:
-        rings = feature["geometry"]["coordinates"]
-        ring_arrays = [np.asarray(ring) for ring in rings]
-        assert all((ring[0] == ring[-1]).all() for ring in ring_arrays)
-        # Exterior counter-clockwise, holes clockwise; no vertex visited twice (no pinches).
-        assert signed_area(ring_arrays[0]) > 0
-        assert all(signed_area(ring) < 0 for ring in ring_arrays[1:])
-        assert all(len(np.unique(ring[:-1], axis=0)) == len(ring) - 1 for ring in ring_arrays)
-        region = inside(rings, *labels.shape)
-        index = CLASS_NAMES.index(feature["properties"]["classification"]["name"])
-        assert (labels[region] == index).all()
-        assert feature["properties"]["measurements"]["Area µm^2"] == region.sum() * 4.0
-        covered += region
-    np.testing.assert_array_equal(covered, labels != UNLABELLED)
-
-
-def test_geojson_scaling_simplification_and_filters():
-    labels = np.zeros((40, 40), np.uint8)
-    rows, cols = np.mgrid[:40, :40]
-    labels[rows > cols] = 1  # a staircase diagonal
-    labels[0, 39] = 2  # one-pixel region
-    exact = label_features(labels, 2.5, classes=[1])
-    assert isinstance(exact[0]["geometry"]["coordinates"][0][0][0], float)
-    simplified = label_features(labels, 1.0, classes=[1], simplify_px=0.75)
-    exact_ring = np.asarray(
-        label_features(labels, 1.0, classes=[1])[0]["geometry"]["coordinates"][0]
-    )
-    simple_ring = np.asarray(simplified[0]["geometry"]["coordinates"][0])
-    assert len(simple_ring) < len(exact_ring) // 4
-    assert signed_area(simple_ring) == pytest.approx(signed_area(exact_ring), rel=0.05)
-    assert len(label_features(labels, 1.0, classes=[2])) == 1
-    assert label_features(labels, 1.0, classes=[2], min_area_px=2) == []

@@ -14,8 +14,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from rcmseg.batch.jobs import MosaicJob, plan_jobs, select_part
 from rcmseg.batch.outputs import requested_outputs, write_outputs
@@ -31,7 +34,14 @@ from rcmseg.batch.resume import (
 from rcmseg.bundle import LoadedBundle, load_bundle
 from rcmseg.classes import MOSAIC_MPP
 from rcmseg.errors import InputError
-from rcmseg.inference import MIN_SIDE_PX, SegmentationEngine, configure_threads, resolve_device
+from rcmseg.inference import (
+    MIN_SIDE_PX,
+    SegmentationEngine,
+    SegmentationMaps,
+    configure_threads,
+    resolve_device,
+)
+from rcmseg.io.mosaics import MosaicInfo, probe_mosaic, read_mosaic
 from rcmseg.report import MosaicRecord, summary_table, write_reports
 
 
@@ -45,6 +55,7 @@ class BatchOptions:
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see
             :func:`rcmseg.inference.resolve_precision`).
         tta: test-time augmentation, the mean over 8 flips/rotations (8x the network time).
+        backend: ``torch`` or ``openvino`` (CPU; extra ``rcmseg[openvino]``).
         fallback_mpp: µm/px of mosaics whose file carries no pixel size.
         probabilities, uncertainty, overlay, geojson: optional outputs.
         resume: skip mosaics whose outputs are complete, valid and made the same way
@@ -59,6 +70,7 @@ class BatchOptions:
     device: str = "auto"
     precision: str = "auto"
     tta: bool = False
+    backend: str = "torch"
     fallback_mpp: float = MOSAIC_MPP
     probabilities: bool = False
     uncertainty: bool = False
@@ -106,8 +118,24 @@ def check_size(width: int, height: int, path: Path) -> None:
 
 
 @dataclass
+class LoadedMosaic:
+    """A mosaic read at the working resolution, with what its record needs from the file."""
+
+    info: MosaicInfo
+    image: np.ndarray
+    source_size: int
+    source_mtime_ns: int
+    read_seconds: float
+
+
+@dataclass
 class Segmenter:
-    """What segments every mosaic of a run: the bundle, its engine and the run's options."""
+    """What segments every mosaic of a run: the bundle, its engine and the run's options.
+
+    Each mosaic goes read → infer → write. :meth:`segment_all` overlaps the stages: the next
+    mosaic is read and the previous one written while the current one is segmented, with at
+    most one mosaic read ahead and one waiting to be written (bounded memory).
+    """
 
     bundle: LoadedBundle
     engine: SegmentationEngine
@@ -124,32 +152,45 @@ class Segmenter:
             fallback_mpp=self.options.fallback_mpp,
         )
 
-    def segment_mosaic(
-        self, job: MosaicJob, progress: MosaicProgress, note: str = ""
-    ) -> MosaicRecord:
-        """Segment one mosaic, write its outputs and its record; raise on any failure."""
-        from rcmseg.io.mosaics import probe_mosaic, read_mosaic
-
-        bundle, options = self.bundle, self.options
+    def read(self, job: MosaicJob) -> LoadedMosaic:
+        """Read one mosaic at the working resolution; raise on a bad file."""
         started = time.perf_counter()
         stat = job.path.stat()
-        info = probe_mosaic(job.path, fallback_mpp=options.fallback_mpp)
-        height, width = info.working_shape(bundle.working_mpp)
+        mpp = self.options.fallback_mpp
+        info = probe_mosaic(job.path, fallback_mpp=mpp)
+        height, width = info.working_shape(self.bundle.working_mpp)
         check_size(width, height, job.path)
-        progress.begin(job, steps=self.engine.band_count(height, width) + 2)
-        image, info = read_mosaic(job.path, bundle.working_mpp, fallback_mpp=options.fallback_mpp)
-        read_done = time.perf_counter()
-        progress.step("segmenting")
+        image, info = read_mosaic(job.path, self.bundle.working_mpp, fallback_mpp=mpp)
+        seconds = time.perf_counter() - started
+        return LoadedMosaic(info, image, stat.st_size, stat.st_mtime_ns, seconds)
 
+    def infer(
+        self, job: MosaicJob, mosaic: LoadedMosaic, progress: MosaicProgress
+    ) -> tuple[SegmentationMaps, float]:
+        """The mosaic's maps and the seconds they took."""
+        started = time.perf_counter()
+        progress.begin(job, steps=self.engine.band_count(*mosaic.image.shape) + 2)
+        progress.step("segmenting")
         maps = self.engine.segment(
-            image,
-            probabilities=options.probabilities,
-            entropy=options.uncertainty,
+            mosaic.image,
+            probabilities=self.options.probabilities,
+            entropy=self.options.uncertainty,
             on_band=lambda: progress.step("segmenting"),
         )
-        infer_done = time.perf_counter()
         progress.step("writing")
-        provenance = self.provenance
+        return maps, time.perf_counter() - started
+
+    def write(
+        self,
+        job: MosaicJob,
+        mosaic: LoadedMosaic,
+        maps: SegmentationMaps,
+        infer_seconds: float,
+        note: str = "",
+    ) -> MosaicRecord:
+        """Write the mosaic's outputs, then its record (last: it marks the mosaic finished)."""
+        started = time.perf_counter()
+        bundle, info, provenance = self.bundle, mosaic.info, self.provenance
         description = {
             "source": job.relative,
             "model": bundle.model,
@@ -158,17 +199,17 @@ class Segmenter:
             "settings": provenance.engine,
         }
         outputs = write_outputs(
-            job, image, info.mosaic_mpp, bundle, maps, provenance.outputs, description
+            job, mosaic.image, info.mosaic_mpp, bundle, maps, provenance.outputs, description
         )
-        finished = time.perf_counter()
+        write_seconds = time.perf_counter() - started
         record = MosaicRecord(
             mosaic=job.relative,
             lesion=job.lesion,
             status="done",
-            seconds=finished - started,
-            read_seconds=read_done - started,
-            infer_seconds=infer_done - read_done,
-            write_seconds=finished - infer_done,
+            seconds=mosaic.read_seconds + infer_seconds + write_seconds,
+            read_seconds=mosaic.read_seconds,
+            infer_seconds=infer_seconds,
+            write_seconds=write_seconds,
             width_px=info.width_px,
             height_px=info.height_px,
             mosaic_mpp=info.mosaic_mpp,
@@ -183,33 +224,92 @@ class Segmenter:
             model=bundle.model,
             bundle=bundle.name,
             bundle_version=bundle.version,
-            source_size=stat.st_size,
-            source_mtime_ns=stat.st_mtime_ns,
+            source_size=mosaic.source_size,
+            source_mtime_ns=mosaic.source_mtime_ns,
             outputs=outputs,
             note=note,
         )
         save_record(job, record)
         return record
 
-    def process(self, job: MosaicJob, progress: MosaicProgress) -> MosaicRecord:
-        """Skip, or segment, one mosaic; any failure becomes a saved ``failed`` record."""
-        started = time.perf_counter()
+    def segment_mosaic(
+        self, job: MosaicJob, progress: MosaicProgress, note: str = ""
+    ) -> MosaicRecord:
+        """Read, segment and write one mosaic in turn; raise on any failure."""
+        mosaic = self.read(job)
+        return self.write(job, mosaic, *self.infer(job, mosaic, progress), note)
+
+    def plan(self, job: MosaicJob) -> MosaicRecord | str:
+        """The kept record of a finished mosaic (``skipped``), else the note of why it is
+        (re)done; leftovers of killed runs (and redone outputs) are removed first."""
         note = ""
+        if self.options.resume:
+            kept, why = reuse_verdict(job, self.provenance)
+            if kept is not None:
+                return replace(kept, status="skipped")
+            if why:
+                note = f"redone: {why}"
+                console.print(f"[yellow]redo[/yellow] {job.relative}: {why}", highlight=False)
+        remove_outputs(job, finished=self.options.overwrite or bool(note))
+        return note
+
+    def segment_all(self, jobs: list[MosaicJob], progress: MosaicProgress) -> list[MosaicRecord]:
+        """Every job's record, in order; reads and writes overlap the segmentation."""
+        records: dict[int, MosaicRecord] = {}
+        todo: list[tuple[int, MosaicJob, str]] = []
+        for index, job in enumerate(jobs):
+            try:
+                planned = self.plan(job)
+            except Exception as error:  # e.g. an unreadable output folder
+                records[index] = self.failed(job, error, 0.0)
+                continue
+            if isinstance(planned, MosaicRecord):
+                records[index] = planned
+                progress.mosaic_done()
+            else:
+                todo.append((index, job, planned))
+        with (
+            ThreadPoolExecutor(1, "rcmseg-read") as reader,
+            ThreadPoolExecutor(1, "rcmseg-write") as writer,
+        ):
+            reading = reader.submit(self.read, todo[0][1]) if todo else None
+            writing: tuple[int, MosaicJob, Future] | None = None
+            for position, (index, job, note) in enumerate(todo):
+                started = time.perf_counter()
+                current, reading = reading, None
+                if position + 1 < len(todo):  # one mosaic read ahead, no more
+                    reading = reader.submit(self.read, todo[position + 1][1])
+                try:
+                    assert current is not None
+                    mosaic = current.result()
+                    maps, infer_seconds = self.infer(job, mosaic, progress)
+                except Exception as error:  # one bad mosaic must not stop the batch
+                    records[index] = self.failed(job, error, time.perf_counter() - started)
+                    progress.mosaic_done()
+                    continue
+                if writing is not None:  # one mosaic waits to be written, no more
+                    records[writing[0]] = self.written(*writing)
+                future = writer.submit(self.write, job, mosaic, maps, infer_seconds, note)
+                writing = (index, job, future)
+                progress.mosaic_done()
+            if writing is not None:
+                records[writing[0]] = self.written(*writing)
+        return [records[index] for index in range(len(jobs))]
+
+    def written(self, index: int, job: MosaicJob, future: Future) -> MosaicRecord:
+        """The record of a write, or a failure record if writing failed."""
+        del index
         try:
-            if self.options.resume:
-                kept, why = reuse_verdict(job, self.provenance)
-                if kept is not None:
-                    return replace(kept, status="skipped")
-                if why:
-                    note = f"redone: {why}"
-                    console.print(f"[yellow]redo[/yellow] {job.relative}: {why}", highlight=False)
-            remove_outputs(job, finished=self.options.overwrite or bool(note))
-            return self.segment_mosaic(job, progress, note)
-        except Exception as error:  # one bad mosaic must not stop the batch
-            record = failure_record(job, error, time.perf_counter() - started)
-            with contextlib.suppress(OSError):
-                save_record(job, record)
-            return record
+            return future.result()
+        except Exception as error:
+            return self.failed(job, error, 0.0)
+
+    def failed(self, job: MosaicJob, error: BaseException, seconds: float) -> MosaicRecord:
+        """A saved ``failed`` record (saving is best effort)."""
+        record = failure_record(job, error, seconds)
+        with contextlib.suppress(OSError):
+            save_record(job, record)
+        return record
 
 
 def failure_record(job: MosaicJob, error: BaseException, seconds: float) -> MosaicRecord:
@@ -280,7 +380,9 @@ def run_batch(
     if bundle is None:
         bundle = load_bundle(bundle_dir, device=device_for_part(options.device))
     if engine is None:
-        engine = bundle.engine(options.preset, precision=options.precision, tta=options.tta)
+        engine = bundle.engine(
+            options.preset, precision=options.precision, tta=options.tta, backend=options.backend
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if bundle.intended_use:
@@ -290,14 +392,11 @@ def run_batch(
     where = f", {threads} CPU threads" if engine.device.type == "cpu" else ""
     console.print(f"segmenting with {engine.describe()}{where}", highlight=False)
     segmenter = Segmenter(bundle, engine, options)
-    records = []
     with batch_progress(show_progress, len(mine)) as progress:
-        for job in mine:
-            record = segmenter.process(job, progress)
-            if record.status == "failed":
-                console.print(f"[red]failed[/red] {record.error}", highlight=False, soft_wrap=True)
-            records.append(record)
-            progress.mosaic_done()
+        records = segmenter.segment_all(mine, progress)
+    for record in records:
+        if record.status == "failed":
+            console.print(f"[red]failed[/red] {record.error}", highlight=False, soft_wrap=True)
 
     announce_fallback_mpp(records, options.fallback_mpp)
     all_records = batch_records(jobs, records)

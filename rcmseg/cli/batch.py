@@ -35,6 +35,13 @@ def batch(
             "Stitching is always float32."
         ),
     ] = "auto",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Network runtime: torch, or openvino (CPU, extra rcmseg[openvino]; converted "
+            "once per run in memory)."
+        ),
+    ] = "torch",
     tta: Annotated[
         bool,
         typer.Option(
@@ -88,6 +95,7 @@ def batch(
             device=device,
             precision=precision,
             tta=tta,
+            backend=backend,
             fallback_mpp=mpp,
             probabilities=probabilities,
             uncertainty=uncertainty,

@@ -21,6 +21,12 @@ def evaluate_command(
     ] = None,
     preset: Annotated[str, typer.Option(help="Sliding-window preset: fast or paper.")] = "fast",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="Network precision: auto, fp32, bf16 or fp16 (CUDA).")
+    ] = "auto",
+    tta: Annotated[
+        bool, typer.Option("--tta", help="Test-time augmentation: 8 flips/rotations (8x slower).")
+    ] = False,
     remap: Annotated[
         Path | None,
         typer.Option(help="Label remapping table (.json/.csv) for label maps in another encoding."),
@@ -49,6 +55,8 @@ def evaluate_command(
             device=device,
             remap=table,
             overlays=overlays,
+            precision=precision,
+            tta=tta,
         )
         pooled = evaluation.pooled()
         typer.echo(

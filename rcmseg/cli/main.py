@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from rcmseg.cli import batch, cv, evaluate, label, study, synth, train
+from rcmseg.cli import batch, cv, evaluate, label, labels, study, synth, train
 
 app = typer.Typer(
     name="rcmseg",
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (synth, train, batch, evaluate, cv, study, label):
+for module in (synth, train, batch, evaluate, cv, study, label, labels):
     module.register(app)
 
 

@@ -15,6 +15,7 @@ splits, ``lesion`` per-lesion reports.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from rcmseg.classes import UNLABELLED, WORKING_MPP
 from rcmseg.errors import InputError
+from rcmseg.io.atomic import write_text_atomic
 from rcmseg.io.labels import downsample_labels, read_label_map
 
 __all__ = [
@@ -110,32 +112,29 @@ def read_manifest(root: str | Path) -> list[Case]:
 
 
 def write_manifest(root: str | Path, cases: list[Case]) -> Path:
-    """Write ``ROOT/manifest.csv`` with paths relative to ROOT where possible."""
+    """Write ``ROOT/manifest.csv`` atomically: paths relative to ROOT when inside it, else
+    absolute."""
     root = Path(root)
-    manifest = manifest_path(root)
+    inside = root.resolve()
 
-    def relative(path: Path | None) -> str:
+    def shown(path: Path | None) -> str:
         if path is None:
             return ""
-        try:
-            return path.relative_to(root).as_posix()
-        except ValueError:
-            return str(path)
+        resolved = Path(path).resolve()
+        return (
+            resolved.relative_to(inside).as_posix()
+            if resolved.is_relative_to(inside)
+            else str(resolved)
+        )
 
-    with manifest.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(MANIFEST_COLUMNS)
-        for case in cases:
-            writer.writerow(
-                [
-                    relative(case.mosaic),
-                    relative(case.labels),
-                    case.patient,
-                    case.lesion,
-                    case.clinic,
-                ]
-            )
-    return manifest
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    for case in cases:
+        writer.writerow(
+            [shown(case.mosaic), shown(case.labels), case.patient, case.lesion, case.clinic]
+        )
+    return write_text_atomic(manifest_path(root), buffer.getvalue())
 
 
 def _labels_at(labels: np.ndarray, factor: float, shape: tuple[int, int]) -> np.ndarray:

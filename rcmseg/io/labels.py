@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,11 @@ from rcmseg.errors import InputError
 
 __all__ = [
     "LABEL_SUFFIXES",
+    "RemapTable",
     "downsample_labels",
     "load_remap_table",
     "read_label_map",
+    "read_remap",
 ]
 
 LABEL_SUFFIXES: tuple[str, ...] = (
@@ -201,24 +204,40 @@ def _parse_target(source: str, value: object, table_path: Path) -> int:
     return target
 
 
+def _is_value_source(source: object) -> bool:
+    """A table key that names a label value (an integer), not a class name."""
+    return str(source).strip().isdigit()
+
+
 def _parse_source(source: object, table_path: Path) -> int:
     text = str(source).strip()
-    if not text.isdigit() or int(text) > 255:
+    if int(text) > 255:
         raise InputError(table_path, f"remap source {source!r} is not an integer 0..255")
     return int(text)
 
 
-def load_remap_table(path: str | Path) -> dict[int, int]:
-    """Read a label remapping table from JSON or CSV.
+def _parse_name(source: object, table_path: Path) -> str:
+    name = " ".join(str(source).split()).lower()
+    if not name or name.lstrip("-").isdigit():
+        raise InputError(table_path, f"remap source {source!r} is not an integer 0..255 or a name")
+    return name
 
-    JSON: an object ``{"source value": target}``. CSV: rows ``source,target`` (a header row
-    ``source,target`` is allowed). A target is a class index, a class name from
-    ``CLASS_NAMES``, or ``unlabelled`` (= 255). Example for an encoding with 7 = unlabelled::
 
-        {"0": "ring", "1": "nested", "2": "meshwork", "3": "aspecific",
-         "4": "background", "5": "artifact", "7": "unlabelled"}
+@dataclass(frozen=True)
+class RemapTable:
+    """A remapping table: label values and annotation class names to rcmseg's classes.
+
+    ``values``: source label value (0..255) -> class index or UNLABELLED, for label maps.
+    ``names``: source class name (lower case, inner blanks collapsed) -> class index or
+    UNLABELLED, for annotation class names (QuPath GeoJSON).
     """
-    path = Path(path)
+
+    values: dict[int, int] = field(default_factory=dict)
+    names: dict[str, int] = field(default_factory=dict)
+
+
+def _remap_pairs(path: Path) -> list[tuple[object, object]]:
+    """(source, target) pairs of a JSON or CSV remapping table, unparsed."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
@@ -230,7 +249,7 @@ def load_remap_table(path: str | Path) -> dict[int, int]:
             raise InputError(path, f"remapping table is not valid JSON ({error.msg})") from None
         if not isinstance(entries, dict):
             raise InputError(path, "remapping table must be a JSON object {source: target}")
-        pairs = list(entries.items())
+        pairs: list[tuple[object, object]] = list(entries.items())
     elif path.suffix.lower() == ".csv":
         rows = [row for row in csv.reader(text.splitlines()) if row and any(c.strip() for c in row)]
         if rows and rows[0][0].strip().lower() == "source":
@@ -242,7 +261,48 @@ def load_remap_table(path: str | Path) -> dict[int, int]:
         raise InputError(path, "remapping table must be a .json or .csv file")
     if not pairs:
         raise InputError(path, "remapping table is empty")
-    return {_parse_source(src, path): _parse_target(str(src), dst, path) for src, dst in pairs}
+    return pairs
+
+
+def read_remap(path: str | Path) -> RemapTable:
+    """Read a remapping table (JSON or CSV): the one parser for ``--remap`` everywhere.
+
+    JSON: an object ``{source: target}``. CSV: rows ``source,target`` (a header row
+    ``source,target`` is allowed). A source is a label value 0..255 (for label maps) or a class
+    name (for annotations, matched case-insensitively, e.g. ``"Tumour nests"``). A target is a
+    class index, a class name from ``CLASS_NAMES``, or ``unlabelled`` (= 255). Example for an
+    encoding with 7 = unlabelled and a lab's own QuPath class names::
+
+        {"0": "ring", "1": "nested", "2": "meshwork", "3": "aspecific",
+         "4": "background", "5": "artifact", "7": "unlabelled",
+         "Junctional nests": "nested", "Unsure": "unlabelled"}
+    """
+    path = Path(path)
+    table = RemapTable()
+    for source, target in _remap_pairs(path):
+        value = _parse_target(str(source), target, path)
+        if _is_value_source(source):
+            table.values[_parse_source(source, path)] = value
+        else:
+            table.names[_parse_name(source, path)] = value
+    return table
+
+
+def load_remap_table(path: str | Path) -> dict[int, int]:
+    """The label-value part of :func:`read_remap` (what label maps are remapped with).
+
+    Class-name entries, which only annotations use, are read (and checked) but not returned; a
+    table with class names only is refused, as it cannot remap a label map.
+    """
+    table = read_remap(path)
+    if not table.values:
+        example = next(iter(table.names))
+        raise InputError(
+            path,
+            f"remap source {example!r} is not an integer 0..255; class-name sources only remap "
+            "annotations (rcmseg labels)",
+        )
+    return table.values
 
 
 # Value code per label byte: classes keep their index, UNLABELLED -> NUM_CLASSES, rest -> ignored.

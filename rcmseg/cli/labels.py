@@ -1,0 +1,129 @@
+"""`rcmseg labels`: turn QuPath annotations (GeoJSON or labelled images) into rcmseg label maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rcmseg.cli.common import user_errors
+
+labels_app = typer.Typer(
+    help="Import QuPath annotations (GeoJSON or labelled-image exports) as rcmseg label maps.",
+    no_args_is_help=True,
+)
+
+Remap = Annotated[
+    Path | None,
+    typer.Option(
+        help="Remapping table (.json/.csv, as rcmseg train takes): a lab's class names (or label "
+        "values) -> rcmseg class names, indices or 'unlabelled'."
+    ),
+]
+
+RULES = (
+    "Rules: coordinates are full-resolution mosaic pixels (as QuPath writes them). A pixel is "
+    "labelled when its centre lies inside a polygon (even-odd over its rings: holes stay "
+    "unlabelled unless another annotation covers them). Classes match background, artifact, "
+    "meshwork, nested, ring, aspecific case-insensitively (or a --remap name; QuPath's Ignore* "
+    "= unlabelled); unclassified annotations are left unlabelled; an unknown class is an error. "
+    "Overlaps: the smaller annotation (by area) wins. Detections, cells, tiles, lines and points "
+    "are ignored and counted; coordinates past the mosaic are clipped and counted. Label maps "
+    "hold 0..5 in class order and 255 = unlabelled."
+)
+
+
+@labels_app.command("from-geojson", help=f"Rasterise one QuPath GeoJSON export.\n\n{RULES}")
+def from_geojson(
+    geojson: Annotated[Path, typer.Argument(help="QuPath GeoJSON export of one mosaic.")],
+    mosaic: Annotated[Path, typer.Option(help="The mosaic it annotates (gives the grid).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Label map to write (.png or .tif).")],
+    remap: Remap = None,
+) -> None:
+    with user_errors():
+        from rcmseg.io.labels import read_remap
+        from rcmseg.io.mosaics import probe_mosaic
+        from rcmseg.labels_import import geojson_label_map, value_counts, write_label_map
+
+        names = read_remap(remap).names if remap is not None else None
+        info = probe_mosaic(mosaic)
+        labels, found, counts = geojson_label_map(geojson, (info.height_px, info.width_px), names)
+        write_label_map(out, labels)
+        labelled = 100.0 * value_counts(labels)[:6].sum() / labels.size
+        typer.echo(
+            f"{out}: {info.width_px}x{info.height_px} px, {labelled:.1f} % labelled from "
+            f"{len(found.annotations)} annotations; ignored {found.ignored_objects} objects, "
+            f"{found.ignored_geometries} lines/points, {found.unclassified} unclassified; "
+            f"{counts.overlapping} overlapping ({counts.overlap_px} px), {counts.clipped} clipped"
+        )
+
+
+@labels_app.command(
+    "import",
+    help="Pair every mosaic with its annotations and write a data set (label maps, manifest.csv, "
+    "import_summary.csv). Annotations are found in DIR as <stem>.geojson, else as a QuPath "
+    "labelled image <stem>.png/.tif (indices 0..5, 255 unlabelled; downsampled by an integer "
+    f"factor, upsampled nearest-neighbour). Re-running adds or updates rows.\n\n{RULES}",
+)
+def import_command(
+    mosaics: Annotated[Path, typer.Argument(help="Folder of mosaics (searched recursively).")],
+    annotations: Annotated[Path, typer.Option(help="Folder of QuPath exports.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Data set folder to write or update.")],
+    format: Annotated[
+        str, typer.Option("--format", help="auto (GeoJSON first), geojson or image.")
+    ] = "auto",
+    colours: Annotated[
+        str,
+        typer.Option(
+            help="Labelled images: auto (RGB by colour, others by index), index or colour "
+            "(exact class colours; white/black = unlabelled)."
+        ),
+    ] = "auto",
+    remap: Remap = None,
+) -> None:
+    with user_errors():
+        from rcmseg.io.labels import read_remap
+        from rcmseg.labels_import import SUMMARY_NAME, import_labels
+
+        table = read_remap(remap) if remap is not None else None
+        results = import_labels(mosaics, annotations, out, fmt=format, remap=table, colours=colours)
+        _print_table(results)
+        failed = [result for result in results if result.status == "failed"]
+        for result in failed:
+            typer.echo(f"failed: {result.error}", err=True)
+        typer.echo(f"{len(results)} mosaics, {len(failed)} failed; {out / SUMMARY_NAME}")
+        if failed:
+            raise typer.Exit(code=1)
+
+
+def _print_table(results: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("mosaic", "status", "labelled %", *[f"{n} px" for n in _names()], "ignored")
+    table.add_column("overlaps")
+    table.add_column("clipped")
+    for r in results:
+        ignored = r.ignored_objects + r.ignored_geometries + r.unclassified
+        table.add_row(
+            r.mosaic,
+            r.status,
+            f"{r.labelled_pct:.1f}",
+            *[str(count) for count in r.class_px.values()],
+            str(ignored),
+            str(r.overlapping),
+            str(r.clipped),
+        )
+    Console(width=200).print(table)
+
+
+def _names() -> tuple[str, ...]:
+    from rcmseg.classes import CLASS_NAMES
+
+    return CLASS_NAMES
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``rcmseg labels from-geojson`` and ``rcmseg labels import`` to the application."""
+    app.add_typer(labels_app, name="labels")

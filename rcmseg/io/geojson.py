@@ -1,0 +1,616 @@
+"""QuPath GeoJSON: writing label maps as annotations, and reading annotations back as label maps.
+
+Writing (``rcmseg batch --geojson``): one Polygon Feature per 4-connected region per class, traced
+along pixel edges at the working resolution and scaled to the mosaic's full-resolution pixels
+(the grid QuPath opens), holes as interior rings, ``objectType`` "annotation", ``classification``
+``{name, color}``, ``measurements`` an object. Rings never touch themselves (valid simple
+polygons; a region's exterior is traced around the region with its holes filled, each hole as
+its own ring), so shapely/JTS and QuPath accept them.
+
+Reading (``rcmseg labels``), as QuPath 0.4-0.6 export annotations (File > Export objects as
+GeoJSON, or ``exportObjectsToGeoJson``); the rules:
+
+- Input: a FeatureCollection, a bare list of Features, one Feature, or a bare geometry; UTF-8
+  JSON, optionally gzipped.
+- Objects: ``properties.objectType`` (or the older ``object_type``/``type``, or a v0.2 type in
+  ``id``) "annotation", absent or unknown is an annotation (QuPath's own rule); detections,
+  cells, tiles, TMA cores and root objects are ignored and counted.
+- Geometry: Polygon and MultiPolygon with holes (interior rings); a GeometryCollection's polygons;
+  ellipses, rectangles and brush strokes arrive as polygons. LineString and Point geometries
+  (and empty ones) are ignored and counted. Coordinates are full-resolution mosaic pixels with
+  the origin at the top-left corner of the top-left pixel.
+- Classes: ``classification`` as a string, ``{name, color}`` or ``{names: [...], color}`` (a
+  derived class, matched as QuPath writes it: ``"a: b"``). Names match rcmseg's six classes
+  case-insensitively, or a ``--remap`` table's names; QuPath's built-in ``Ignore*`` class means
+  unlabelled. Unclassified annotations are skipped (unlabelled) and counted; an unknown name is an
+  error naming it and the known names. ``measurements`` (object or list) are not read.
+- Pixel rule: a pixel is inside a polygon when its centre ``(col + 0.5, row + 0.5)`` is inside by
+  the even-odd rule over the polygon's rings (a centre exactly on a vertical edge belongs to the
+  pixel on the edge's right). Holes therefore stay unlabelled unless another annotation covers
+  them. A polygon whose vertices lie on pixel corners (what ``rcmseg batch`` writes) covers
+  exactly the pixels it outlines.
+- Overlaps: the smaller annotation (by polygon area) wins, as a corrected detail sits inside a
+  coarse region; equal areas: the later one in the file wins. Pixels of a larger annotation that
+  a smaller one covers are counted (``overlap_px``).
+- Coordinates past the mosaic are clipped; annotations reaching past it are counted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES, UNLABELLED, WORKING_MPP
+from rcmseg.errors import InputError
+from rcmseg.io.atomic import atomic_path
+
+__all__ = [
+    "Annotation",
+    "AnnotationSet",
+    "RasterCounts",
+    "class_table",
+    "label_features",
+    "parse_annotations",
+    "rasterise",
+    "read_annotations",
+    "region_polygons",
+    "signed_area",
+    "write_geojson",
+]
+
+Colour = tuple[int, int, int]
+_FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_geojson(
+    path: str | Path,
+    labels: np.ndarray,
+    scale_to_mosaic: float,
+    *,
+    mpp: float = WORKING_MPP,
+    classes: Sequence[int] | None = None,
+    class_names: Sequence[str] = CLASS_NAMES,
+    class_colours: Sequence[Colour] = CLASS_COLOURS,
+    min_area_px: int = 1,
+    simplify_px: float = 0.0,
+) -> Path:
+    """Write a QuPath-importable FeatureCollection: one polygon per connected region per class.
+
+    Regions are 4-connected; each is traced along pixel edges, so a polygon's area equals its
+    pixel count exactly; enclosed holes become interior rings. Collinear vertices are dropped;
+    ``simplify_px`` > 0 further applies Douglas-Peucker with that tolerance (working px; up to
+    0.5 keeps rings valid in practice).
+
+    Args:
+        labels: uint8 (H, W) class indices at the working resolution (``mpp`` µm/px).
+        scale_to_mosaic: mosaic pixels per working pixel (``mpp / mosaic_mpp``, e.g. 4.0), so that
+            coordinates are in pixels of the mosaic's own full-resolution grid, as QuPath opens it.
+        classes: class indices to export (default: all); min_area_px: skip smaller regions.
+    """
+    features = label_features(
+        labels,
+        scale_to_mosaic,
+        mpp=mpp,
+        classes=classes,
+        class_names=class_names,
+        class_colours=class_colours,
+        min_area_px=min_area_px,
+        simplify_px=simplify_px,
+    )
+    collection = {"type": "FeatureCollection", "features": features}
+    with atomic_path(path) as partial:
+        partial.write_text(json.dumps(collection, ensure_ascii=False), encoding="utf-8")
+    return Path(path)
+
+
+def label_features(
+    labels: np.ndarray,
+    scale_to_mosaic: float,
+    *,
+    mpp: float = WORKING_MPP,
+    classes: Sequence[int] | None = None,
+    class_names: Sequence[str] = CLASS_NAMES,
+    class_colours: Sequence[Colour] = CLASS_COLOURS,
+    min_area_px: int = 1,
+    simplify_px: float = 0.0,
+) -> list[dict]:
+    """GeoJSON features (QuPath annotations) of :func:`write_geojson`, as Python objects."""
+    labels = np.asarray(labels)
+    features = []
+    for index in range(len(class_names)) if classes is None else classes:
+        classification = {"name": class_names[index], "color": list(class_colours[index])}
+        for rings, area_px in region_polygons(labels == index, min_area_px, simplify_px):
+            coordinates = [_scaled(ring, scale_to_mosaic) for ring in rings]
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": coordinates},
+                    "properties": {
+                        "objectType": "annotation",
+                        "classification": classification,
+                        "measurements": {"Area µm^2": round(area_px * mpp * mpp, 3)},
+                    },
+                }
+            )
+    return features
+
+
+def _scaled(ring: np.ndarray, scale: float) -> list[list[float]]:
+    scaled = ring.astype(np.float64) * scale
+    if float(scale).is_integer():
+        return scaled.astype(np.int64).tolist()
+    return np.round(scaled, 3).tolist()
+
+
+def region_polygons(
+    mask: np.ndarray, min_area_px: int = 1, simplify_px: float = 0.0
+) -> Iterator[tuple[list[np.ndarray], int]]:
+    """Polygons of the 4-connected regions of a boolean mask.
+
+    Yields ``(rings, area_px)``: ``rings[0]`` the exterior and the rest the holes, each an (N, 2)
+    int array of (x, y) pixel-corner coordinates, closed (first == last); exteriors
+    counter-clockwise and holes clockwise in (x, y) (RFC 7946's rule, read with y pointing up).
+    ``area_px`` = pixels of the region (holes excluded).
+    """
+    regions, _count = ndimage.label(mask, structure=_FOUR_CONNECTED)
+    for number, box in enumerate(ndimage.find_objects(regions), start=1):
+        if box is None:
+            continue
+        region = regions[box] == number
+        area_px = int(region.sum())
+        if area_px < min_area_px:
+            continue
+        # Work in the bounding box plus a one-pixel frame; (x, y) of its corner in the map:
+        origin = np.array([box[1].start - 1, box[0].start - 1])
+        framed = np.zeros((region.shape[0] + 2, region.shape[1] + 2), dtype=bool)
+        framed[1:-1, 1:-1] = region
+        # 4-connected pieces of the rest: piece 1 holds the frame (outside), the others are
+        # holes. Filling with 4-connected background leaves no pinch vertex on the outline.
+        rest, pieces = ndimage.label(~framed, structure=_FOUR_CONNECTED)
+        rings = [_oriented(_trace_outline(rest != 1) + origin, exterior=True)]
+        if pieces > 1:
+            for hole, hole_box in enumerate(ndimage.find_objects(rest)[1:], start=2):
+                hole_origin = origin + [hole_box[1].start, hole_box[0].start]
+                outline = _trace_outline(rest[hole_box] == hole) + hole_origin
+                rings.append(_oriented(outline, exterior=False))
+        if simplify_px > 0:
+            rings = [_simplified(ring, simplify_px) for ring in rings]
+        yield rings, area_px
+
+
+def _trace_outline(mask: np.ndarray) -> np.ndarray:
+    """Closed outline along pixel edges of a hole-free, pinch-free region: (N, 2) (x, y) corners.
+
+    Each boundary pixel edge becomes a directed edge going clockwise round its pixel (image view);
+    at every outline vertex exactly one edge leaves, so following them walks the outline.
+    """
+    height, width = mask.shape
+    padded = np.zeros((height + 2, width + 2), dtype=bool)
+    padded[1:-1, 1:-1] = mask
+    inner = padded[1:-1, 1:-1]
+    columns = width + 1
+    # (pixels whose neighbour on that side is outside, start corner, end corner) per side
+    sides = (
+        (inner & ~padded[:-2, 1:-1], (0, 0), (0, 1)),  # top: left → right
+        (inner & ~padded[1:-1, 2:], (0, 1), (1, 1)),  # right: top → bottom
+        (inner & ~padded[2:, 1:-1], (1, 1), (1, 0)),  # bottom: right → left
+        (inner & ~padded[1:-1, :-2], (1, 0), (0, 0)),  # left: bottom → top
+    )
+    start_ids, end_ids = [], []
+    for outside, (start_dr, start_dc), (end_dr, end_dc) in sides:
+        rows, cols = np.nonzero(outside)
+        start_ids.append((rows + start_dr) * columns + cols + start_dc)
+        end_ids.append((rows + end_dr) * columns + cols + end_dc)
+    start_ids, end_ids = np.concatenate(start_ids), np.concatenate(end_ids)
+    by_start = np.argsort(start_ids)
+    next_edge = by_start[np.searchsorted(start_ids[by_start], end_ids)]
+    ids = start_ids[_cycle_order(next_edge, first=int(np.argmin(start_ids)))]
+    points = np.stack([ids % columns, ids // columns], axis=1)
+    return _closed(_corners_only(points))
+
+
+def _cycle_order(next_edge: np.ndarray, first: int) -> np.ndarray:
+    """Edges of the single cycle ``next_edge`` in walking order from ``first``.
+
+    List ranking by pointer doubling (log2(n) vectorised steps instead of a Python loop over
+    every pixel edge): cut the cycle before ``first``, then each edge's distance to the cut
+    gives its position.
+    """
+    count = len(next_edge)
+    last = int(np.flatnonzero(next_edge == first)[0])
+    pointer = next_edge.copy()
+    pointer[last] = last
+    distance = np.ones(count, dtype=np.int64)
+    distance[last] = 0
+    for _ in range(max(1, math.ceil(math.log2(count)))):
+        distance += distance[pointer]
+        pointer = pointer[pointer]
+    return np.argsort(-distance, kind="stable")
+
+
+def _corners_only(points: np.ndarray) -> np.ndarray:
+    """Drop vertices where the outline goes straight on (``points`` is an open cycle)."""
+    steps = np.diff(points, axis=0, prepend=points[-1:])  # steps[i] = points[i] - points[i-1]
+    incoming, outgoing = steps, np.concatenate([steps[1:], steps[:1]])
+    return points[np.any(incoming != outgoing, axis=1)]
+
+
+def _closed(points: np.ndarray) -> np.ndarray:
+    return np.concatenate([points, points[:1]])
+
+
+def signed_area(ring: np.ndarray) -> float:
+    """Shoelace area of a closed ring of (x, y) points; positive when counter-clockwise."""
+    x, y = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
+    return float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]) / 2)
+
+
+def _oriented(ring: np.ndarray, exterior: bool) -> np.ndarray:
+    return ring if (signed_area(ring) > 0) == exterior else ring[::-1]
+
+
+def _simplified(ring: np.ndarray, tolerance: float) -> np.ndarray:
+    """Douglas-Peucker on a closed ring; the ring is kept as it is if too little would remain."""
+    points = ring[:-1].astype(np.float64)
+    if len(points) < 4:
+        return ring
+    far = int(np.argmax(np.hypot(*(points - points[0]).T)))
+    keep = np.zeros(len(points) + 1, dtype=bool)
+    cycle = np.concatenate([points, points[:1]])
+    for start, stop in ((0, far), (far, len(points))):
+        keep |= _douglas_peucker(cycle, start, stop, tolerance)
+    simplified = ring[:-1][keep[:-1]]
+    if len(simplified) < 3 or signed_area(_closed(simplified)) * signed_area(ring) <= 0:
+        return ring
+    return _closed(simplified)
+
+
+def _douglas_peucker(points: np.ndarray, start: int, stop: int, tolerance: float) -> np.ndarray:
+    """Mask of ``points[start..stop]`` kept by Douglas-Peucker (both ends kept)."""
+    keep = np.zeros(len(points), dtype=bool)
+    keep[[start, stop]] = True
+    pending = [(start, stop)]
+    while pending:
+        first, last = pending.pop()
+        if last - first < 2:
+            continue
+        a, b = points[first], points[last]
+        between = points[first + 1 : last]
+        chord = b - a
+        length = math.hypot(*chord)
+        if length == 0:
+            distance = np.hypot(*(between - a).T)
+        else:
+            distance = np.abs(chord[0] * (between[:, 1] - a[1]) - chord[1] * (between[:, 0] - a[0]))
+            distance = distance / length
+        farthest = int(np.argmax(distance))
+        if distance[farthest] > tolerance:
+            middle = first + 1 + farthest
+            keep[middle] = True
+            pending += [(first, middle), (middle, last)]
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+# objectType values (and QuPath 0.2's class names) of objects that are not annotations.
+_NON_ANNOTATION_TYPES = frozenset(
+    {
+        "detection",
+        "cell",
+        "tile",
+        "tmacore",
+        "tma_core",
+        "root",
+        "pathdetectionobject",
+        "pathcellobject",
+        "pathtileobject",
+        "tmacoreobject",
+        "pathrootobject",
+    }
+)
+_LEGACY_TYPE_IDS = frozenset(
+    {"PathAnnotationObject", "PathDetectionObject", "PathCellObject", "PathTileObject"}
+    | {"TMACoreObject", "PathRootObject"}
+)
+# QuPath's built-in class for "leave this out of training".
+IGNORE_CLASS = "ignore*"
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One classified annotation: its polygons in mosaic pixels and the label it paints.
+
+    ``polygons``: each a list of rings, ``rings[0]`` the exterior and the rest holes, each an
+    (N, 2) float64 array of (x, y) full-resolution pixel coordinates. ``label``: class index or
+    UNLABELLED. ``area_px``: polygon area in px² (holes excluded), which orders overlaps.
+    """
+
+    label: int
+    polygons: list[list[np.ndarray]]
+    area_px: float
+
+
+@dataclass
+class AnnotationSet:
+    """What a GeoJSON file holds: the annotations to paint and counts of what was left out."""
+
+    annotations: list[Annotation] = field(default_factory=list)
+    ignored_objects: int = 0  # detections, cells, tiles, TMA cores
+    ignored_geometries: int = 0  # annotations that are lines, points or empty
+    unclassified: int = 0  # annotations without a class
+
+
+def class_table(remap_names: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Lower-case class name -> label: rcmseg's classes, ``Ignore*``, then the remap table's."""
+    table = {name.lower(): index for index, name in enumerate(CLASS_NAMES)}
+    table[IGNORE_CLASS] = UNLABELLED
+    table.update({" ".join(k.split()).lower(): v for k, v in (remap_names or {}).items()})
+    return table
+
+
+def _load_json(path: Path) -> object:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise InputError(path, f"cannot read GeoJSON ({error.strerror})") from None
+    try:
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        return json.loads(data.decode("utf-8-sig"))
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise InputError(path, f"cannot decode GeoJSON ({error})") from None
+    except json.JSONDecodeError as error:
+        raise InputError(
+            path, f"not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
+
+
+def _features(document: object, path: Path) -> list[dict]:
+    """The Features of a FeatureCollection, a list, a Feature or a bare geometry."""
+    if isinstance(document, list):
+        items = document
+    elif isinstance(document, dict) and (
+        document.get("type") == "FeatureCollection" or "features" in document
+    ):
+        items = document.get("features")
+        if not isinstance(items, list):
+            raise InputError(path, "FeatureCollection has no 'features' list")
+    elif isinstance(document, dict):
+        items = [document]
+    else:
+        raise InputError(path, "expected a GeoJSON FeatureCollection, Feature or list of Features")
+    features = []
+    for number, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InputError(path, f"feature {number} is not a JSON object")
+        is_feature = item.get("type") == "Feature" or "geometry" in item
+        features.append(item if is_feature else {"type": "Feature", "geometry": item})
+    return features
+
+
+def _object_type(feature: dict) -> str:
+    properties = feature.get("properties") or {}
+    for key in ("objectType", "object_type", "type"):
+        if isinstance(properties.get(key), str):
+            return properties[key]
+    if feature.get("id") in _LEGACY_TYPE_IDS:
+        return str(feature["id"])
+    return "annotation"
+
+
+def _class_name(classification: object) -> str | None:
+    """QuPath's class name of a ``classification`` value (None: unclassified)."""
+    if isinstance(classification, str):
+        return classification
+    if isinstance(classification, dict):
+        names = classification.get("names")
+        if isinstance(names, list) and names:
+            return ": ".join(str(name) for name in names)
+        if isinstance(classification.get("name"), str):
+            return classification["name"]
+    return None
+
+
+def _class_label(name: str, table: Mapping[str, int], path: Path) -> int:
+    key = " ".join(name.split()).lower()
+    if key not in table:
+        known = ", ".join(dict.fromkeys([*CLASS_NAMES, *table]))
+        raise InputError(
+            path,
+            f"annotation class {name!r} is not a known class; known (any case): {known}; "
+            "map other names with --remap",
+        )
+    return table[key]
+
+
+def _ring(coordinates: object) -> np.ndarray:
+    ring = np.asarray(coordinates, dtype=np.float64)
+    if ring.ndim != 2 or ring.shape[1] < 2 or not np.isfinite(ring[:, :2]).all():
+        raise ValueError("a ring is not a list of [x, y] numbers")
+    ring = ring[:, :2]
+    if len(ring) and (ring[0] != ring[-1]).any():
+        ring = np.concatenate([ring, ring[:1]])
+    return ring
+
+
+def _polygons(geometry: object) -> list[list[np.ndarray]]:
+    """Polygons (lists of rings) of a geometry; lines and points give none."""
+    if not isinstance(geometry, dict):
+        return []
+    kind, coordinates = geometry.get("type"), geometry.get("coordinates")
+    if kind == "Polygon":
+        parts = [coordinates]
+    elif kind == "MultiPolygon":
+        parts = coordinates
+    elif kind == "GeometryCollection":
+        return [p for g in geometry.get("geometries") or [] for p in _polygons(g)]
+    else:
+        return []
+    if not isinstance(parts, list):
+        raise ValueError(f"{kind} coordinates are not a list")
+    polygons = []
+    for part in parts:
+        rings = [_ring(ring) for ring in part or []]
+        if rings and len(rings[0]) >= 4:  # a closed ring with at least three corners
+            polygons.append([ring for ring in rings if len(ring) >= 4])
+    return polygons
+
+
+def polygon_area(rings: Sequence[np.ndarray]) -> float:
+    """Area in px² of a polygon: its exterior ring minus its holes (orientation ignored)."""
+    exterior, *holes = (abs(signed_area(ring)) for ring in rings)
+    return max(0.0, exterior - sum(holes))
+
+
+def parse_annotations(
+    document: object, path: Path, names: Mapping[str, int] | None = None
+) -> AnnotationSet:
+    """Annotations of a parsed GeoJSON document (see the module docstring for the rules).
+
+    Args:
+        document: the JSON value of the file. path: named in errors.
+        names: lower-case class name -> label (default :func:`class_table`).
+
+    Raises:
+        InputError: not GeoJSON, malformed coordinates, or an unknown class name.
+    """
+    table = class_table() if names is None else names
+    result = AnnotationSet()
+    for number, feature in enumerate(_features(document, path)):
+        if _object_type(feature).lower() in _NON_ANNOTATION_TYPES:
+            result.ignored_objects += 1
+            continue
+        try:
+            polygons = _polygons(feature.get("geometry"))
+        except (ValueError, TypeError) as error:
+            raise InputError(path, f"feature {number}: bad geometry ({error})") from None
+        if not polygons:
+            result.ignored_geometries += 1
+            continue
+        name = _class_name((feature.get("properties") or {}).get("classification"))
+        if name is None or not name.strip():
+            result.unclassified += 1
+            continue
+        area = sum(polygon_area(rings) for rings in polygons)
+        result.annotations.append(Annotation(_class_label(name, table, path), polygons, area))
+    return result
+
+
+def read_annotations(path: str | Path, names: Mapping[str, int] | None = None) -> AnnotationSet:
+    """Read a QuPath GeoJSON export (see :func:`parse_annotations`)."""
+    path = Path(path)
+    return parse_annotations(_load_json(path), path, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rasterising
+
+# Crossing-parity cells filled at once per polygon: bounds the temporary memory (bytes ~ 2x this).
+_FILL_CELLS = 1 << 23
+
+
+@dataclass
+class RasterCounts:
+    """What painting annotations onto the mosaic grid did."""
+
+    overlapping: int = 0  # annotations covering pixels already painted by a larger one
+    overlap_px: int = 0  # such pixels, counted once per annotation painted over them
+    clipped: int = 0  # annotations reaching past the mosaic's edges
+
+
+def _crossings(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """Where the rings cross each pixel row's centre line: (rows, first column right of it).
+
+    A pixel (r, c) is inside by the even-odd rule when an odd number of crossings of row r have
+    column <= c, i.e. lie at x <= c + 0.5. Columns are clipped to 0..W (W = no pixel affected).
+    """
+    height, width = shape
+    rows_out, cols_out = [], []
+    for ring in rings:
+        (x0, y0), (x1, y1) = ring[:-1].T, ring[1:].T
+        low, high = np.minimum(y0, y1), np.maximum(y0, y1)
+        # Rows whose centre r + 0.5 lies in [low, high): half-open, so a vertex counts once.
+        first = np.clip(np.ceil(low - 0.5), 0, height).astype(np.int64)
+        stop = np.clip(np.ceil(high - 0.5), 0, height).astype(np.int64)
+        counts = np.maximum(stop - first, 0)
+        edge = np.repeat(np.arange(len(counts)), counts)
+        rows = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        rows += first[edge]
+        centre = rows + 0.5
+        x = x0[edge] + (centre - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
+        rows_out.append(rows)
+        cols_out.append(np.clip(np.ceil(x - 0.5), 0, width).astype(np.int64))
+    return np.concatenate(rows_out), np.concatenate(cols_out)
+
+
+def polygon_strips(
+    rings: Sequence[np.ndarray], shape: tuple[int, int]
+) -> Iterator[tuple[slice, slice, np.ndarray]]:
+    """The pixels of the (H, W) grid inside a polygon, in strips of its bounding box.
+
+    Yields ``(rows, cols, mask)``: slices of the grid and a bool mask of that window. Even-odd
+    rule over all ``rings`` with the pixel-centre rule of the module docstring; the window is
+    clipped to the grid, and temporary memory is bounded by ``_FILL_CELLS``.
+    """
+    rows, cols = _crossings(rings, shape)
+    if rows.size == 0:
+        return
+    order = np.argsort(rows, kind="stable")
+    rows, cols = rows[order], cols[order]
+    left, right = int(cols.min()), min(int(cols.max()), shape[1])
+    if right <= left:
+        return
+    width = right - left + 1
+    step = max(1, _FILL_CELLS // width)
+    for top in range(int(rows[0]), int(rows[-1]) + 1, step):
+        bottom = min(top + step, int(rows[-1]) + 1)
+        lo, hi = np.searchsorted(rows, [top, bottom])
+        toggles = np.zeros((bottom - top, width), dtype=np.uint8)
+        np.add.at(toggles, (rows[lo:hi] - top, cols[lo:hi] - left), 1)
+        inside = np.bitwise_xor.accumulate(toggles & 1, axis=1)[:, :-1].view(bool)
+        yield slice(top, bottom), slice(left, right), inside
+
+
+def _reaches_past(polygons: Sequence[Sequence[np.ndarray]], shape: tuple[int, int]) -> bool:
+    exteriors = np.concatenate([rings[0] for rings in polygons])
+    return bool(
+        (exteriors < 0).any()
+        or (exteriors[:, 0] > shape[1]).any()
+        or (exteriors[:, 1] > shape[0]).any()
+    )
+
+
+def rasterise(
+    annotations: Sequence[Annotation], shape: tuple[int, int]
+) -> tuple[np.ndarray, RasterCounts]:
+    """Paint annotations onto an (H, W) full-resolution grid: uint8 labels, 255 = unlabelled.
+
+    Larger annotations first, so the smaller one wins where they overlap (equal areas: file order,
+    the later wins). Memory: the label map plus bounded strips (:func:`polygon_strips`).
+    """
+    labels = np.full(shape, UNLABELLED, dtype=np.uint8)
+    counts = RasterCounts()
+    order = sorted(range(len(annotations)), key=lambda i: -annotations[i].area_px)
+    for annotation in (annotations[i] for i in order):
+        counts.clipped += _reaches_past(annotation.polygons, shape)
+        covered = 0
+        for rings in annotation.polygons:
+            for rows, cols, inside in polygon_strips(rings, shape):
+                window = labels[rows, cols]
+                covered += int(np.count_nonzero(inside & (window != UNLABELLED)))
+                window[inside] = annotation.label
+        counts.overlapping += covered > 0
+        counts.overlap_px += covered
+    return labels, counts
