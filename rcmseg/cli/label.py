@@ -75,8 +75,18 @@ def server_command(
 ) -> list[str]:
     """``python -m monailabel.main start_server ...`` in this Python environment."""
     command = [
-        sys.executable, "-m", "monailabel.main", "start_server",
-        "--app", str(app_dir), "--studies", str(studies), "--host", host, "--port", str(port),
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(app_dir),
+        "--studies",
+        str(studies),
+        "--host",
+        host,
+        "--port",
+        str(port),
     ]
     for key, value in conf.items():
         command += ["--conf", key, value]
@@ -104,6 +114,9 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     preset: Annotated[str, typer.Option(help="Sliding-window preset: fast or paper.")] = "fast",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="Network precision: auto, fp32, bf16 or fp16 (CUDA).")
+    ] = "auto",
     epochs: Annotated[
         int | None, typer.Option(help="Fine-tuning epochs (default: the bundle's train.json).")
     ] = None,
@@ -118,7 +131,7 @@ def serve(
         check_port_free(host, port)
         studies = studies.resolve()
         app_dir = prepare_app_dir(studies, bundle.resolve() if bundle else None)
-        conf = {"preset": preset, "device": device}
+        conf = {"preset": preset, "device": device, "precision": precision}
         if epochs is not None:
             conf["epochs"] = str(epochs)
         if bundle is not None:
@@ -128,10 +141,16 @@ def serve(
             if is_loopback(host)
             else "[yellow]reachable from other machines: MONAI Label has no login by default[/]"
         )
-        console.print(f"MONAI Label for {studies} on http://{host}:{port} ({reach})",
-                      highlight=False, soft_wrap=True)
-        console.print(f"served model: {app_dir.parent / 'bundle' / 'models' / 'model.pt'}",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"MONAI Label for {studies} on http://{host}:{port} ({reach})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(
+            f"served model: {app_dir.parent / 'bundle' / 'models' / 'model.pt'}",
+            highlight=False,
+            soft_wrap=True,
+        )
     try:
         completed = subprocess.run(server_command(app_dir, studies, host, port, conf), check=False)
     except KeyboardInterrupt:

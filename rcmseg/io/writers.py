@@ -11,7 +11,8 @@ Layouts chosen so that tifffile, tiffslide, OpenSlide and QuPath all read the la
   reduced-resolution pages (NewSubfileType 1) in the main IFD chain, which OpenSlide needs and
   tifffile/tiffslide read as ``series[0].levels``. Each level halves the previous one by the
   label vote of :func:`rcmseg.io.labels.downsample_labels` (a class label, never an average).
-  Class names and colours are also stored as JSON in ImageDescription (see :func:`label_tiff_description`).
+  Class names and colours are also stored as JSON in ImageDescription (see
+  :func:`label_tiff_description`).
 - Probability TIFF: OME-TIFF, (K, H, W) uint8 with ``value = round(255 · p)`` (one channel per
   class, named after it), tiled, Deflate with horizontal predictor.
 - Uncertainty TIFF: float32 (H, W) as given (batch writes the entropy of the class probabilities

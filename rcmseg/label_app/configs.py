@@ -5,6 +5,7 @@ App options come from MONAI Label's ``--conf KEY VALUE`` (``rcmseg label serve``
     bundle   the bundle the working copy is seeded from (default: rcmseg's default bundle)
     preset   sliding-window preset for inference and entropy (default ``fast``)
     device   ``auto`` (CUDA when present), ``cpu``, ``cuda:1``, ... (default ``auto``)
+    precision ``auto``, ``fp32``, ``bf16`` or ``fp16`` (default ``auto``)
     epochs   fine-tuning epochs (default: the bundle's ``train.json``)
 """
 
@@ -35,8 +36,9 @@ from rcmseg.label_app.workspace import ServedModel, Workspace
 class MEDNetTaskConfig(TaskConfig):
     """MED-Net served from the working copy of a bundle kept under ``STUDIES/.rcmseg``."""
 
-    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any,
-             **kwargs: Any) -> None:
+    def init(
+        self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any
+    ) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
         self.workspace: Workspace = kwargs["workspace"]
         self.labels = {class_name: index for index, class_name in enumerate(CLASS_NAMES)}
@@ -45,16 +47,24 @@ class MEDNetTaskConfig(TaskConfig):
         self.path = str(self.workspace.model_path)
         self.preset = conf.get("preset", "fast")
         self.device = conf.get("device", "auto")
+        self.precision = conf.get("precision", "auto")
         self.served = ServedModel(self.workspace.bundle_dir, self.device)
         self.cache = EntropyCache(self.workspace.entropy_path)
         self.entropy = MosaicEntropy(
             self.served,
             self.cache,
-            lambda mosaic, bundle: whole_mosaic_entropy(mosaic, bundle, self.preset),
+            lambda mosaic, bundle: whole_mosaic_entropy(
+                mosaic, bundle, self.preset, self.precision
+            ),
         )
 
     def infer(self) -> InferTask:
-        return MEDNetInfer(self.served, preset=self.preset, on_whole_mosaic=self.cache.put)
+        return MEDNetInfer(
+            self.served,
+            preset=self.preset,
+            on_whole_mosaic=self.cache.put,
+            precision=self.precision,
+        )
 
     def trainer(self) -> TrainTask:
         defaults: dict[str, Any] = {}

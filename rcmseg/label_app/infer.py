@@ -126,7 +126,12 @@ class Segmentation:
 
 
 def segment_region(
-    image: np.ndarray, info: MosaicInfo, region: Region, bundle: LoadedBundle, preset: str
+    image: np.ndarray,
+    info: MosaicInfo,
+    region: Region,
+    bundle: LoadedBundle,
+    preset: str,
+    precision: str = "auto",
 ) -> Segmentation:
     """Segment ``region`` as a whole-mosaic run would; labels at the mosaic grid.
 
@@ -149,16 +154,17 @@ def segment_region(
     rows = working_index(region.y, region.height, scale, height)
     cols = working_index(region.x, region.width, scale, width)
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    maps = engine_for(bundle, preset).segment(image, (r0, r1), (c0, c1), entropy=True)
+    engine = engine_for(bundle, preset, precision)
+    maps = engine.segment(image, (r0, r1), (c0, c1), entropy=True)
     labels = maps.labels[(rows - r0)[:, None], (cols - c0)[None, :]]
     assert maps.entropy is not None  # asked for with entropy=True
     return Segmentation(labels=labels, mean_entropy=float(maps.entropy.mean()))
 
 
 @functools.lru_cache(maxsize=4)
-def engine_for(bundle: LoadedBundle, preset: str) -> SegmentationEngine:
+def engine_for(bundle: LoadedBundle, preset: str, precision: str = "auto") -> SegmentationEngine:
     """The served bundle's engine for a preset, built once (batch norms folded once)."""
-    return bundle.engine(preset)
+    return bundle.engine(preset, precision=precision)
 
 
 def class_polygons(labels: np.ndarray, region: Region, min_poly_area: float) -> dict[str, Any]:
@@ -220,6 +226,7 @@ class MEDNetInfer(InferTask):
         preset: sliding-window preset name (``fast`` or ``paper``).
         on_whole_mosaic: called with ``(path, model, mean entropy)`` after a whole mosaic is
             segmented (the active-learning cache takes it for free).
+        precision: network precision (:func:`rcmseg.inference.resolve_precision`).
     """
 
     def __init__(
@@ -227,16 +234,18 @@ class MEDNetInfer(InferTask):
         served: ServedModel,
         preset: str = "fast",
         on_whole_mosaic: Any = None,
+        precision: str = "auto",
     ) -> None:
         super().__init__(
             type=InferType.SEGMENTATION,
             labels={name: index for index, name in enumerate(CLASS_NAMES)},
             dimension=2,
             description="MED-Net segmentation of RCM mosaics into six cellular patterns",
-            config={"preset": preset},
+            config={"preset": preset, "precision": precision},
         )
         self.served = served
         self.preset = preset
+        self.precision = precision
         self.on_whole_mosaic = on_whole_mosaic
 
     def is_valid(self) -> bool:
@@ -264,7 +273,7 @@ class MEDNetInfer(InferTask):
         region = Region.from_request(request, info)
         read_done = time.perf_counter()
 
-        result = segment_region(image, info, region, bundle, preset)
+        result = segment_region(image, info, region, bundle, preset, self.precision)
         if region.is_whole(info) and self.on_whole_mosaic is not None:
             self.on_whole_mosaic(path, bundle.model, result.mean_entropy)
         infer_done = time.perf_counter()
@@ -309,8 +318,10 @@ def latencies(started: float, read_done: float, infer_done: float, post_done: fl
     }
 
 
-def whole_mosaic_entropy(path: Path, bundle: LoadedBundle, preset: str) -> float:
+def whole_mosaic_entropy(
+    path: Path, bundle: LoadedBundle, preset: str, precision: str = "auto"
+) -> float:
     """Mean per-pixel entropy of a whole mosaic in nats (0 = certain, ln K = uniform)."""
     image, info = read_working_image(path)
     region = Region(0, 0, info.width_px, info.height_px)
-    return segment_region(image, info, region, bundle, preset).mean_entropy
+    return segment_region(image, info, region, bundle, preset, precision).mean_entropy

@@ -71,8 +71,9 @@ class RCMSegApp(MONAILabelApp):
             raise InputError(studies, "only a local studies folder is supported")
         self.workspace = Workspace.for_studies(studies)
         self.model_config = MEDNetTaskConfig()
-        self.model_config.init(MODEL_NAME, os.path.join(app_dir, "model"), conf, None,
-                               workspace=self.workspace)
+        self.model_config.init(
+            MODEL_NAME, os.path.join(app_dir, "model"), conf, None, workspace=self.workspace
+        )
         super().__init__(
             app_dir=app_dir,
             studies=studies,

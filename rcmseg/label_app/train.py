@@ -86,8 +86,9 @@ def labelled_cases(datastore: Datastore, run_dir: Path) -> dict[str, Case]:
         image_id = mosaic.name[: -len(mosaic_suffix(mosaic))]
         if labels.name.lower().endswith(ASAP_SUFFIX):
             labels = rasterize_asap_labels(labels, mosaic, run_dir / "labels" / f"{image_id}.png")
-        cases[image_id] = Case(mosaic=mosaic, labels=labels, patient=image_id, lesion=image_id,
-                               clinic="")
+        cases[image_id] = Case(
+            mosaic=mosaic, labels=labels, patient=image_id, lesion=image_id, clinic=""
+        )
     if not cases:
         raise InputError(None, "no mosaic has a final label yet: save labels before training")
     return cases
@@ -100,8 +101,9 @@ def should_replace(trained_dice: float, served_dice: float) -> bool:
     return not math.isfinite(served_dice) or trained_dice >= served_dice
 
 
-def served_model_dice(bundle_dir: Path, data_dir: Path, val: list[Case], device: str,
-                      preset: str) -> float:
+def served_model_dice(
+    bundle_dir: Path, data_dir: Path, val: list[Case], device: str, preset: str
+) -> float:
     """Validation Dice of the served weights, by the trainer's own validation function."""
     from rcmseg.inference import resolve_device
     from rcmseg.training.data import load_cases
@@ -131,8 +133,13 @@ class MEDNetTrain(TrainTask):
         defaults: request defaults shown to clients (``max_epochs``, ``val_split``, ...).
     """
 
-    def __init__(self, workspace: Workspace, served: ServedModel, device: str = "auto",
-                 defaults: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        workspace: Workspace,
+        served: ServedModel,
+        device: str = "auto",
+        defaults: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__("Fine-tune MED-Net on the labelled mosaics (partial labels)")
         self.workspace = workspace
         self.served = served
@@ -160,8 +167,9 @@ class MEDNetTrain(TrainTask):
         device = self.device
         bundle_dir = self.workspace.bundle_dir
         preset = str(options.get("val_preset") or bundle_value(bundle_dir, "val_preset", "fast"))
-        baseline = served_model_dice(bundle_dir, run_dir, [cases[i] for i in split.val], device,
-                                     preset)
+        baseline = served_model_dice(
+            bundle_dir, run_dir, [cases[i] for i in split.val], device, preset
+        )
         result = self._run_bundle_training(run_dir, split, cases, options, device)
 
         candidate = result.best_val_dice
@@ -181,28 +189,41 @@ class MEDNetTrain(TrainTask):
             "model": str(self.workspace.model_path),
         }
         self.workspace.train_stats_path.write_text(json.dumps(stats, indent=1), encoding="utf-8")
-        logger.info("fine-tuning %s: served Dice %.4f, trained %.4f, %s", run_dir.name, baseline,
-                    candidate, "replaced the served model" if replaced else "kept the served model")
+        logger.info(
+            "fine-tuning %s: served Dice %.4f, trained %.4f, %s",
+            run_dir.name,
+            baseline,
+            candidate,
+            "replaced the served model" if replaced else "kept the served model",
+        )
         return stats
 
-    def _run_bundle_training(self, run_dir: Path, split: Split, cases: dict[str, Case],
-                             options: dict[str, Any], device: str) -> Any:
+    def _run_bundle_training(
+        self,
+        run_dir: Path,
+        split: Split,
+        cases: dict[str, Case],
+        options: dict[str, Any],
+        device: str,
+    ) -> Any:
         from rcmseg.training.bundle import train_bundle
 
         overrides: dict[str, Any] = {
             train_id: options[key] for key, train_id in REQUEST_OVERRIDES.items() if key in options
         }
         names = {image_id: case.mosaic.name for image_id, case in cases.items()}
-        overrides.update({
-            "output_dir": str(run_dir / "output"),
-            "ckpt_path": str(run_dir / "model.pt"),
-            # Start from the served weights, not from network_def's fresh initialisation.
-            "network": f"$rcmseg.bundle.load_bundle({str(self.workspace.bundle_dir)!r}, "
-                       "@device).network",
-            "train_config#train_cases": [names[i] for i in split.train],
-            "train_config#val_cases": [names[i] for i in split.val],
-            "train_config#progress": False,
-        })
+        overrides.update(
+            {
+                "output_dir": str(run_dir / "output"),
+                "ckpt_path": str(run_dir / "model.pt"),
+                # Start from the served weights, not from network_def's fresh initialisation.
+                "network": f"$rcmseg.bundle.load_bundle({str(self.workspace.bundle_dir)!r}, "
+                "@device).network",
+                "train_config#train_cases": [names[i] for i in split.train],
+                "train_config#val_cases": [names[i] for i in split.val],
+                "train_config#progress": False,
+            }
+        )
         if device != "auto":
             overrides["device"] = device
         return train_bundle(self.workspace.bundle_dir, run_dir, **overrides)
