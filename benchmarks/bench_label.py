@@ -63,14 +63,27 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
-            sys.executable, "-m", "rcmseg.cli.main", "label", "serve", "--studies", str(studies),
-            "--bundle", str(bundle), "--port", str(self.port), "--preset", preset,
-            "--device", device,
+            sys.executable,
+            "-m",
+            "rcmseg.cli.main",
+            "label",
+            "serve",
+            "--studies",
+            str(studies),
+            "--bundle",
+            str(bundle),
+            "--port",
+            str(self.port),
+            "--preset",
+            preset,
+            "--device",
+            device,
         ]
         env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
         with log.open("a") as sink:
-            self.process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -100,20 +113,29 @@ def time_whole_mosaic(server: Server, image_id: str, out: Path) -> dict:
     params = json.loads(parts[0].text)
     out.write_bytes(parts[1].content)
     labels = tifffile.imread(out, level=0)
-    return {"seconds": round(seconds, 1), "label_map_px": list(labels.shape[::-1]),
-            "server_latencies_s": params["latencies"]}
+    return {
+        "seconds": round(seconds, 1),
+        "label_map_px": list(labels.shape[::-1]),
+        "server_latencies_s": params["latencies"],
+    }
 
 
 def time_region(server: Server, image_id: str, size: int, side: int) -> dict:
     corner = (size - side) // 2
     wsi = {"location": [corner, corner], "size": [side, side], "tile_size": [1024, 1024]}
     started = time.perf_counter()
-    response = requests.post(f"{server.url}/infer/wsi_v2/mednet?image={image_id}&output=json",
-                             data={"wsi": json.dumps(wsi)}, timeout=3600)
+    response = requests.post(
+        f"{server.url}/infer/wsi_v2/mednet?image={image_id}&output=json",
+        data={"wsi": json.dumps(wsi)},
+        timeout=3600,
+    )
     seconds = time.perf_counter() - started
     response.raise_for_status()
-    return {"seconds": round(seconds, 1), "region_px": [side, side],
-            "server_latencies_s": response.json().get("latencies")}
+    return {
+        "seconds": round(seconds, 1),
+        "region_px": [side, side],
+        "server_latencies_s": response.json().get("latencies"),
+    }
 
 
 def main() -> None:
@@ -138,9 +160,14 @@ def main() -> None:
         print(f"synthetic mosaic {args.size}² written in {time.perf_counter() - started:.0f} s")
     bundle, weights = bundle_with_weights(work)
     log = work / "server.log"
-    results = {"size_px": args.size, "preset": args.preset, "weights": weights,
-               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-               "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
+    results = {
+        "size_px": args.size,
+        "preset": args.preset,
+        "weights": weights,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
     requests_to_time = [
         ("whole_mosaic", lambda s: time_whole_mosaic(s, mosaic.stem, work / "labels.tif")),
         ("region", lambda s: time_region(s, mosaic.stem, args.size, args.region)),

@@ -27,9 +27,9 @@ from texture_mosaics import TEXTURES, describe, write_texture_dataset  # noqa: E
 
 from rcmseg.evaluation.cv import SplitSettings, case_id, load_trained_network  # noqa: E402
 from rcmseg.evaluation.evaluate import evaluate_cases  # noqa: E402
-from rcmseg.evaluation.splits import read_folds  # noqa: E402
 from rcmseg.evaluation.study import STUDIES, Variant, parameter_count, run_study  # noqa: E402
 from rcmseg.io.dataset import read_manifest  # noqa: E402
+from rcmseg.splits import read_folds  # noqa: E402
 
 VARIANTS = ("mednet", "mednet2", "mednet1", "unet", "fcn", "segnet", "deeplab")
 

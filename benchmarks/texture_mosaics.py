@@ -164,12 +164,22 @@ def make_texture_mosaic(
 
     Region scales shrink with the textures (``shrink``) so regions hold the same pattern count.
     """
+    image, labels, _full = make_texture_mosaic_with_truth(sources, size, rng, shrink)
+    return image, labels
+
+
+def make_texture_mosaic_with_truth(
+    sources: list[np.ndarray], size: int, rng: np.random.Generator, shrink: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`make_texture_mosaic` plus the complete label map (argmax of the region weights,
+    every pixel labelled), the reference for fragmentation metrics. Same random draws."""
     scales = tuple(s / shrink for s in (24.0, 48.0, 96.0, 192.0))
     weights = region_weights(size, len(sources), rng, scales_px=scales)
     layers = np.stack([texture_layer(source, size, rng) for source in sources])
     image = np.clip((weights * layers).sum(axis=0), 0, 255)
+    full = weights.argmax(axis=0).astype(np.uint8)
     # blending lowers contrast at borders; that is what gradual transitions look like
-    return np.round(image).astype(np.uint8), partial_labels(weights, rng)
+    return np.round(image).astype(np.uint8), partial_labels(weights, rng), full
 
 
 def write_texture_dataset(
@@ -187,6 +197,8 @@ def write_texture_dataset(
     ``shrink`` makes the textures (and so the region scales, which are in px) that many times
     smaller than the ``1.1`` scan, so a small patch holds as much pattern as a large one would.
     Returns the cases (also in ``out/manifest.csv``); ``clinic`` is ``usc_<digitisation>``.
+    The complete label maps (no unlabelled pixel) go to ``out/labels_full/<name>.png``, outside
+    the manifest: the reference for fragmentation metrics.
     """
     test_digitisation = next(d for d in DIGITISATIONS if d != train_digitisation)
     rng = np.random.default_rng(seed)
@@ -198,11 +210,13 @@ def write_texture_dataset(
         sources = [load_texture(texture_dir, t, digitisation, shrink) for t in TEXTURES]
         for index in range(count):
             name = f"usc{digitisation.replace('.', '')}_{index:02d}"
-            image, labels = make_texture_mosaic(sources, size, rng, shrink)
+            image, labels, full = make_texture_mosaic_with_truth(sources, size, rng, shrink)
             mosaic = out / "mosaics" / f"{name}.tif"
             label_path = out / "labels" / f"{name}.png"
-            mosaic.parent.mkdir(parents=True, exist_ok=True)
-            label_path.parent.mkdir(parents=True, exist_ok=True)
+            full_path = out / "labels_full" / f"{name}.png"
+            for path in (mosaic, label_path, full_path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(full).save(full_path)
             tifffile.imwrite(
                 mosaic,
                 image,

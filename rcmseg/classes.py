@@ -61,4 +61,5 @@ def colour_lut(unlabelled_colour: tuple[int, int, int] = UNLABELLED_COLOUR) -> n
     lut[UNLABELLED] = unlabelled_colour
     return lut
 
+
 INTENSITY_MAX: float = 255.0  # network input = mosaic intensity (0-255 scale) / INTENSITY_MAX

@@ -18,8 +18,11 @@ Choices where the paper is silent:
   a perfect prediction scores ~0, and a patch without labelled pixels scores 0.
 - TV is summed over all pixels, classes and images of the batch, as written; the logged ratio
   ``last_tv / last_dice`` shows whether γ keeps it at the paper's 0.01-0.1.
-- Deep supervision: L = Σ_m L_m (equal weights) with the labels brought to each output's size by
-  :func:`downsample_label_tensor`, the same vote as :func:`rcmseg.io.labels.downsample_labels`.
+- Deep supervision: L = Σ_m L_m (equal weights, the paper's) with the labels brought to each
+  output's size by :func:`downsample_label_tensor`, the same vote as
+  :func:`rcmseg.io.labels.downsample_labels`. ``make_loss(level_weights=(w_0, ..., w_{M-1}))``
+  gives L = Σ_m w_m L_m instead, weights in the outputs' order (coarse to fine for MED-Net);
+  a list of another length is refused.
 
 After each call a loss made by :func:`make_loss` exposes ``last_dice`` (the data term: MDSC,
 Dice or cross-entropy, summed over levels) and ``last_tv`` (γ·TV summed over levels), as detached
@@ -27,6 +30,8 @@ Dice or cross-entropy, summed over levels) and ``last_tv`` (γ·TV summed over l
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -215,18 +220,31 @@ class LabelledCrossEntropyLoss(_Loss):
 
 
 class LabelledDeepSupervisionLoss(DeepSupervisionLoss):
-    """MONAI's :class:`DeepSupervisionLoss` with equal weights (L = Σ_m L_m) whose targets are
-    brought to each output's size by :func:`downsample_label_tensor` (not nearest neighbour).
+    """MONAI's :class:`DeepSupervisionLoss` with equal weights (L = Σ_m L_m) or the given
+    ``level_weights`` (L = Σ_m w_m L_m), whose targets are brought to each output's size by
+    :func:`downsample_label_tensor` (not nearest neighbour).
 
     ``forward(outputs, labels)``: outputs a (B, K, H, W) tensor or a list of them at any
-    power-of-two fractions of (H, W), in any order; labels (B, 1, H, W). Sums the wrapped loss's
-    ``last_dice`` and ``last_tv`` over the outputs into its own.
+    power-of-two fractions of (H, W), in any order (``level_weights`` follow that order and must
+    have one weight per output; a single tensor is never weighted); labels (B, 1, H, W). Sums the
+    wrapped loss's ``last_dice`` and ``last_tv`` over the outputs into its own, unweighted (so
+    logs stay comparable across weightings); ``last_level_dice`` holds the data term of each
+    output, in order (detached 0-dim tensors).
     """
 
-    def __init__(self, loss: LabelledDiceLoss | LabelledCrossEntropyLoss) -> None:
-        super().__init__(loss, weight_mode="same")
+    def __init__(
+        self,
+        loss: LabelledDiceLoss | LabelledCrossEntropyLoss,
+        level_weights: Sequence[float] | None = None,
+    ) -> None:
+        weights = None if level_weights is None else [float(w) for w in level_weights]
+        if weights is not None and (not weights or any(w < 0 for w in weights)):
+            raise ValueError(f"level_weights must be non-negative numbers, got {level_weights}")
+        super().__init__(loss, weight_mode="same", weights=weights)
+        self.level_weights = weights
         self.last_dice = torch.tensor(0.0)
         self.last_tv = torch.tensor(0.0)
+        self.last_level_dice: list[Tensor] = []
 
     def get_loss(self, input: Tensor, target: Tensor) -> Tensor:  # noqa: A002 - MONAI's name
         if input.shape[2:] != target.shape[2:]:
@@ -235,12 +253,18 @@ class LabelledDeepSupervisionLoss(DeepSupervisionLoss):
         value = self.loss(input, target)
         self.last_dice = self.last_dice + self.loss.last_dice
         self.last_tv = self.last_tv + self.loss.last_tv
+        self.last_level_dice.append(self.loss.last_dice)
         return value
 
     def forward(self, input: Tensor | list[Tensor], target: Tensor) -> Tensor:  # noqa: A002
         self.last_dice = torch.zeros((), device=target.device)
         self.last_tv = torch.zeros((), device=target.device)
+        self.last_level_dice = []
         outputs = list(input) if isinstance(input, list | tuple) else [input]
+        if len(outputs) == 1:  # one output: never weighted
+            return self.get_loss(outputs[0].float(), target)
+        if self.level_weights is not None and len(self.level_weights) != len(outputs):
+            raise ValueError(f"{len(self.level_weights)} level weights for {len(outputs)} outputs")
         return super().forward(outputs, target)
 
 
@@ -250,6 +274,7 @@ def make_loss(
     num_classes: int = NUM_CLASSES,
     batch: bool = True,
     epsilon: float = DEFAULT_EPSILON,
+    level_weights: Sequence[float] | None = None,
 ) -> LabelledDeepSupervisionLoss:
     """The training loss called ``name``, ready for a tensor or a coarse-to-fine list of logits.
 
@@ -262,6 +287,9 @@ def make_loss(
         num_classes: K.
         batch: Dice sums over the batch (True) or per image (False); unused by ``ce``.
         epsilon: ε of the Dice denominators; unused by ``ce``.
+        level_weights: deep-supervision weight of each output, in the outputs' order (coarse
+            to fine for MED-Net), e.g. ``(0.25, 0.5, 1.0)``; ``None`` is the paper's equal
+            weights. Needs one weight per output of a list; a single tensor is unweighted.
 
     Returns:
         a module ``(outputs, labels) -> 0-dim tensor`` with ``last_dice`` and ``last_tv``.
@@ -282,4 +310,4 @@ def make_loss(
             batch=batch,
             epsilon=epsilon,
         )
-    return LabelledDeepSupervisionLoss(inner)
+    return LabelledDeepSupervisionLoss(inner, level_weights)

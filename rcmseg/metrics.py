@@ -1,4 +1,5 @@
-"""The paper's evaluation: confusion matrices on labelled pixels and one-vs-rest class metrics.
+"""The paper's evaluation: confusion matrices on labelled pixels and one-vs-rest class metrics,
+and fragmentation of class maps (connected components and boundary length per mm² of lesion).
 
 Confusion matrices are counts, so summing them over mosaics gives pooled metrics over a test set.
 A metric whose denominator is 0 (a class that never occurs in the truth and is never predicted)
@@ -7,12 +8,15 @@ is NaN, and the means over classes are NaN-means (NaN only if every class is NaN
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-from rcmseg.classes import NUM_CLASSES, UNLABELLED
+from rcmseg.classes import NON_LESION_CLASSES, NUM_CLASSES, UNLABELLED, WORKING_MPP
 
 METRIC_NAMES: tuple[str, ...] = ("sensitivity", "specificity", "dice")
 
@@ -93,3 +97,92 @@ def _nanmean(values: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(np.nanmean(values))
+
+
+# --- Fragmentation (the paper's second claim: MED-Net's maps are less fragmented) -------------
+
+FRAGMENTATION_NAMES: tuple[str, ...] = ("components_per_mm2", "boundary_mm_per_mm2")
+
+
+def lesion_mask(labels: np.ndarray, lesion_classes: Sequence[int] | None = None) -> np.ndarray:
+    """bool (H, W): pixels of a lesion class (every class but ``NON_LESION_CLASSES``, i.e. not
+    background or artifact); UNLABELLED is never lesion."""
+    labels = np.asarray(labels)
+    classes = lesion_classes_default() if lesion_classes is None else tuple(lesion_classes)
+    return np.isin(labels, classes)
+
+
+def lesion_classes_default(num_classes: int = NUM_CLASSES) -> tuple[int, ...]:
+    """Class indices counted as lesion: all but :data:`rcmseg.classes.NON_LESION_CLASSES`."""
+    return tuple(k for k in range(num_classes) if k not in NON_LESION_CLASSES)
+
+
+def fragmentation(
+    labels: np.ndarray,
+    pixel_mpp: float = WORKING_MPP,
+    lesion_classes: Sequence[int] | None = None,
+    connectivity: int = 1,
+) -> dict[str, float]:
+    """How fragmented a class map is, per mm² of lesion.
+
+    Args:
+        labels: uint8 (H, W) class map (a prediction, or a label map: UNLABELLED pixels belong to
+            no component and no boundary).
+        pixel_mpp: pixel side in µm (2.0 at the working resolution).
+        lesion_classes: class indices that form the lesion (default: all but background and
+            artifact).
+        connectivity: 1 (4-neighbours, default) or 2 (8-neighbours) for connected components.
+
+    Returns:
+        ``components``: connected components of each lesion class, summed over classes (an island
+        of class k inside class j counts once for k); ``boundary_mm``: length of the pixel edges
+        between two labelled pixels of different classes where at least one is lesion (image
+        borders and edges to UNLABELLED are not boundaries), in mm; ``lesion_mm2``: lesion area;
+        ``components_per_mm2`` and ``boundary_mm_per_mm2``: the first two divided by the lesion
+        area (NaN without lesion).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"a label map is (H, W), got shape {labels.shape}")
+    if pixel_mpp <= 0:
+        raise ValueError(f"pixel size must be positive, got {pixel_mpp}")
+    classes = lesion_classes_default() if lesion_classes is None else tuple(lesion_classes)
+    structure = ndimage.generate_binary_structure(2, connectivity)
+    components = 0
+    for k in classes:
+        _, count = ndimage.label(labels == k, structure=structure)
+        components += int(count)
+    lesion = np.isin(labels, classes)
+    labelled = labels != UNLABELLED
+    edges = 0
+    for axis in (0, 1):  # vertical, then horizontal neighbour pairs
+        first = [slice(None), slice(None)]
+        second = [slice(None), slice(None)]
+        first[axis], second[axis] = slice(1, None), slice(None, -1)
+        a, b = tuple(first), tuple(second)
+        boundary = (labels[a] != labels[b]) & labelled[a] & labelled[b] & (lesion[a] | lesion[b])
+        edges += int(np.count_nonzero(boundary))
+    mm = pixel_mpp / 1000.0
+    lesion_mm2 = float(lesion.sum()) * mm * mm
+    boundary_mm = edges * mm
+    per_area = (lambda value: value / lesion_mm2) if lesion_mm2 > 0 else (lambda _v: math.nan)
+    return {
+        "components": float(components),
+        "boundary_mm": boundary_mm,
+        "lesion_mm2": lesion_mm2,
+        "components_per_mm2": per_area(float(components)),
+        "boundary_mm_per_mm2": per_area(boundary_mm),
+    }
+
+
+def components_per_mm2(
+    labels: np.ndarray, pixel_mpp: float = WORKING_MPP, connectivity: int = 1
+) -> float:
+    """Connected components of the lesion classes per mm² of lesion (see :func:`fragmentation`)."""
+    return fragmentation(labels, pixel_mpp, connectivity=connectivity)["components_per_mm2"]
+
+
+def boundary_length_per_mm2(labels: np.ndarray, pixel_mpp: float = WORKING_MPP) -> float:
+    """Class boundary length touching lesion, in mm per mm² of lesion (see
+    :func:`fragmentation`)."""
+    return fragmentation(labels, pixel_mpp)["boundary_mm_per_mm2"]

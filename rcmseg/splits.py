@@ -329,7 +329,6 @@ def split_cases_of(
     return result
 
 
-
 def holdout_fold(
     cases: Sequence[SplitCase], fold: int, num_folds: int, seed: int = 0
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:

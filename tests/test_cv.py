@@ -149,8 +149,9 @@ def test_cv_trains_with_the_bundles_recipe_under_the_command_line(
         assert used["seed"] == fold and used["val_preset"] == "paper"
 
     # an ablation loss from the command line does not inherit the recipe loss's TV weight
-    result = CliRunner().invoke(app, command[:3] + [str(tmp_path / "ce")] + command[4:] + QUICK
-                                + ["--loss", "ce"])
+    result = CliRunner().invoke(
+        app, command[:3] + [str(tmp_path / "ce")] + command[4:] + QUICK + ["--loss", "ce"]
+    )
     assert result.exit_code == 0, result.output
     used = torch.load(tmp_path / "ce/fold_0/train/checkpoints/last.pt", weights_only=True)
     assert used["config"]["loss"] == "ce" and used["config"]["tv_weight"] is None

@@ -239,3 +239,31 @@ def test_loss_runs_in_float32_on_low_precision_outputs() -> None:
     value = make_loss("mdsc_tv")(outputs, labels)
     value.backward()
     assert value.dtype == torch.float32 and torch.isfinite(value)
+
+
+def test_level_weights_weight_each_output_and_are_checked() -> None:
+    torch.manual_seed(0)
+    labels = torch.randint(0, 6, (2, 1, 16, 16))
+    outputs = [torch.randn(2, 6, 4, 4), torch.randn(2, 6, 8, 8), torch.randn(2, 6, 16, 16)]
+    equal = make_loss("mdsc_tv")
+    total = equal(outputs, labels)
+    per_level = [float(v) for v in equal.last_level_dice]
+    assert len(per_level) == 3
+    weighted = make_loss("mdsc_tv", gamma=0.0, level_weights=(0.25, 0.5, 1.0))
+    value = weighted(outputs, labels)
+    torch.testing.assert_close(
+        value, torch.tensor(0.25 * per_level[0] + 0.5 * per_level[1] + per_level[2])
+    )
+    # the logged data term stays the unweighted sum over levels
+    torch.testing.assert_close(weighted.last_dice, torch.tensor(sum(per_level)))
+    assert float(total) >= float(value)
+    finest = make_loss("mdsc_tv", level_weights=(0.0, 0.0, 1.0))
+    torch.testing.assert_close(finest(outputs, labels), make_loss("mdsc_tv")(outputs[-1], labels))
+    # a single tensor is never weighted
+    torch.testing.assert_close(
+        finest(outputs[-1], labels), make_loss("mdsc_tv")(outputs[-1], labels)
+    )
+    with pytest.raises(ValueError, match="2 level weights for 3 outputs"):
+        make_loss(level_weights=(1.0, 1.0))(outputs, labels)
+    with pytest.raises(ValueError, match="non-negative"):
+        make_loss(level_weights=(1.0, -1.0))

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from rcmseg.classes import UNLABELLED
-from rcmseg.metrics import confusion_matrix, one_vs_rest
+from rcmseg.metrics import (
+    boundary_length_per_mm2,
+    components_per_mm2,
+    confusion_matrix,
+    fragmentation,
+    one_vs_rest,
+)
 
 U = UNLABELLED
 # Truth and prediction of 8 pixels, 2 unlabelled. Labelled (truth, prediction) pairs:
@@ -82,3 +88,59 @@ def test_bad_inputs_are_refused() -> None:
         confusion_matrix(np.full_like(PRED, 3), LABELS, num_classes=3)
     with pytest.raises(ValueError, match="square"):
         one_vs_rest(np.zeros((2, 3)))
+
+
+# --- fragmentation: components and boundary length per mm² of lesion ----------------------------
+
+
+def test_fragmentation_of_a_hand_made_map() -> None:
+    # 10 x 10 px at 100 µm/px (1 mm per 10 px): background (0) with a 4 x 4 square of ring (4)
+    # holding one meshwork (2) pixel, and a 2 x 1 aspecific (5) bar elsewhere.
+    labels = np.zeros((10, 10), dtype=np.uint8)
+    labels[1:5, 1:5] = 4
+    labels[2, 2] = 2
+    labels[7, 6:8] = 5
+    f = fragmentation(labels, pixel_mpp=100.0)
+    # lesion pixels: 16 (square, incl. the meshwork pixel) + 2 (bar) = 18 px of 0.01 mm²
+    assert f["lesion_mm2"] == pytest.approx(0.18)
+    # components: ring 1 (the square with a hole), meshwork 1, aspecific 1
+    assert f["components"] == 3
+    # boundary edges: square perimeter 16 + the meshwork pixel's 4 + bar perimeter 6 = 26 edges
+    assert f["boundary_mm"] == pytest.approx(2.6)
+    assert f["components_per_mm2"] == pytest.approx(3 / 0.18)
+    assert f["boundary_mm_per_mm2"] == pytest.approx(2.6 / 0.18)
+    assert components_per_mm2(labels, 100.0) == pytest.approx(3 / 0.18)
+    assert boundary_length_per_mm2(labels, 100.0) == pytest.approx(2.6 / 0.18)
+
+
+def test_fragmentation_counts_islands_and_connectivity() -> None:
+    # a checkerboard of nested (3) pixels on background: 4-connected, every pixel is an island;
+    # 8-connected, they form one component
+    labels = np.zeros((4, 4), dtype=np.uint8)
+    labels[::2, ::2] = 3
+    labels[1::2, 1::2] = 3
+    assert fragmentation(labels, 2.0)["components"] == 8
+    assert fragmentation(labels, 2.0, connectivity=2)["components"] == 1
+    # 8 lesion px at 2 µm: 32 µm² = 3.2e-5 mm²; 24 inner edges between unequal neighbours
+    f = fragmentation(labels, 2.0)
+    assert f["lesion_mm2"] == pytest.approx(3.2e-5)
+    assert f["boundary_mm"] == pytest.approx(24 * 0.002)
+
+
+def test_fragmentation_ignores_unlabelled_borders_and_non_lesion_boundaries() -> None:
+    labels = np.array([[0, 1, 1], [U, 2, 2], [U, 2, 2]], dtype=np.uint8)
+    f = fragmentation(labels, 1000.0)  # 1 mm pixels
+    # background-artifact edge is not lesion; edges to UNLABELLED are not boundaries;
+    # lesion (meshwork) edges: two to artifact above = 2 mm
+    assert f["components"] == 1
+    assert f["lesion_mm2"] == pytest.approx(4.0)
+    assert f["boundary_mm"] == pytest.approx(2.0)
+
+
+def test_fragmentation_without_lesion_is_nan_and_bad_input_is_refused() -> None:
+    f = fragmentation(np.zeros((3, 3), dtype=np.uint8), 2.0)
+    assert f["components"] == 0 and math.isnan(f["components_per_mm2"])
+    with pytest.raises(ValueError, match="H, W"):
+        fragmentation(np.zeros((1, 3, 3), dtype=np.uint8), 2.0)
+    with pytest.raises(ValueError, match="positive"):
+        fragmentation(np.zeros((3, 3), dtype=np.uint8), 0.0)

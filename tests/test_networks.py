@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,17 @@ import torch.nn.functional as F
 from monai.bundle import ckpt_export
 from monai.networks.utils import convert_to_torchscript
 
-from rcmseg.networks import NETWORK_NAMES, MEDNet, count_parameters, get_network
+from rcmseg.networks import (
+    DEPTH_ORDERS,
+    GATES,
+    NETWORK_NAMES,
+    PRIORS,
+    MEDNet,
+    MEDNetUNet,
+    count_parameters,
+    get_network,
+)
+from rcmseg.networks.blocks import fold_batch_norms
 
 torch.set_num_threads(2)
 # Recent torch deprecates TorchScript; MONAI bundles (models/model.ts) still rely on it.
@@ -147,7 +158,16 @@ def test_baselines_return_one_logits_tensor_in_both_modes(name: str) -> None:
 
 
 def test_get_network_knows_its_names_and_passes_options() -> None:
-    assert set(NETWORK_NAMES) == {"mednet", "mednet2", "mednet1", *BASELINES}
+    assert set(NETWORK_NAMES) == {
+        "mednet",
+        "mednet2",
+        "mednet1",
+        "mednet_unet",
+        "dynunet",
+        "mednet_deep",
+        "mednet_deep_noprior",
+        *BASELINES,
+    }
     small = get_network("MEDNet2", in_channels=3, out_channels=2, widths=(4, 8, 8, 8, 8))
     assert isinstance(small, MEDNet) and small.num_levels == 2
     assert small.levels[-1].encoders[0].conv1.conv.in_channels == 3 + 2
@@ -234,3 +254,177 @@ def test_folded_batch_norms_give_the_same_logits_and_leave_the_network_alone(lev
     for key, value in network.state_dict().items():
         torch.testing.assert_close(value, before[key])
     assert fold_batch_norms(network.train()) is network  # training mode: nothing to fold
+
+
+# --- issue 11: gate, depth order, prior, U-Net-like levels, DynUNet ------------------------------
+
+DEMO_WEIGHTS = (
+    Path(__file__).resolve().parents[1] / "bundles" / "rcm_mednet" / "models" / "model.pt"
+)
+
+
+def test_demo_bundle_weights_still_load_into_the_default_mednet() -> None:
+    if not DEMO_WEIGHTS.is_file():
+        pytest.skip("no demo weights in this checkout")
+    state = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
+    network = get_network("mednet")
+    network.load_state_dict(state)  # strict: same keys and shapes as before the options
+    assert network.gate_mode == "product" and network.depth_order == "shallower_coarse"
+    with torch.no_grad():
+        logits = network.eval()(torch.rand(1, 1, 64, 64))
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["mednet_unet", "dynunet", "mednet_deep", "mednet_deep_noprior"])
+def test_new_networks_have_six_million_parameters(name: str) -> None:
+    count = count_parameters(get_network(name))
+    assert abs(count - PAPER_PARAMETERS) <= 0.1 * PAPER_PARAMETERS, count
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_unet_level_mednets_are_six_million_at_every_depth(levels: int) -> None:
+    count = count_parameters(MEDNetUNet(levels=levels))
+    assert abs(count - PAPER_PARAMETERS) <= 0.1 * PAPER_PARAMETERS, count
+
+
+@pytest.mark.parametrize("depth_order", DEPTH_ORDERS)
+def test_depth_orders_keep_about_six_million_parameters(depth_order: str) -> None:
+    count = count_parameters(MEDNet(levels=3, depth_order=depth_order))
+    assert abs(count - PAPER_PARAMETERS) <= 0.1 * PAPER_PARAMETERS, count
+
+
+def _forward_backward(network: torch.nn.Module, side: int) -> list[torch.Tensor]:
+    network.train()
+    outputs = network(torch.rand(2, 1, side, side))
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    sum(o.square().mean() for o in outputs).backward()
+    grads = [p.grad for p in network.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    return outputs
+
+
+@pytest.mark.parametrize("level", ["fcn", "unet"])
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("depth_order", DEPTH_ORDERS)
+@pytest.mark.parametrize("gate", GATES)
+def test_every_option_runs_forward_and_backward_with_the_right_shapes(
+    gate: str, depth_order: str, prior: str, level: str
+) -> None:
+    torch.manual_seed(0)
+    network = MEDNet(
+        levels=3, widths=SMALL_WIDTHS, gate=gate, depth_order=depth_order, prior=prior, level=level
+    )
+    side = network.side_multiple
+    assert side == (128 if depth_order == "deeper_coarse" else 32)
+    outputs = _forward_backward(network, side)
+    assert [tuple(o.shape) for o in outputs] == [
+        (2, 6, side // 2**m, side // 2**m) for m in (2, 1, 0)
+    ]
+    with torch.no_grad():
+        assert network.eval()(torch.rand(1, 1, side, 2 * side)).shape == (1, 6, side, 2 * side)
+
+
+def test_depth_orders_give_the_papers_two_readings() -> None:
+    shallow = MEDNet(levels=3, widths=SMALL_WIDTHS)
+    deep = MEDNet(levels=3, widths=SMALL_WIDTHS, depth_order="deeper_coarse")
+    assert [len(level.encoders) for level in shallow.levels] == [3, 4, 5]  # coarse to fine
+    assert [len(level.encoders) for level in deep.levels] == [5, 4, 3]
+    with pytest.raises(ValueError, match="multiples of 128"):
+        deep.eval()(torch.rand(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "residual", "none"])
+def test_gates_do_what_they_say(gate: str) -> None:
+    seen: dict[str, torch.Tensor] = {}
+    network = MEDNet(levels=2, widths=SMALL_WIDTHS, gate=gate).eval()
+    coarse, fine = network.levels
+
+    def keep(name: str, index: int):
+        def hook(_module, inputs, output):
+            seen[name] = (inputs[0] if index == 0 else output).detach().clone()
+
+        return hook
+
+    handles = [
+        coarse.encoders[-1].register_forward_hook(keep("bottleneck", 1)),
+        fine.encoders[-2].register_forward_hook(keep("before", 1)),
+        fine.encoders[-1].register_forward_hook(keep("gated", 0)),
+    ]
+    with torch.no_grad():
+        network(torch.rand(1, 1, 64, 64))
+    for handle in handles:
+        handle.remove()
+    g = F.interpolate(seen["bottleneck"], scale_factor=2.0, mode="bilinear")
+    expected = {
+        "sigmoid": seen["before"] * torch.sigmoid(g),
+        "residual": seen["before"] * (1 + torch.sigmoid(g)),
+        "none": seen["before"],
+    }[gate]
+    torch.testing.assert_close(seen["gated"], expected)
+
+
+def test_prior_options_change_the_finer_input() -> None:
+    assert (
+        MEDNet(levels=2, widths=SMALL_WIDTHS, prior="none")
+        .levels[-1]
+        .encoders[0]
+        .conv1.conv.in_channels
+        == 1
+    )
+    assert (
+        MEDNet(levels=2, widths=SMALL_WIDTHS, prior="logits")
+        .levels[-1]
+        .encoders[0]
+        .conv1.conv.in_channels
+        == 1 + 6
+    )
+    with pytest.raises(ValueError, match="prior"):
+        MEDNet(prior="probabilities")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gate"):
+        MEDNet(gate="tanh")  # type: ignore[arg-type]
+
+
+def test_detached_prior_blocks_the_finer_gradient_into_the_coarse_level() -> None:
+    torch.manual_seed(0)
+    for detach in (False, True):
+        network = MEDNet(levels=2, widths=SMALL_WIDTHS, gate="none", detach_prior=detach).train()
+        coarse_out, fine_out = network(torch.rand(2, 1, 64, 64))
+        fine_out.square().mean().backward()  # the finer level's loss only
+        grad = network.levels[0].head.weight.grad
+        assert (grad is None or not grad.abs().sum()) == detach
+
+
+def test_dynunet_shapes_and_optional_deep_supervision() -> None:
+    network = get_network("dynunet", filters=(8, 16, 16, 32, 32))
+    image = torch.rand(2, 1, 64, 96)
+    assert network.train()(image).shape == (2, 6, 64, 96)
+    with torch.no_grad():
+        assert network.eval()(image).shape == (2, 6, 64, 96)
+    supervised = get_network("dynunet", filters=(8, 16, 16, 32, 32), deep_supervision=True)
+    outputs = _forward_backward(supervised, 64)
+    assert len(outputs) == 3 and all(o.shape == (2, 6, 64, 64) for o in outputs)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"level": "unet"}, {"gate": "residual", "depth_order": "deeper_coarse"}]
+)
+def test_new_mednets_script_and_fold(kwargs: dict) -> None:
+    torch.manual_seed(0)
+    network = MEDNet(levels=3, widths=SMALL_WIDTHS, **kwargs).train()
+    side = network.side_multiple
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            network(torch.rand(2, 1, side, side))
+    network.eval()
+    x = torch.rand(1, 1, side, side)
+    with torch.no_grad():
+        expected = network(x)
+        torch.testing.assert_close(fold_batch_norms(network)(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.jit.script(network)(x), expected)
+
+
+def test_dynunet_survives_fold_batch_norms() -> None:
+    network = get_network("dynunet", filters=(8, 16, 16, 32, 32)).eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_batch_norms(network)(x), network(x))

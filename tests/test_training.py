@@ -224,3 +224,19 @@ def test_bad_data_sets_give_one_line_errors(tmp_path: Path) -> None:
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and str(empty) in lines[0] and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_level_weights_reach_the_loss(tmp_path):
+    """TrainConfig.level_weights weights the deep-supervision outputs (coarse to fine)."""
+    from rcmseg.training.config import TrainConfig
+
+    config = TrainConfig(data_dir=tmp_path, output_dir=tmp_path, level_weights=[0.25, 0.5, 1.0])
+    assert config.to_dict()["level_weights"] == [0.25, 0.5, 1.0]
+    from rcmseg.losses import make_loss
+
+    loss = make_loss(config.loss, gamma=config.tv_weight, level_weights=config.level_weights)
+    logits = [torch.randn(1, 6, 8 * 2**m, 8 * 2**m) for m in range(3)]
+    labels = torch.randint(0, 6, (1, 1, 32, 32))
+    weighted = float(loss(logits, labels))
+    plain = float(make_loss(config.loss, gamma=config.tv_weight)(logits, labels))
+    assert weighted < plain  # the two coarse terms count less

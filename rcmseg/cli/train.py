@@ -55,6 +55,13 @@ def train_model_command(
         str, typer.Option(help="mednet, mednet2, mednet1, unet, fcn, segnet or deeplab.")
     ] = "mednet",
     loss: Annotated[str, typer.Option(help="mdsc_tv (paper), dice or ce.")] = "mdsc_tv",
+    level_weights: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--level-weight",
+            help="Deep-supervision weight per output, coarse to fine (repeat it; default all 1).",
+        ),
+    ] = None,
     fold: Annotated[
         int, typer.Option(help="Validation fold of the patient-wise split (0-based).")
     ] = 0,
@@ -112,6 +119,7 @@ def train_model_command(
             optimizer=optimizer,
             network=network,
             loss=loss,
+            level_weights=list(level_weights) if level_weights else None,
             fold=fold,
             num_folds=folds,
             val_every=val_every,

@@ -152,7 +152,6 @@ def train_fold(
 ) -> Path:
     """Train the fold's model (or resume / reuse it); returns the best weights' path."""
 
-
     done = fold_dir / "trained.json"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         trained = Path(json.loads(done.read_text(encoding="utf-8"))["model_path"])

@@ -1,4 +1,5 @@
-"""Segmentation networks: MED-Net (1-3 levels) and the paper's ~6 M parameter baselines.
+"""Segmentation networks: MED-Net (1-3 levels, FCN or U-Net-like levels), the paper's ~6 M
+parameter baselines and MONAI's DynUNet (nnU-Net).
 
 All networks take (B, in_channels, H, W) with H and W multiples of 32 and give logits
 (B, out_channels, H, W); MED-Net in training mode gives a list of logits coarse to fine.
@@ -12,17 +13,32 @@ from functools import partial
 from torch import nn
 
 from rcmseg.classes import NUM_CLASSES
-from rcmseg.networks.baselines import DeepLab, FCN32s, SegNet, unet
-from rcmseg.networks.mednet import DEFAULT_WIDTHS, MEDNet
+from rcmseg.networks.baselines import DeepLab, DynUNet2D, FCN32s, SegNet, dynunet, unet
+from rcmseg.networks.mednet import (
+    DEFAULT_WIDTHS,
+    DEPTH_ORDERS,
+    GATES,
+    PRIORS,
+    UNET_WIDTHS,
+    MEDNet,
+    MEDNetUNet,
+)
 
 __all__ = [
     "DEFAULT_WIDTHS",
+    "DEPTH_ORDERS",
+    "GATES",
     "NETWORK_NAMES",
+    "PRIORS",
+    "UNET_WIDTHS",
     "DeepLab",
+    "DynUNet2D",
     "FCN32s",
     "MEDNet",
+    "MEDNetUNet",
     "SegNet",
     "count_parameters",
+    "dynunet",
     "get_network",
     "unet",
 ]
@@ -35,6 +51,14 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "fcn": FCN32s,
     "segnet": SegNet,
     "deeplab": DeepLab,
+    # issue 11: MED-Net with U-Net-like levels, and nnU-Net's architecture as a baseline
+    "mednet_unet": partial(MEDNetUNet, levels=3),
+    "dynunet": dynunet,
+    # measured winners of the issue-11 diagnosis (docs/benchmarks.md, "MED-Net diagnosis"):
+    # the paper's "two additional blocks" reading (coarser levels deeper), with and without the
+    # label prior
+    "mednet_deep": partial(MEDNet, levels=3, depth_order="deeper_coarse"),
+    "mednet_deep_noprior": partial(MEDNet, levels=3, depth_order="deeper_coarse", prior="none"),
 }
 NETWORK_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 

@@ -1,4 +1,5 @@
-"""The paper's baselines at ~6 M trainable parameters: U-Net, FCN-32s, SegNet and DeepLab.
+"""The paper's baselines at ~6 M trainable parameters: U-Net, FCN-32s, SegNet and DeepLab, and
+MONAI's DynUNet (the nnU-Net architecture) at the same size.
 
 Each returns logits (B, K, H, W) for input (B, C, H, W), in training and eval mode alike; H and W
 must be multiples of 32 (five 2x downsamplings in FCN and SegNet). Widths are chosen so each
@@ -10,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 
+import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit, SimpleASPP
-from monai.networks.nets import BasicUNet
+from monai.networks.nets import BasicUNet, DynUNet
 from torch import Tensor, nn
 
 from rcmseg.classes import NUM_CLASSES
@@ -34,6 +36,72 @@ def unet(
     )
     he_normal_init(network)
     return network
+
+
+class DynUNet2D(nn.Module):
+    """MONAI's :class:`~monai.networks.nets.DynUNet` (nnU-Net architecture) in 2D, ~6 M
+    parameters: kernel 3 everywhere, strides (1, 2, 2, 2, 2), instance norm, leaky ReLU 0.01
+    (nnU-Net's choices), plain (non-residual) conv blocks, transposed-convolution upsampling.
+
+    Args:
+        in_channels: image channels.
+        out_channels: number of classes K.
+        filters: widths of the five resolution stages (default 32-64-128-256-336: 6.1 M).
+        strides: stride of each stage (the first is 1).
+        deep_supervision: in training mode, return a list of logits: the ``deep_supr_num``
+            auxiliary heads (coarsest first, bilinearly upsampled to full size by MONAI) and the
+            main output last, like MED-Net's coarse-to-fine list; eval mode always returns the
+            main logits alone.
+        deep_supr_num: auxiliary heads when ``deep_supervision``.
+
+    Shapes: (B, C, H, W) -> (B, K, H, W) (H, W multiples of 2^(len(strides) - 1)).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = NUM_CLASSES,
+        filters: Sequence[int] = (32, 64, 128, 256, 336),
+        strides: Sequence[int] = (1, 2, 2, 2, 2),
+        deep_supervision: bool = False,
+        deep_supr_num: int = 2,
+    ) -> None:
+        super().__init__()
+        if len(filters) != len(strides):
+            raise ValueError("filters and strides need one entry per stage")
+        self.deep_supervision = deep_supervision
+        self.net = DynUNet(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_size=[3] * len(strides),
+            strides=list(strides),
+            upsample_kernel_size=list(strides[1:]),
+            filters=list(filters),
+            norm_name=("instance", {"affine": True}),
+            act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+            deep_supervision=deep_supervision,
+            deep_supr_num=deep_supr_num,
+            res_block=False,
+        )
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        out = self.net(x)
+        if self.training and self.deep_supervision:
+            # MONAI stacks (B, 1 + deep_supr_num, K, H, W): main first, then finer to coarser.
+            heads = list(torch.unbind(out, dim=1))
+            return heads[1:][::-1] + heads[:1]
+        return out
+
+
+def dynunet(
+    in_channels: int = 1,
+    out_channels: int = NUM_CLASSES,
+    filters: Sequence[int] = (32, 64, 128, 256, 336),
+    deep_supervision: bool = False,
+) -> nn.Module:
+    """:class:`DynUNet2D` with nnU-Net's defaults at ~6 M parameters."""
+    return DynUNet2D(in_channels, out_channels, filters, deep_supervision=deep_supervision)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, dilation: int = 1) -> Convolution:

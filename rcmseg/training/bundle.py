@@ -18,10 +18,23 @@ TRAIN_CONFIG = Path("configs/train.json")
 METADATA = Path("configs/metadata.json")
 LOGGING = Path("configs/logging.conf")
 # TrainConfig fields that belong to one run (data, folders, split, device), not to the recipe.
-RUN_FIELDS = frozenset({
-    "data_dir", "output_dir", "export_path", "train_cases", "val_cases", "fold", "num_folds",
-    "label_remap", "device", "resume", "stop_after_epochs", "progress", "num_workers",
-})
+RUN_FIELDS = frozenset(
+    {
+        "data_dir",
+        "output_dir",
+        "export_path",
+        "train_cases",
+        "val_cases",
+        "fold",
+        "num_folds",
+        "label_remap",
+        "device",
+        "resume",
+        "stop_after_epochs",
+        "progress",
+        "num_workers",
+    }
+)
 
 
 def bundle_train_settings(bundle_dir: str | Path | None = None) -> dict[str, Any]:

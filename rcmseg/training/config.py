@@ -62,6 +62,7 @@ class TrainConfig:
             arguments (``"mednet"`` is the 3-level MED-Net).
         loss, tv_weight: a name of :func:`rcmseg.losses.make_loss` and γ of its TV term
             (``None``: the loss's default, 1e-6 for ``mdsc_tv`` and 0 for ``dice`` and ``ce``).
+        level_weights: deep-supervision weight of each output, coarse to fine (``None``: all 1).
         optimizer: ``"sgd"`` (default: momentum 0.9, the usual partner of a base learning rate
             of 0.01; the paper does not name its optimiser), ``"adam"`` or ``"adamw"``; or any
             torch optimiser as a MONAI component, ``{"_target_": "torch.optim.RMSprop", ...}``
@@ -114,6 +115,7 @@ class TrainConfig:
     network_kwargs: dict[str, Any] = field(default_factory=dict)
     loss: str = "mdsc_tv"
     tv_weight: float | None = None
+    level_weights: list[float] | None = None
     optimizer: str | dict[str, Any] = "sgd"
     learning_rate: float = 0.01
     final_learning_rate: float = 0.001
@@ -153,8 +155,7 @@ class TrainConfig:
             raise InputError(None, f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
         if self.augmentation not in AUGMENTATIONS:
             raise InputError(
-                None,
-                f"augmentation must be one of {AUGMENTATIONS}, not {self.augmentation!r}"
+                None, f"augmentation must be one of {AUGMENTATIONS}, not {self.augmentation!r}"
             )
         for name in ("max_epochs", "batch_size", "num_folds", "val_every", "patch_size", "window"):
             if int(getattr(self, name)) < 1:

@@ -356,7 +356,8 @@ def train(
         config: the run's settings (paper protocol by default).
         network: a network to train instead of ``get_network(config.network)`` (the bundle's
             ``network_def``); may already be wrapped in DDP.
-        loss_function: a loss instead of ``make_loss(config.loss, gamma=config.tv_weight)``.
+        loss_function: a loss instead of ``make_loss(config.loss, gamma=config.tv_weight,
+            level_weights=config.level_weights)``.
 
     Returns:
         A :class:`TrainResult`; the best weights (highest validation Dice) are in
@@ -392,7 +393,9 @@ def train(
     val_data = load_cases(val_cases[rank::world_size], root, config.label_remap)
     logger.info("training on %d mosaics, validating on %d", len(train_cases), len(val_cases))
     if loss_function is None:
-        loss_function = make_loss(config.loss, gamma=config.tv_weight)
+        loss_function = make_loss(
+            config.loss, gamma=config.tv_weight, level_weights=config.level_weights
+        )
     run = _start_run(config, network, device, amp)
     max_patches = (
         None

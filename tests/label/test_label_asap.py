@@ -18,8 +18,10 @@ def annotation(name: str, points: list[tuple[int, int]]) -> str:
     coordinates = "".join(
         f'<Coordinate Order="{order}" X="{x}" Y="{y}"/>' for order, (x, y) in enumerate(points)
     )
-    return (f'<Annotation Name="{name}" Type="Polygon" PartOfGroup="{name}" Color="#00ff00">'
-            f"<Coordinates>{coordinates}</Coordinates></Annotation>")
+    return (
+        f'<Annotation Name="{name}" Type="Polygon" PartOfGroup="{name}" Color="#00ff00">'
+        f"<Coordinates>{coordinates}</Coordinates></Annotation>"
+    )
 
 
 def write_xml(path: Path, *annotations: str) -> Path:

@@ -16,7 +16,10 @@ HAS_MONAILABEL = importlib.util.find_spec("monailabel") is not None
 def serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "rcmseg.cli.main", "label", "serve", *args],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 

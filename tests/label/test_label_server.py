@@ -75,8 +75,9 @@ def free_port() -> int:
 
 def make_bundle(target: Path) -> Path:
     """rcmseg's bundle configs with seeded random weights (no trained weights needed)."""
-    shutil.copytree(default_bundle_dir(), target,
-                    ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    shutil.copytree(
+        default_bundle_dir(), target, ignore=shutil.ignore_patterns("models", "runs", "eval")
+    )
     (target / "models").mkdir()
     torch.manual_seed(0)
     torch.save(build_network(target).state_dict(), target / "models" / "model.pt")
@@ -88,8 +89,14 @@ def make_studies(studies: Path) -> None:
     for index, name in enumerate(("m0.tif", "m1.tiff", "m2.tif")):
         image, _labels = make_mosaic(1024, seed=index)
         if name.endswith(".tiff"):
-            tifffile.imwrite(studies / name, image, tile=(256, 256), compression="zlib",
-                             resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+            tifffile.imwrite(
+                studies / name,
+                image,
+                tile=(256, 256),
+                compression="zlib",
+                resolution=(2e4, 2e4),
+                resolutionunit="CENTIMETER",
+            )
         else:
             write_mosaic_tiff(studies / name, image)
     image, _labels = make_mosaic(512, seed=3)
@@ -130,15 +137,33 @@ def server(tmp_path_factory) -> Server:
     port = free_port()
     log = root / "server.log"
     command = [
-        sys.executable, "-m", "rcmseg.cli.main", "label", "serve", "--studies", str(studies),
-        "--bundle", str(bundle), "--port", str(port), "--preset", PRESET, "--device", "cpu",
+        sys.executable,
+        "-m",
+        "rcmseg.cli.main",
+        "label",
+        "serve",
+        "--studies",
+        str(studies),
+        "--bundle",
+        str(bundle),
+        "--port",
+        str(port),
+        "--preset",
+        PRESET,
+        "--device",
+        "cpu",
     ]
     # No background scoring: it would compete for the CPU with the requests under test.
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
-           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "PYTHONUNBUFFERED": "1",
+        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+    }
     with log.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, process, log)
@@ -168,16 +193,18 @@ def test_server_is_local_and_lists_the_app(server: Server):
     assert objects["m1"]["image"]["ext"] == ".tiff"
 
 
-def test_whole_mosaic_labels_at_mosaic_grid_match_rcmseg_batch(server: Server, whole_m1,
-                                                               tmp_path: Path):
+def test_whole_mosaic_labels_at_mosaic_grid_match_rcmseg_batch(
+    server: Server, whole_m1, tmp_path: Path
+):
     assert whole_m1.shape == (1024, 1024) and whole_m1.dtype == np.uint8
     assert set(np.unique(whole_m1).tolist()) <= set(range(len(CLASS_NAMES)))
     batch_in = tmp_path / "in"
     batch_in.mkdir()
     shutil.copy(server.studies / "m1.tiff", batch_in)
     options = BatchOptions(preset=PRESET, device="cpu")
-    run_batch(batch_in, tmp_path / "out", bundle_dir=server.bundle, options=options,
-              show_progress=False)
+    run_batch(
+        batch_in, tmp_path / "out", bundle_dir=server.bundle, options=options, show_progress=False
+    )
     batch_labels = tifffile.imread(next((tmp_path / "out").glob("m1*labels.tif")), level=0)
     assert batch_labels.shape == (256, 256)  # 2 µm/px
     assert np.mean(whole_m1[::4, ::4] == batch_labels) > 0.999
@@ -185,16 +212,17 @@ def test_whole_mosaic_labels_at_mosaic_grid_match_rcmseg_batch(server: Server, w
 
 def test_region_requests_give_the_same_labels_and_viewer_polygons(server: Server, whole_m1):
     params = {"location": [300, 200], "size": [400, 256]}
-    response = server.post("/infer/mednet?image=m1&output=image",
-                           data={"params": json.dumps(params)})
+    response = server.post(
+        "/infer/mednet?image=m1&output=image", data={"params": json.dumps(params)}
+    )
     region = tifffile.imread(io.BytesIO(response.content), level=0)
     np.testing.assert_array_equal(region, whole_m1[200:456, 300:700])
 
     # Tiled TIFF: MONAI Label's WSI path reads the size with OpenSlide and tiles the region.
-    wsi = {"location": [256, 256], "size": [512, 256], "tile_size": [256, 256],
-           "min_poly_area": 0}
-    reply = server.post("/infer/wsi_v2/mednet?image=m1&output=json",
-                        data={"wsi": json.dumps(wsi)}).json()
+    wsi = {"location": [256, 256], "size": [512, 256], "tile_size": [256, 256], "min_poly_area": 0}
+    reply = server.post(
+        "/infer/wsi_v2/mednet?image=m1&output=json", data={"wsi": json.dumps(wsi)}
+    ).json()
     elements = [e for tile in reply["annotations"] for e in tile["annotation"]["elements"]]
     expected = {CLASS_NAMES[i] for i in np.unique(whole_m1[256:512, 256:768])}
     assert len(reply["annotations"]) == 1  # tiles of at least 4096 px: one here
@@ -206,8 +234,9 @@ def test_region_requests_give_the_same_labels_and_viewer_polygons(server: Server
 
     # Striped TIFF (OpenSlide cannot open it): the app segments the region in one go.
     wsi = {"location": [0, 0], "size": [512, 512], "min_poly_area": 0}
-    xml = server.post("/infer/wsi_v2/mednet?image=m2&output=asap",
-                      data={"wsi": json.dumps(wsi)}).text
+    xml = server.post(
+        "/infer/wsi_v2/mednet?image=m2&output=asap", data={"wsi": json.dumps(wsi)}
+    ).text
     annotations = list(ElementTree.fromstring(xml).iter("Annotation"))
     assert annotations and {a.get("Name") for a in annotations} <= set(CLASS_NAMES)
     xs = [float(c.get("X")) for c in ElementTree.fromstring(xml).iter("Coordinate")]
@@ -236,15 +265,22 @@ def test_saved_label_trains_and_replaces_the_served_model(server: Server):
     before = server.get("/model/info/mednet").json()["checksum"]
     buffer = io.BytesIO()
     Image.fromarray(partial_label_the_served_model_misses(server)).save(buffer, format="PNG")
-    server_reply = requests.put(server.url + "/datastore/label?image=m0&tag=final",
-                                files={"label": ("m0.png", buffer.getvalue(), "image/png")},
-                                timeout=REQUEST_TIMEOUT_S)
+    server_reply = requests.put(
+        server.url + "/datastore/label?image=m0&tag=final",
+        files={"label": ("m0.png", buffer.getvalue(), "image/png")},
+        timeout=REQUEST_TIMEOUT_S,
+    )
     assert server_reply.status_code == 200, server_reply.text
     objects = server.get("/datastore/?output=all").json()["objects"]
     assert "final" in objects["m0"]["labels"]
 
-    params = {"max_epochs": 1, "iterations_per_epoch": 1, "batch_size": 2, "num_workers": 0,
-              "val_preset": PRESET}
+    params = {
+        "max_epochs": 1,
+        "iterations_per_epoch": 1,
+        "batch_size": 2,
+        "num_workers": 0,
+        "val_preset": PRESET,
+    }
     server.post("/train/mednet", json=params)
     deadline = time.monotonic() + TRAIN_TIMEOUT_S
     while (task := server.get("/train/").json())["status"] in ("SUBMITTED", "RUNNING"):

@@ -23,8 +23,14 @@ from rcmseg.label_app.main import datastore_patterns  # noqa: E402
 from rcmseg.label_app.strategy import EntropyCache  # noqa: E402
 from rcmseg.label_app.train import should_replace, split_ids  # noqa: E402
 
-INFO = MosaicInfo(path=Path("m.tif"), width_px=1000, height_px=600, mosaic_mpp=0.5,
-                  mpp_source="file", dtype="uint8")
+INFO = MosaicInfo(
+    path=Path("m.tif"),
+    width_px=1000,
+    height_px=600,
+    mosaic_mpp=0.5,
+    mpp_source="file",
+    dtype="uint8",
+)
 
 
 def test_split_holds_out_a_fifth_and_a_single_mosaic_serves_both():
@@ -39,8 +45,13 @@ def test_split_holds_out_a_fifth_and_a_single_mosaic_serves_both():
 
 @pytest.mark.parametrize(
     ("trained", "served", "replace"),
-    [(0.5, 0.4, True), (0.4, 0.4, True), (0.39, 0.4, False), (math.nan, 0.4, False),
-     (0.1, math.nan, True)],
+    [
+        (0.5, 0.4, True),
+        (0.4, 0.4, True),
+        (0.39, 0.4, False),
+        (math.nan, 0.4, False),
+        (0.1, math.nan, True),
+    ],
 )
 def test_fine_tuned_weights_replace_the_served_ones_unless_worse(trained, served, replace):
     assert should_replace(trained, served) is replace
@@ -88,8 +99,14 @@ def tiny_bundle() -> LoadedBundle:
     """A LoadedBundle around :class:`WindowPositionNet` with 64 px windows at a 32 px stride."""
     torch.manual_seed(0)
     return LoadedBundle(
-        root=Path("."), network=WindowPositionNet().eval(), device=torch.device("cpu"),
-        name="tiny", version="0", model="tiny", class_names=CLASS_NAMES, working_mpp=2.0,
+        root=Path("."),
+        network=WindowPositionNet().eval(),
+        device=torch.device("cpu"),
+        name="tiny",
+        version="0",
+        model="tiny",
+        class_names=CLASS_NAMES,
+        working_mpp=2.0,
         presets={"small": Preset(window_px=64, overlap=0.5, sw_batch_size=4)},
         intended_use="tests",
     )
@@ -98,13 +115,23 @@ def tiny_bundle() -> LoadedBundle:
 def test_regions_come_out_exactly_as_in_the_whole_mosaic():
     rng = np.random.default_rng(0)
     image = (rng.random((150, 210)) * 255).astype(np.float32)  # working grid, 2 µm/px
-    info = MosaicInfo(path=Path("m.tif"), width_px=840, height_px=600, mosaic_mpp=0.5,
-                      mpp_source="file", dtype="uint8")
+    info = MosaicInfo(
+        path=Path("m.tif"),
+        width_px=840,
+        height_px=600,
+        mosaic_mpp=0.5,
+        mpp_source="file",
+        dtype="uint8",
+    )
     bundle = tiny_bundle()
     whole = segment_region(image, info, Region(0, 0, 840, 600), bundle, "small")
     assert whole.labels.shape == (600, 840)
-    regions = (Region(301, 157, 250, 190), Region(0, 420, 840, 180), Region(700, 0, 5, 7),
-               Region(200, 100, 60, 60))
+    regions = (
+        Region(301, 157, 250, 190),
+        Region(0, 420, 840, 180),
+        Region(700, 0, 5, 7),
+        Region(200, 100, 60, 60),
+    )
     for region in regions:
         part = segment_region(image, info, region, bundle, "small")
         np.testing.assert_array_equal(

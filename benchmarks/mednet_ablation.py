@@ -1,0 +1,514 @@
+"""MED-Net diagnosis (issue 11): ablations of MED-Net's parts at equal budget on real textures.
+
+Usage::
+
+    python benchmarks/mednet_ablation.py /work/shared/data/textures --out /tmp/mednet_ablation \
+        --png docs/mednet_ablation.png
+
+Data: the real-texture benchmark's mosaics (``benchmarks/texture_mosaics.py``, the same builder
+and defaults as the documented ``texture_bench.py`` run: 32 training-side mosaics of the ``1.3``
+digitisation, 12 test mosaics of the ``1.1`` digitisation, 512 px, textures shrunk 2x). Four of
+the training-side mosaics (seeded choice) validate; the rest train. Every variant of
+:data:`VARIANTS` is trained with the same budget through :func:`rcmseg.training.train` (MDSC+TV,
+deep supervision for MED-Net with optional per-level weights), validated every ``--val-every``
+epochs (the learning curve: validation Dice against crops seen), then its **last-epoch** weights
+(no selection on the validation mosaics) are evaluated on the validation mosaics (in-domain) and
+on the test mosaics (other digitisation) with the shared sliding-window path: mean Dice over
+classes and fragmentation (connected components and boundary length per mm² of lesion,
+:func:`rcmseg.metrics.fragmentation`, against the complete ground truth in ``labels_full/``).
+
+Networks are width-scaled (``--width-scale``, default 0.5: about a quarter of the parameters)
+so the grid fits a 2-core CPU; the ``params`` column gives the real counts.
+
+Resumable: a finished run (``OUT/runs/NAME[@seed]/result.json``) is not redone, an interrupted
+one resumes from its last epoch. Each run takes ``/tmp/rcmseg-cpu.lock`` (``flock``) for itself,
+so other short jobs can interleave. Progress lines go to ``OUT/progress.log``; the table to
+``OUT/table.md``; learning curves to ``--png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from texture_mosaics import write_texture_dataset  # noqa: E402
+
+from rcmseg.classes import WORKING_MPP  # noqa: E402
+from rcmseg.inference import segment_image  # noqa: E402
+from rcmseg.io.dataset import Case, case_id, load_case, read_manifest  # noqa: E402
+from rcmseg.losses import make_loss  # noqa: E402
+from rcmseg.metrics import confusion_matrix, fragmentation, one_vs_rest  # noqa: E402
+from rcmseg.networks import DEFAULT_WIDTHS, UNET_WIDTHS, count_parameters, get_network  # noqa: E402
+from rcmseg.training import TrainConfig, train  # noqa: E402
+from rcmseg.training.checkpoint import load_checkpoint  # noqa: E402
+
+LOCK = Path("/tmp/rcmseg-cpu.lock")
+UNET_FEATURES = (32, 64, 128, 256, 384, 32)
+DYNUNET_FILTERS = (32, 64, 128, 256, 336)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the grid: a network, its options, deep-supervision weights, recipe changes.
+
+    ``train`` overrides the common budget (e.g. ``patch_size``, ``optimizer``); ``group`` names
+    the learning-curve panel.
+    """
+
+    label: str
+    group: str
+    network: str = "mednet"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    level_weights: tuple[float, ...] | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+VARIANTS: dict[str, Variant] = {
+    # references
+    "mednet3": Variant("MED-Net 3 levels (product gate, as built)", "networks"),
+    "mednet1": Variant("MED-Net 1 level", "networks", network="mednet1"),
+    "unet": Variant("U-Net (BasicUNet)", "networks", network="unet"),
+    "dynunet": Variant("DynUNet (nnU-Net)", "networks", network="dynunet"),
+    "mednet_unet": Variant("MED-Net 3, U-Net-like levels", "networks", network="mednet_unet"),
+    # the feature-sharing gate
+    "gate_sigmoid": Variant("gate x*sigmoid(g)", "gate", kwargs={"gate": "sigmoid"}),
+    "gate_residual": Variant("gate x*(1+sigmoid(g))", "gate", kwargs={"gate": "residual"}),
+    "gate_none": Variant("no gate", "gate", kwargs={"gate": "none"}),
+    # level depth and label prior
+    "deeper_coarse": Variant(
+        "deeper coarse levels (3/4/5 blocks)",
+        "depth+prior",
+        kwargs={"depth_order": "deeper_coarse"},
+    ),
+    "prior_none": Variant("no label prior", "depth+prior", kwargs={"prior": "none"}),
+    "prior_logits": Variant("prior = logits", "depth+prior", kwargs={"prior": "logits"}),
+    "prior_detached": Variant(
+        "prior without gradient (detached)", "depth+prior", kwargs={"detach_prior": True}
+    ),
+    # deep supervision
+    "ds_1_2_4": Variant("DS weights 0.25/0.5/1", "supervision", level_weights=(0.25, 0.5, 1.0)),
+    "ds_finest": Variant("DS off (finest only)", "supervision", level_weights=(0.0, 0.0, 1.0)),
+    # recipe
+    "crop256": Variant(
+        "256 px crops (batch/4: same px per step)", "recipe", train={"patch_size": 256}
+    ),
+    "sgd": Variant(
+        "SGD 0.01 momentum 0.9", "recipe", train={"optimizer": "sgd", "learning_rate": 0.01}
+    ),
+    "adam_5e-4": Variant("Adam lr 5e-4", "recipe", train={"learning_rate": 5e-4}),
+    "adam_5e-3": Variant("Adam lr 5e-3", "recipe", train={"learning_rate": 5e-3}),
+    # combinations of what helped (filled in after the single-factor runs)
+    "mednet_unet_residual": Variant(
+        "MED-Net 3, U-Net levels, residual gate",
+        "combined",
+        network="mednet_unet",
+        kwargs={"gate": "residual"},
+    ),
+    "deeper_noprior": Variant(
+        "deeper coarse levels + no prior",
+        "combined",
+        kwargs={"depth_order": "deeper_coarse", "prior": "none"},
+    ),
+    "noprior_residual": Variant(
+        "no prior + residual gate",
+        "combined",
+        kwargs={"prior": "none", "gate": "residual"},
+    ),
+    "mednet_unet_noprior_residual": Variant(
+        "MED-Net 3, U-Net levels, no prior, residual gate",
+        "combined",
+        network="mednet_unet",
+        kwargs={"prior": "none", "gate": "residual"},
+    ),
+}
+
+
+def _round4(value: float) -> int:
+    return max(4, int(round(value / 4.0)) * 4)
+
+
+def scaled_kwargs(variant: Variant, scale: float) -> dict[str, Any]:
+    """The variant's network options with every width multiplied by ``scale`` (multiple of 4)."""
+    kwargs = dict(variant.kwargs)
+    if scale == 1.0:
+        return kwargs
+    name = variant.network
+    if name.startswith("mednet"):
+        levels = int(name[-1]) if name[-1].isdigit() else 3
+        unet_levels = name.startswith("mednet_unet") or kwargs.get("level") == "unet"
+        table = UNET_WIDTHS if unet_levels else DEFAULT_WIDTHS
+        kwargs["widths"] = tuple(_round4(w * scale) for w in table[levels])
+    elif name == "unet":
+        kwargs["features"] = tuple(_round4(w * scale) for w in UNET_FEATURES)
+    elif name == "dynunet":
+        kwargs["filters"] = tuple(_round4(w * scale) for w in DYNUNET_FILTERS)
+    else:
+        raise ValueError(f"no width scaling for {name}")
+    return kwargs
+
+
+@contextlib.contextmanager
+def cpu_lock(path: Path = LOCK) -> Iterator[None]:
+    """Hold the shared CPU lock (the same lock as ``flock /tmp/rcmseg-cpu.lock``)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def log_progress(out: Path, message: str) -> None:
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} load {os.getloadavg()[0]:.2f} {message}"
+    with open(out / "progress.log", "a") as handle:
+        handle.write(line + "\n")
+    print(line, flush=True)
+
+
+def split(root: Path, seed: int, validation: int = 4) -> tuple[list[Case], list[Case], list[Case]]:
+    """Training, validation (seeded choice among the ``1.3`` mosaics) and test (``1.1``) cases."""
+    cases = [c for c in read_manifest(root) if c.labels is not None]
+    own = sorted((c for c in cases if c.clinic == "usc_1.3"), key=lambda c: case_id(c, root))
+    test = [c for c in cases if c.clinic == "usc_1.1"]
+    chosen = set(np.random.default_rng(seed).permutation(len(own))[:validation].tolist())
+    val = [c for i, c in enumerate(own) if i in chosen]
+    return [c for i, c in enumerate(own) if i not in chosen], val, test
+
+
+def evaluate(
+    network: torch.nn.Module, cases: Sequence[Case], root: Path, preset: str
+) -> dict[str, float]:
+    """Mean Dice over classes (pooled confusion) and pooled fragmentation of the predictions,
+    with the complete ground truth's fragmentation for reference."""
+    network.eval()
+    matrix = np.zeros((6, 6), dtype=np.int64)
+    sums = {"pred": np.zeros(3), "truth": np.zeros(3)}
+    for case in cases:
+        image, labels = load_case(case)
+        probabilities = segment_image(image, network, preset=preset, device="cpu")
+        prediction = probabilities.argmax(axis=0).astype(np.uint8)
+        matrix += confusion_matrix(prediction, labels)
+        full = np.asarray(Image.open(root / "labels_full" / (Path(case.mosaic).stem + ".png")))
+        for key, label_map in (("pred", prediction), ("truth", full)):
+            f = fragmentation(label_map, WORKING_MPP)
+            sums[key] += (f["components"], f["boundary_mm"], f["lesion_mm2"])
+    metrics = one_vs_rest(matrix)
+    result = {"dice": float(metrics["mean_dice"])}
+    for key, (components, boundary, area) in sums.items():
+        result[f"{key}_components_per_mm2"] = components / area if area else math.nan
+        result[f"{key}_boundary_mm_per_mm2"] = boundary / area if area else math.nan
+    return result
+
+
+def run_variant(
+    name: str, variant: Variant, seed: int, args: argparse.Namespace, data: Path
+) -> dict[str, Any]:
+    """Train and evaluate one variant (or read its finished result)."""
+    run_name = name if seed == args.seed else f"{name}@{seed}"
+    run_dir = args.out / "runs" / run_name
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    train_cases, val_cases, test_cases = split(data, args.seed)
+    kwargs = scaled_kwargs(variant, args.width_scale)
+    budget: dict[str, Any] = {
+        "max_epochs": args.epochs,
+        "iterations_per_epoch": args.iterations,
+        "batch_size": args.batch_size,
+        "patch_size": args.patch,
+        "optimizer": args.optimizer,
+        "learning_rate": args.lr,
+    }
+    budget.update(variant.train)
+    if budget["patch_size"] != args.patch:  # same pixels per optimiser step
+        ratio = (budget["patch_size"] / args.patch) ** 2
+        budget["batch_size"] = max(1, int(round(args.batch_size / ratio)))
+    budget.setdefault("final_learning_rate", budget["learning_rate"] / 10)
+    config = TrainConfig(
+        data_dir=data,
+        output_dir=run_dir / "train",
+        train_cases=[case_id(c, data) for c in train_cases],
+        val_cases=[case_id(c, data) for c in val_cases],
+        network=variant.network,
+        network_kwargs=kwargs,
+        window=2 * budget["patch_size"],
+        window_overlap=0.5,
+        augmentation=args.augmentation,
+        val_every=args.val_every,
+        val_preset=args.preset,
+        threads=args.threads,
+        device="cpu",
+        seed=seed,
+        resume=True,
+        progress=False,
+        **budget,
+    )
+    with cpu_lock():
+        log_progress(args.out, f"start {run_name}")
+        started = time.perf_counter()
+        loss = make_loss("mdsc_tv", level_weights=variant.level_weights)
+        result = train(config, loss_function=loss)
+        trained = time.perf_counter() - started
+        network = get_network(variant.network, **kwargs)
+        network.load_state_dict(load_checkpoint(result.last_checkpoint)["network"])
+        in_domain = evaluate(network, val_cases, data, args.preset)
+        other = evaluate(network, test_cases, data, args.preset)
+        seconds = time.perf_counter() - started
+    crops, curve = 0, []
+    for row in result.history:
+        crops += int(row["patches"])
+        if math.isfinite(row["val_dice"]):
+            curve.append((crops, float(row["val_dice"])))
+    summary = {
+        "name": name,
+        "seed": seed,
+        "label": variant.label,
+        "group": variant.group,
+        "network": variant.network,
+        "network_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+        "level_weights": variant.level_weights,
+        "train": {k: v for k, v in config.to_dict().items() if k in budget},
+        "params": count_parameters(network),
+        "crops": crops,
+        "final_loss": float(result.history[-1]["dice_term"]),
+        "curve": curve,
+        "in_domain": in_domain,
+        "other": other,
+        "train_seconds": round(trained, 1),
+        "seconds": round(seconds, 1),
+    }
+    done.write_text(json.dumps(summary, indent=1) + "\n")
+    log_progress(
+        args.out,
+        f"done {run_name}: in-domain Dice {in_domain['dice']:.3f}, other {other['dice']:.3f}, "
+        f"{seconds:.0f} s",
+    )
+    return summary
+
+
+def level_dice(
+    name: str, args: argparse.Namespace, data: Path, cases: Sequence[Case]
+) -> list[float]:
+    """Mean Dice of each MED-Net level's own output (coarse to fine, bilinearly upsampled to
+    full size) on whole ``cases``, last-epoch weights, batch norms in eval mode: how much each
+    level learned. One forward pass per mosaic (sides are multiples of 32)."""
+    variant = VARIANTS[name]
+    network = get_network(variant.network, **scaled_kwargs(variant, args.width_scale))
+    checkpoint = args.out / "runs" / name / "train" / "checkpoints" / "last.pt"
+    network.load_state_dict(load_checkpoint(checkpoint)["network"])
+    network.train()
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    matrices: list[np.ndarray] = []
+    with torch.no_grad():
+        for case in cases:
+            image, labels = load_case(case)
+            outputs = network(torch.from_numpy(image / 255.0).float()[None, None])
+            outputs = outputs if isinstance(outputs, list) else [outputs]
+            if not matrices:
+                matrices = [np.zeros((6, 6), dtype=np.int64) for _ in outputs]
+            for index, logits in enumerate(outputs):
+                full = torch.nn.functional.interpolate(
+                    logits, size=image.shape, mode="bilinear", align_corners=False
+                )
+                prediction = full.argmax(1)[0].numpy().astype(np.uint8)
+                matrices[index] += confusion_matrix(prediction, labels)
+    return [float(one_vs_rest(m)["mean_dice"]) for m in matrices]
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def write_table(results: dict[str, list[dict[str, Any]]], path: Path) -> str:
+    """Markdown table, one row per variant (mean ± sd over seeds when there are several)."""
+    lines = [
+        "| variant | params | crops seen | in-domain Dice | other-digitisation Dice "
+        "| components / mm² (in-domain; truth) | boundary mm / mm² (in-domain; truth) "
+        "| last loss | s |",
+        "|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, runs in results.items():
+        first = runs[0]
+        seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
+        comp = [r["in_domain"]["pred_components_per_mm2"] for r in runs]
+        bound = [r["in_domain"]["pred_boundary_mm_per_mm2"] for r in runs]
+        lines.append(
+            f"| `{name}`: {first['label']}{seeds} | {first['params'] / 1e6:.2f} M "
+            f"| {first['crops']} | {_mean_sd([r['in_domain']['dice'] for r in runs])} "
+            f"| {_mean_sd([r['other']['dice'] for r in runs])} "
+            f"| {np.mean(comp):.0f} ({first['in_domain']['truth_components_per_mm2']:.0f}) "
+            f"| {np.mean(bound):.1f} ({first['in_domain']['truth_boundary_mm_per_mm2']:.1f}) "
+            f"| {np.mean([r['final_loss'] for r in runs]):.2f} "
+            f"| {np.mean([r['seconds'] for r in runs]):.0f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    path.write_text(table)
+    return table
+
+
+PALETTE = [
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (148, 103, 189),
+    (255, 127, 14),
+    (23, 190, 207),
+    (140, 86, 75),
+    (227, 119, 194),
+]
+
+
+def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Validation Dice against crops seen, one panel per group (each with the MED-Net 3 and
+    U-Net references, dashed), drawn with PIL (no matplotlib here)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    groups: list[str] = []
+    for runs in results.values():
+        if runs[0]["group"] not in groups:
+            groups.append(runs[0]["group"])
+    references = [n for n in ("mednet3", "unet") if n in results]
+    panel_w, panel_h, cols = 520, 380, 3
+    rows = -(-len(groups) // cols)
+    canvas = Image.new("RGB", (cols * panel_w, rows * panel_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    max_crops = max(p[0] for runs in results.values() for r in runs for p in r["curve"]) or 1
+    for index, group in enumerate(groups):
+        x0, y0 = (index % cols) * panel_w, (index // cols) * panel_h
+        left, top, right, bottom = x0 + 50, y0 + 30, x0 + panel_w - 170, y0 + panel_h - 40
+        draw.text(
+            (x0 + 50, y0 + 8), f"{group}: validation Dice vs crops seen", fill="black", font=font
+        )
+        for tick in np.linspace(0, 1, 6):
+            y = bottom - tick * (bottom - top)
+            draw.line((left - 4, y, left, y), fill="black")
+            draw.line((left, y, right, y), fill=(230, 230, 230))
+            draw.text((x0 + 18, y - 6), f"{tick:.1f}", fill="black", font=font)
+        for tick in np.linspace(0, max_crops, 5):
+            x = left + tick / max_crops * (right - left)
+            draw.line((x, bottom, x, bottom + 4), fill="black")
+            draw.text((x - 12, bottom + 8), f"{tick:.0f}", fill="black", font=font)
+        draw.rectangle((left, top, right, bottom), outline="black")
+        draw.text((right - 60, bottom + 22), "crops seen", fill="black", font=font)
+        members = [n for n, runs in results.items() if runs[0]["group"] == group]
+        names = references + [n for n in members if n not in references]
+        for rank, name in enumerate(names):
+            colour = (120, 120, 120) if name in references else PALETTE[rank % len(PALETTE)]
+            dashed = name in references and group != "networks"
+            for run in results[name]:
+                points = [
+                    (left + c / max_crops * (right - left), bottom - d * (bottom - top))
+                    for c, d in run["curve"]
+                ]
+                if dashed:
+                    for a, b in zip(points[:-1], points[1:], strict=True):
+                        mid = ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2)
+                        draw.line((a, mid), fill=colour, width=2)
+                elif len(points) > 1:
+                    draw.line(points, fill=colour, width=2)
+                for x, y in points:
+                    draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+            if name in references and group != "networks":
+                colour = (120, 120, 120)
+            ly = top + 14 * rank
+            draw.line((right + 8, ly + 6, right + 24, ly + 6), fill=colour, width=3)
+            draw.text((right + 28, ly), name, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("textures", type=Path, help="folder holding usc_sipi/ (textures README)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/mednet_ablation"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: --seed")
+    parser.add_argument("--train-mosaics", type=int, default=32)
+    parser.add_argument("--test-mosaics", type=int, default=12)
+    parser.add_argument("--size", type=int, default=512, help="mosaic side, px")
+    parser.add_argument("--shrink", type=int, default=2, help="texture downscale vs the 1.1 scan")
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--iterations", type=int, default=18, help="optimiser steps per epoch")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--patch", type=int, default=128, help="training crop side, px")
+    parser.add_argument("--optimizer", default="adam")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--augmentation", default="batched")
+    parser.add_argument("--width-scale", type=float, default=0.5)
+    parser.add_argument("--val-every", type=int, default=3)
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--png", type=Path, default=None, help="learning curves PNG")
+    parser.add_argument("--report-only", action="store_true", help="no training, just report")
+    parser.add_argument(
+        "--level-dice",
+        nargs="*",
+        default=[],
+        help="finished MED-Net variants whose per-level Dice (in-domain) to print",
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = args.out / "data"
+    if not (data / "manifest.csv").is_file():
+        with cpu_lock():
+            write_texture_dataset(
+                args.textures,
+                data,
+                args.train_mosaics,
+                args.test_mosaics,
+                args.size,
+                args.seed,
+                shrink=args.shrink,
+            )
+    seeds = args.seeds or [args.seed]
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name in args.variants:
+        for seed in seeds:
+            run_name = name if seed == args.seed else f"{name}@{seed}"
+            done = args.out / "runs" / run_name / "result.json"
+            if args.report_only and not done.is_file():
+                continue
+            results.setdefault(name, []).append(run_variant(name, VARIANTS[name], seed, args, data))
+    table = write_table(results, args.out / "table.md")
+    print(table)
+    if args.png is not None and results:
+        plot_curves(results, args.png)
+    if args.level_dice:
+        _train, val_cases, _test = split(data, args.seed)
+        with cpu_lock():
+            for name in args.level_dice:
+                dice = level_dice(name, args, data, val_cases)
+                print(
+                    f"{name}: Dice per level, coarse to fine: "
+                    + ", ".join(f"{d:.2f}" for d in dice)
+                )
+
+
+if __name__ == "__main__":
+    main()
