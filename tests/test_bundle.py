@@ -141,38 +141,6 @@ def test_ckpt_export_gives_a_torchscript_model_with_the_same_outputs(tmp_path):
         torch.testing.assert_close(scripted(image), network(image), atol=1e-4, rtol=1e-4)
 
 
-def test_monai_bundle_run_segments_a_folder_through_rcmseg_batch(tmp_path):
-    import csv
-
-    import numpy as np
-    import tifffile
-
-    in_dir, out = tmp_path / "in", tmp_path / "out"
-    in_dir.mkdir()
-    rng = np.random.default_rng(0)
-    image = np.kron(rng.integers(0, 256, (10, 12), dtype=np.uint8), np.ones((64, 64), np.uint8))
-    tifffile.imwrite(in_dir / "m.tif", image, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
-    done = monai_bundle(
-        "run",
-        "--config_file",
-        str(CONFIGS / "inference.json"),
-        "--dataset_dir",
-        str(in_dir),
-        "--output_dir",
-        str(out),
-        "--device",
-        "$torch.device('cpu')",
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    labels = tifffile.imread(out / "m.labels.tif")
-    assert labels.shape == (160, 192)  # 640×768 px at 0.5 µm/px → 2 µm/px
-    with open(out / "mosaics.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [(row["mosaic"], row["status"]) for row in rows] == [("m.tif", "done")]
-    assert (out / "patterns.csv").is_file()
-
-
 def _run_inference(tmp_path, in_dir, out, *overrides: str):
     return monai_bundle(
         "run",
@@ -187,6 +155,27 @@ def _run_inference(tmp_path, in_dir, out, *overrides: str):
         *overrides,
         cwd=tmp_path,
     )
+
+
+def test_monai_bundle_run_segments_a_folder_through_rcmseg_batch(tmp_path):
+    import csv
+
+    import numpy as np
+    import tifffile
+
+    in_dir, out = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    rng = np.random.default_rng(0)
+    image = np.kron(rng.integers(0, 256, (10, 12), dtype=np.uint8), np.ones((64, 64), np.uint8))
+    tifffile.imwrite(in_dir / "m.tif", image, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    done = _run_inference(tmp_path, in_dir, out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    labels = tifffile.imread(out / "m.labels.tif")
+    assert labels.shape == (160, 192)  # 640×768 px at 0.5 µm/px → 2 µm/px
+    with open(out / "mosaics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["mosaic"], row["status"]) for row in rows] == [("m.tif", "done")]
+    assert (out / "patterns.csv").is_file()
 
 
 @pytest.fixture(scope="module")

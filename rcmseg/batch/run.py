@@ -288,17 +288,16 @@ class Segmenter:
                     progress.mosaic_done()
                     continue
                 if writing is not None:  # one mosaic waits to be written, no more
-                    records[writing[0]] = self.written(*writing)
+                    records[writing[0]] = self.written(*writing[1:])
                 future = writer.submit(self.write, job, mosaic, maps, infer_seconds, note)
                 writing = (index, job, future)
                 progress.mosaic_done()
             if writing is not None:
-                records[writing[0]] = self.written(*writing)
+                records[writing[0]] = self.written(*writing[1:])
         return [records[index] for index in range(len(jobs))]
 
-    def written(self, index: int, job: MosaicJob, future: Future) -> MosaicRecord:
+    def written(self, job: MosaicJob, future: Future) -> MosaicRecord:
         """The record of a write, or a failure record if writing failed."""
-        del index
         try:
             return future.result()
         except Exception as error:

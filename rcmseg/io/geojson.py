@@ -49,7 +49,7 @@ from scipy import ndimage
 
 from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES, UNLABELLED, WORKING_MPP
 from rcmseg.errors import InputError
-from rcmseg.io.atomic import atomic_path
+from rcmseg.io.atomic import write_text_atomic
 
 __all__ = [
     "Annotation",
@@ -108,9 +108,7 @@ def write_geojson(
         simplify_px=simplify_px,
     )
     collection = {"type": "FeatureCollection", "features": features}
-    with atomic_path(path) as partial:
-        partial.write_text(json.dumps(collection, ensure_ascii=False), encoding="utf-8")
-    return Path(path)
+    return write_text_atomic(path, json.dumps(collection, ensure_ascii=False))
 
 
 def label_features(
