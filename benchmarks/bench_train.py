@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--network", default="mednet")
+    parser.add_argument("--network", default="dynunet", help="default: the bundle's")
     parser.add_argument("--only", choices=BENCHMARKS, nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

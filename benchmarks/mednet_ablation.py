@@ -61,6 +61,7 @@ from rcmseg.training.checkpoint import load_checkpoint  # noqa: E402
 LOCK = Path("/tmp/rcmseg-cpu.lock")
 UNET_FEATURES = (32, 64, 128, 256, 384, 32)
 DYNUNET_FILTERS = (32, 64, 128, 256, 336)
+DEEPLAB_WIDTHS, DEEPLAB_DILATED, DEEPLAB_ASPP = (32, 64, 128, 192), (192, 192), 128
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ VARIANTS: dict[str, Variant] = {
     "mednet1": Variant("MED-Net 1 level", "networks", network="mednet1"),
     "unet": Variant("U-Net (BasicUNet)", "networks", network="unet"),
     "dynunet": Variant("DynUNet (nnU-Net)", "networks", network="dynunet"),
+    "deeplab": Variant("DeepLab (dilated ResNet + ASPP)", "networks", network="deeplab"),
     "mednet_unet": Variant("MED-Net 3, U-Net-like levels", "networks", network="mednet_unet"),
     # the feature-sharing gate
     "gate_sigmoid": Variant("gate x*sigmoid(g)", "gate", kwargs={"gate": "sigmoid"}),
@@ -136,6 +138,19 @@ VARIANTS: dict[str, Variant] = {
         network="mednet_unet",
         kwargs={"prior": "none", "gate": "residual"},
     ),
+    # instance norm (nnU-Net's; DynUNet was the most robust across digitisations)
+    # (deeper coarse levels reach 1x1 at 128 px crops, where instance norm is undefined)
+    "noprior_instance": Variant(
+        "no prior + instance norm",
+        "norm",
+        kwargs={"prior": "none", "norm": "instance"},
+    ),
+    "unet_levels_noprior_instance": Variant(
+        "U-Net levels, no prior, residual gate, instance norm",
+        "norm",
+        network="mednet_unet",
+        kwargs={"prior": "none", "gate": "residual", "norm": "instance"},
+    ),
 }
 
 
@@ -158,6 +173,10 @@ def scaled_kwargs(variant: Variant, scale: float) -> dict[str, Any]:
         kwargs["features"] = tuple(_round4(w * scale) for w in UNET_FEATURES)
     elif name == "dynunet":
         kwargs["filters"] = tuple(_round4(w * scale) for w in DYNUNET_FILTERS)
+    elif name == "deeplab":
+        kwargs["widths"] = tuple(_round4(w * scale) for w in DEEPLAB_WIDTHS)
+        kwargs["dilated_widths"] = tuple(_round4(w * scale) for w in DEEPLAB_DILATED)
+        kwargs["aspp_width"] = _round4(DEEPLAB_ASPP * scale)
     else:
         raise ValueError(f"no width scaling for {name}")
     return kwargs
@@ -487,14 +506,15 @@ def main() -> None:
                 shrink=args.shrink,
             )
     seeds = args.seeds or [args.seed]
-    results: dict[str, list[dict[str, Any]]] = {}
-    for name in args.variants:
-        for seed in seeds:
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in args.variants}
+    for seed in seeds:  # seed-major: an interrupted study has every network at the first seeds
+        for name in args.variants:
             run_name = name if seed == args.seed else f"{name}@{seed}"
             done = args.out / "runs" / run_name / "result.json"
             if args.report_only and not done.is_file():
                 continue
-            results.setdefault(name, []).append(run_variant(name, VARIANTS[name], seed, args, data))
+            results[name].append(run_variant(name, VARIANTS[name], seed, args, data))
+    results = {name: runs for name, runs in results.items() if runs}
     table = write_table(results, args.out / "table.md")
     print(table)
     if args.png is not None and results:

@@ -165,7 +165,7 @@ def test_pattern_areas_add_up_and_match_a_count_on_the_label_images(first_run):
             assert (confidence == "") == (count == 0)
             if count:
                 assert 1 / len(CLASS_NAMES) <= float(confidence) <= 1.0
-        assert row["model"].startswith("MEDNet@") and row["bundle_version"]
+        assert row["model"].startswith("DynUNet2D@") and row["bundle_version"]
     assert rows["corrupt"]["mosaics"] == "0" and rows["corrupt"]["mosaics_not_analysed"] == "1"
 
 

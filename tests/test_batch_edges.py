@@ -13,9 +13,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from rcmseg.bundle import default_bundle_dir
+from rcmseg.bundle import build_network, default_bundle_dir
 from rcmseg.cli.main import app
-from rcmseg.networks import get_network
 from rcmseg.synth.mosaic import make_mosaic
 
 torch.set_num_threads(2)
@@ -113,7 +112,7 @@ def _bundle_with_other_weights(tmp_path: Path) -> Path:
     bundle = tmp_path / "retrained"
     shutil.copytree(default_bundle_dir(), bundle, ignore=shutil.ignore_patterns("runs"))
     torch.manual_seed(7)
-    torch.save(get_network("mednet").state_dict(), bundle / "models" / "model.pt")
+    torch.save(build_network(bundle).state_dict(), bundle / "models" / "model.pt")
     return bundle
 
 

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcmseg.bundle import WEIGHTS_FILE, default_bundle_dir, load_bundle, load_weights
+from rcmseg.bundle import (
+    WEIGHTS_FILE,
+    build_network,
+    default_bundle_dir,
+    load_bundle,
+    load_weights,
+)
 from rcmseg.classes import CLASS_NAMES
 from rcmseg.errors import InputError
 from rcmseg.networks import get_network
@@ -56,7 +62,7 @@ def test_load_bundle_gives_an_eval_network_with_the_class_table():
     assert bundle.version == metadata["version"]
     assert bundle.working_mpp == 2.0
     assert not bundle.network.training
-    assert bundle.model.startswith("MEDNet@")
+    assert bundle.model.startswith("DynUNet2D@")
     assert "synthetic" in bundle.intended_use
     with torch.no_grad():
         logits = bundle.network(torch.rand(1, 1, 64, 96))
@@ -195,7 +201,7 @@ def test_bundle_run_honours_ckpt_path_and_fails_in_one_line_without_it(tmp_path,
 
     other = tmp_path / "other.pt"
     torch.manual_seed(1)
-    torch.save(get_network("mednet").state_dict(), other)  # another "lab's" weights
+    torch.save(build_network(BUNDLE).state_dict(), other)  # another "lab's" weights
     runs = {}
     for name, ckpt in (("bundled", None), ("other", other)):
         out = tmp_path / name
@@ -204,7 +210,7 @@ def test_bundle_run_honours_ckpt_path_and_fails_in_one_line_without_it(tmp_path,
         assert done.returncode == 0, done.stderr[-2000:]
         runs[name] = tifffile.imread(out / "m.labels.tif")
         record = json.loads((out / "m.summary.json").read_text())
-        assert record["model"].endswith(load_weights(get_network("mednet"), ckpt or WEIGHTS))
+        assert record["model"].endswith(load_weights(build_network(BUNDLE), ckpt or WEIGHTS))
     assert (runs["bundled"] != runs["other"]).mean() > 0.05
 
     missing = _run_inference(
@@ -240,7 +246,7 @@ def test_bundle_run_honours_inferer_working_mpp_and_network_def(tmp_path, small_
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out1 / "m.summary.json").read_text())["model"].startswith("MEDNet@")
-    # the bundled (3-level) weights do not fit a 1-level network: one line, no traceback
+    # the bundled (DynUNet) weights do not fit a 1-level MED-Net: one line, no traceback
     wrong = _run_inference(
         tmp_path, small_mosaic, tmp_path / "wrong", "--network_def#name", "mednet1"
     )

@@ -263,19 +263,21 @@ DEMO_WEIGHTS = (
 )
 
 
-def test_demo_bundle_weights_still_load_into_the_default_mednet() -> None:
+def test_demo_bundle_weights_load_into_the_bundles_dynunet() -> None:
     if not DEMO_WEIGHTS.is_file():
         pytest.skip("no demo weights in this checkout")
     state = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
-    network = get_network("mednet")
-    network.load_state_dict(state)  # strict: same keys and shapes as before the options
-    assert network.gate_mode == "product" and network.depth_order == "shallower_coarse"
+    network = get_network("dynunet")
+    network.load_state_dict(state)  # strict: the shipped weights are the default network's
+    assert get_network("mednet").gate_mode == "product"  # MED-Net's defaults stay the paper's
     with torch.no_grad():
         logits = network.eval()(torch.rand(1, 1, 64, 64))
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("name", ["mednet_unet", "dynunet", "mednet_deep", "mednet_deep_noprior"])
+@pytest.mark.parametrize(
+    "name", ["mednet_unet", "dynunet", "mednet_deep", "mednet_deep_noprior", "mednet_unet_in"]
+)
 def test_new_networks_have_six_million_parameters(name: str) -> None:
     count = count_parameters(get_network(name))
     assert abs(count - PAPER_PARAMETERS) <= 0.1 * PAPER_PARAMETERS, count
@@ -428,3 +430,23 @@ def test_dynunet_survives_fold_batch_norms() -> None:
     x = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fold_batch_norms(network)(x), network(x))
+
+
+@pytest.mark.parametrize("level", ["fcn", "unet"])
+def test_instance_norm_normalises_each_image_alone_and_survives_fold(level: str) -> None:
+    torch.manual_seed(0)
+    network = MEDNet(levels=3, widths=SMALL_WIDTHS, prior="none", norm="instance", level=level)
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    assert norms and all(isinstance(m, torch.nn.InstanceNorm2d) and m.affine for m in norms)
+    images = torch.rand(3, 1, 64, 64)
+    images[1] *= 0.2  # a darker scan in the same batch
+    with torch.no_grad():
+        together = network.train()(images)[-1]
+        alone = network(images[1:2])[-1]
+        # even in training mode an image's logits do not depend on the rest of the batch
+        torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=1e-4)
+        network.eval()
+        torch.testing.assert_close(fold_batch_norms(network)(images), network(images))
+        torch.testing.assert_close(torch.jit.script(network)(images), network(images))
+    with pytest.raises(ValueError, match="norm"):
+        MEDNet(norm="group")  # type: ignore[arg-type]

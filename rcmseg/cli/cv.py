@@ -122,7 +122,8 @@ def cv_command(
     network: Annotated[
         str | None,
         typer.Option(
-            help="mednet, mednet2, mednet1, unet, fcn, segnet, deeplab (default: the bundle's)."
+            help="dynunet, mednet, mednet2, mednet1, mednet_unet_in, unet, fcn, segnet, "
+            "deeplab, … (default: the bundle's)."
         ),
     ] = None,
     loss: Annotated[

@@ -16,7 +16,7 @@ from rcmseg.cli.common import console, user_errors
 from rcmseg.errors import InputError
 
 label_app = typer.Typer(
-    help="Annotate mosaics in a viewer (QuPath) with MED-Net in the loop, via MONAI Label.",
+    help="Annotate mosaics in QuPath with the bundle's network in the loop (MONAI Label).",
     no_args_is_help=True,
 )
 

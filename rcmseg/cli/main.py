@@ -12,7 +12,7 @@ from rcmseg.cli import batch, cv, evaluate, label, labels, study, synth, train
 
 app = typer.Typer(
     name="rcmseg",
-    help="Segment reflectance confocal microscopy (RCM) mosaics into cellular patterns (MED-Net).",
+    help="Segment reflectance confocal microscopy (RCM) mosaics into cellular patterns.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -40,7 +40,8 @@ def study_command(
         str | None,
         typer.Option(
             help="A preset list of variants: levels (MED-Net 3/2/1 levels), losses (ce, dice, "
-            "mdsc_tv), baselines (MED-Net, U-Net, FCN, SegNet, DeepLab) or paper (all)."
+            "mdsc_tv), baselines (MED-Net, U-Net, FCN, SegNet, DeepLab, DynUNet, MED-Net with "
+            "U-Net levels) or paper (all)."
         ),
     ] = None,
     variant: Annotated[

@@ -13,7 +13,8 @@ import typer
 from rcmseg.cli.common import user_errors
 
 train_app = typer.Typer(
-    help="Train MED-Net (or a baseline) on labelled mosaics with the paper's protocol.",
+    help="Train a segmentation network (the bundle's DynUNet, MED-Net or a baseline) on labelled "
+    "mosaics with the paper's protocol.",
     no_args_is_help=True,
 )
 
@@ -52,8 +53,13 @@ def train_model_command(
     ] = 0.001,
     optimizer: Annotated[str, typer.Option(help="sgd (momentum 0.9), adam or adamw.")] = "sgd",
     network: Annotated[
-        str, typer.Option(help="mednet, mednet2, mednet1, unet, fcn, segnet or deeplab.")
-    ] = "mednet",
+        str,
+        typer.Option(
+            help="dynunet (the bundle's default), mednet (MED-Net, 3 levels), mednet2, mednet1, "
+            "mednet_deep, mednet_deep_noprior, mednet_unet, mednet_unet_in, unet, fcn, segnet "
+            "or deeplab."
+        ),
+    ] = "dynunet",
     loss: Annotated[str, typer.Option(help="mdsc_tv (paper), dice or ce.")] = "mdsc_tv",
     level_weights: Annotated[
         list[float] | None,

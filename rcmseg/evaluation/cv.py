@@ -243,7 +243,7 @@ def run_cv(
     else:
         folds = prepare_folds(root, out, split, remap)
     options = {"device": device, "progress": progress, **(train_options or {})}
-    network = options.get("network", "mednet")
+    network = options.get("network", TrainConfig.network)
     network_kwargs = options.get("network_kwargs", {})
     cases = {case_id(c, root): c for c in read_manifest(root)}
     evaluations = []

@@ -68,6 +68,8 @@ STUDIES: dict[str, tuple[Variant, ...]] = {
         Variant("fcn"),
         Variant("segnet"),
         Variant("deeplab"),
+        Variant("dynunet"),  # nnU-Net's architecture: the bundle's network since 0.4.0
+        Variant("mednet_unet_in"),  # the best MED-Net of docs/benchmarks.md
     ),
 }
 STUDIES["paper"] = tuple(

@@ -59,6 +59,9 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     # label prior
     "mednet_deep": partial(MEDNet, levels=3, depth_order="deeper_coarse"),
     "mednet_deep_noprior": partial(MEDNet, levels=3, depth_order="deeper_coarse", prior="none"),
+    # the best MED-Net of the final comparison: U-Net-like levels, no label prior, residual
+    # gate, instance norm (5.89 M parameters)
+    "mednet_unet_in": partial(MEDNetUNet, levels=3, prior="none", gate="residual", norm="instance"),
 }
 NETWORK_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 

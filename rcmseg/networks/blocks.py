@@ -14,6 +14,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # PyTorch/MONAI's usual slope; the paper does not give one (Keras' LeakyReLU default is 0.3).
 NEGATIVE_SLOPE: float = 0.01
+NORMS: tuple[str, ...] = ("batch", "instance")
 
 
 class ResidualBlock(UnetResBlock):
@@ -27,6 +28,8 @@ class ResidualBlock(UnetResBlock):
         out_channels: output channels C_out.
         stride: stride of the first convolution (1 or 2).
         negative_slope: slope of the leaky ReLU for negative inputs.
+        norm: ``"batch"`` (default; folded into the convolutions for inference) or
+            ``"instance"`` (affine instance norm, nnU-Net's: statistics of each image itself).
 
     Shapes: (B, C_in, H, W) -> (B, C_out, H / stride, W / stride).
     """
@@ -37,14 +40,17 @@ class ResidualBlock(UnetResBlock):
         out_channels: int,
         stride: int = 1,
         negative_slope: float = NEGATIVE_SLOPE,
+        norm: str = "batch",
     ) -> None:
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
         super().__init__(
             spatial_dims=2,
             in_channels=in_channels,
             out_channels=out_channels,
             kernel_size=3,
             stride=stride,
-            norm_name="batch",
+            norm_name="batch" if norm == "batch" else ("instance", {"affine": True}),
             act_name=("leakyrelu", {"inplace": True, "negative_slope": negative_slope}),
         )
 
@@ -56,11 +62,15 @@ class DecoderBlock(nn.Sequential):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, negative_slope: float = NEGATIVE_SLOPE
+        self,
+        in_channels: int,
+        out_channels: int,
+        negative_slope: float = NEGATIVE_SLOPE,
+        norm: str = "batch",
     ) -> None:
         super().__init__(
             nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False),
-            ResidualBlock(in_channels, out_channels, stride=1, negative_slope=negative_slope),
+            ResidualBlock(in_channels, out_channels, 1, negative_slope, norm),
         )
 
 

@@ -61,7 +61,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rcmseg.classes import NUM_CLASSES
-from rcmseg.networks.blocks import NEGATIVE_SLOPE, DecoderBlock, ResidualBlock, he_normal_init
+from rcmseg.networks.blocks import (
+    NEGATIVE_SLOPE,
+    NORMS,
+    DecoderBlock,
+    ResidualBlock,
+    he_normal_init,
+)
 
 FINEST_ENCODER_BLOCKS: int = 5  # five stride-2 stages: input sides must be multiples of 32
 SIDE_MULTIPLE: int = 2**FINEST_ENCODER_BLOCKS
@@ -75,6 +81,7 @@ Gate = Literal["product", "sigmoid", "residual", "none"]
 DepthOrder = Literal["shallower_coarse", "deeper_coarse"]
 Prior = Literal["softmax", "logits", "none"]
 LevelKind = Literal["fcn", "unet"]
+Norm = Literal["batch", "instance"]
 
 # Encoder widths Enc1-Enc5 per number of levels, chosen so each network has ~6.0 M trainable
 # parameters with 1 input channel and 6 classes (see tests/test_networks.py). The same widths
@@ -147,6 +154,7 @@ class MEDNetLevel(nn.Module):
             ``"none"``.
         gate_channels: channels of the coarser bottleneck (``None``: ``widths[-2]``, the
             shallower-coarse case, or no coarser level).
+        norm: ``"batch"`` or ``"instance"`` (see :class:`ResidualBlock`).
 
     ``forward(x, gate)``: x (B, C_in, h, w), gate None or the coarser bottleneck
     (B, gate_channels, h', w'). Returns (logits (B, K, h, w), bottleneck
@@ -161,11 +169,12 @@ class MEDNetLevel(nn.Module):
         negative_slope: float = NEGATIVE_SLOPE,
         gate: str = "product",
         gate_channels: int | None = None,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         encoder_inputs = [in_channels, *widths[:-1]]
         self.encoders = nn.ModuleList(
-            ResidualBlock(c_in, c_out, stride=2, negative_slope=negative_slope)
+            ResidualBlock(c_in, c_out, 2, negative_slope, norm)
             for c_in, c_out in zip(encoder_inputs, widths, strict=True)
         )
         # Decoders mirror the encoders; the last one (back at full size) keeps widths[0].
@@ -173,7 +182,7 @@ class MEDNetLevel(nn.Module):
         decoder_inputs = [widths[-1], *decoder_outputs[:-1]]
         self.decoders = nn.Sequential(
             *(
-                DecoderBlock(c_in, c_out, negative_slope=negative_slope)
+                DecoderBlock(c_in, c_out, negative_slope, norm)
                 for c_in, c_out in zip(decoder_inputs, decoder_outputs, strict=True)
             )
         )
@@ -203,11 +212,11 @@ class SkipDecoderBlock(nn.Module):
         skip_channels: int,
         out_channels: int,
         negative_slope: float = NEGATIVE_SLOPE,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
-        self.block = ResidualBlock(
-            in_channels + skip_channels, out_channels, stride=1, negative_slope=negative_slope
-        )
+        channels = in_channels + skip_channels
+        self.block = ResidualBlock(channels, out_channels, 1, negative_slope, norm)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
@@ -230,18 +239,19 @@ class MEDNetUNetLevel(nn.Module):
         negative_slope: float = NEGATIVE_SLOPE,
         gate: str = "product",
         gate_channels: int | None = None,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         encoder_inputs = [in_channels, *widths[:-1]]
         self.encoders = nn.ModuleList(
-            ResidualBlock(c_in, c_out, stride=2, negative_slope=negative_slope)
+            ResidualBlock(c_in, c_out, 2, negative_slope, norm)
             for c_in, c_out in zip(encoder_inputs, widths, strict=True)
         )
         decoder_outputs = [*reversed(widths[:-1]), widths[0]]
         decoder_inputs = [widths[-1], *decoder_outputs[:-1]]
         skip_channels = [*reversed(widths[:-1]), in_channels]
         self.decoders = nn.ModuleList(
-            SkipDecoderBlock(c_in, c_skip, c_out, negative_slope=negative_slope)
+            SkipDecoderBlock(c_in, c_skip, c_out, negative_slope, norm)
             for c_in, c_skip, c_out in zip(
                 decoder_inputs, skip_channels, decoder_outputs, strict=True
             )
@@ -300,6 +310,8 @@ class MEDNet(nn.Module):
         prior: label prior, ``"softmax"`` (default, the paper's), ``"logits"`` or ``"none"``.
         level: ``"fcn"`` (default, the paper's) or ``"unet"`` (skips inside each level).
         detach_prior: pass the prior on without gradient (default False: gradients flow).
+        norm: ``"batch"`` (default, the paper's) or ``"instance"`` (nnU-Net's; per-image
+            statistics, more robust to a change of digitisation, not folded for inference).
 
     Input (B, in_channels, H, W) with H and W multiples of :attr:`side_multiple` (32; 64 or 128
     with ``deeper_coarse``), intensities scaled to [0, 1].
@@ -319,6 +331,7 @@ class MEDNet(nn.Module):
         prior: Prior = "softmax",
         level: LevelKind = "fcn",
         detach_prior: bool = False,
+        norm: Norm = "batch",
     ) -> None:
         super().__init__()
         if levels not in (1, 2, 3):
@@ -327,6 +340,8 @@ class MEDNet(nn.Module):
             raise ValueError(f"gate must be one of {GATES}, not {gate!r}")
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, not {prior!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
         if level not in LEVEL_KINDS:
             raise ValueError(f"level must be one of {LEVEL_KINDS}, not {level!r}")
         table = UNET_WIDTHS if level == "unet" else DEFAULT_WIDTHS
@@ -343,6 +358,7 @@ class MEDNet(nn.Module):
         self.prior_mode = prior
         self.level_kind = level
         self.detach_prior = detach_prior
+        self.norm = norm
         self.side_multiple = max(2**m * 2 ** blocks[m] for m in range(levels))
         self.input_scales = [2**m for m in reversed(range(levels))]  # coarse to fine
         level_class = MEDNetUNetLevel if level == "unet" else MEDNetLevel
@@ -359,6 +375,7 @@ class MEDNet(nn.Module):
                     negative_slope=negative_slope,
                     gate="none" if coarsest else gate,
                     gate_channels=gate_channels,
+                    norm=norm,
                 )
             )
         self.levels = nn.ModuleList(modules)
@@ -406,6 +423,7 @@ class MEDNetUNet(MEDNet):
         depth_order: DepthOrder = "shallower_coarse",
         prior: Prior = "softmax",
         detach_prior: bool = False,
+        norm: Norm = "batch",
     ) -> None:
         super().__init__(
             in_channels,
@@ -418,4 +436,5 @@ class MEDNetUNet(MEDNet):
             prior=prior,
             level="unet",
             detach_prior=detach_prior,
+            norm=norm,
         )
