@@ -166,6 +166,7 @@ def test_get_network_knows_its_names_and_passes_options() -> None:
         "dynunet",
         "mednet_deep",
         "mednet_deep_noprior",
+        "mednet_unet_in",
         *BASELINES,
     }
     small = get_network("MEDNet2", in_channels=3, out_channels=2, widths=(4, 8, 8, 8, 8))

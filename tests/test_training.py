@@ -43,6 +43,7 @@ def quick_config(data: Path, out: Path, **overrides: object) -> TrainConfig:
         "data_dir": data,
         "output_dir": out,
         "val_cases": ["synth_0004"],
+        "network": "mednet",
         "network_kwargs": SMALL,
         "patch_size": 64,
         "window": 128,
