@@ -1,4 +1,4 @@
-"""The MONAI Label app of rcmseg: annotate RCM mosaics with MED-Net in the loop.
+"""The MONAI Label app of rcmseg: annotate RCM mosaics with the bundle's network in the loop.
 
 A normal MONAI Label app (``main.py`` holds the :class:`~monailabel.interfaces.app.MONAILabelApp`
 subclass); start it with ``rcmseg label serve --studies DIR`` or with MONAI Label's own

@@ -197,7 +197,7 @@ def write_viewer_file(output: str, result: dict[str, Any], model: str) -> str:
     """An ASAP XML or DSA JSON polygon file made by MONAI Label's own writers."""
     whole = {
         "name": f"rcmseg {model}",
-        "description": "MED-Net cellular patterns",
+        "description": "RCM cellular patterns",
         "model": model,
         "location": result["location"],
         "size": result["size"],
@@ -240,7 +240,7 @@ class MEDNetInfer(InferTask):
             type=InferType.SEGMENTATION,
             labels={name: index for index, name in enumerate(CLASS_NAMES)},
             dimension=2,
-            description="MED-Net segmentation of RCM mosaics into six cellular patterns",
+            description="The bundle's network: RCM mosaics into six cellular patterns",
             config={"preset": preset, "precision": precision},
         )
         self.served = served
