@@ -108,6 +108,24 @@ def level_blocks(levels: int, depth_order: str) -> list[int]:
     raise ValueError(f"depth_order must be one of {DEPTH_ORDERS}, not {depth_order!r}")
 
 
+def strided_encoders(
+    in_channels: int, widths: Sequence[int], negative_slope: float, norm: str
+) -> nn.ModuleList:
+    """A level's encoder: one stride-2 :class:`ResidualBlock` per width (H/2 each)."""
+    inputs = [in_channels, *widths[:-1]]
+    return nn.ModuleList(
+        ResidualBlock(c_in, c_out, 2, negative_slope, norm)
+        for c_in, c_out in zip(inputs, widths, strict=True)
+    )
+
+
+def decoder_widths(widths: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Input and output widths of the decoder blocks, deepest first: they mirror the encoder,
+    and the last one (back at the level's input size) keeps ``widths[0]``."""
+    outputs = [*reversed(widths[:-1]), widths[0]]
+    return [widths[-1], *outputs[:-1]], outputs
+
+
 class FeatureGate(nn.Module):
     """Feature sharing: the coarser bottleneck ``g`` gates the finer features ``x``.
 
@@ -172,14 +190,8 @@ class MEDNetLevel(nn.Module):
         norm: str = "batch",
     ) -> None:
         super().__init__()
-        encoder_inputs = [in_channels, *widths[:-1]]
-        self.encoders = nn.ModuleList(
-            ResidualBlock(c_in, c_out, 2, negative_slope, norm)
-            for c_in, c_out in zip(encoder_inputs, widths, strict=True)
-        )
-        # Decoders mirror the encoders; the last one (back at full size) keeps widths[0].
-        decoder_outputs = [*reversed(widths[:-1]), widths[0]]
-        decoder_inputs = [widths[-1], *decoder_outputs[:-1]]
+        self.encoders = strided_encoders(in_channels, widths, negative_slope, norm)
+        decoder_inputs, decoder_outputs = decoder_widths(widths)
         self.decoders = nn.Sequential(
             *(
                 DecoderBlock(c_in, c_out, negative_slope, norm)
@@ -242,13 +254,8 @@ class MEDNetUNetLevel(nn.Module):
         norm: str = "batch",
     ) -> None:
         super().__init__()
-        encoder_inputs = [in_channels, *widths[:-1]]
-        self.encoders = nn.ModuleList(
-            ResidualBlock(c_in, c_out, 2, negative_slope, norm)
-            for c_in, c_out in zip(encoder_inputs, widths, strict=True)
-        )
-        decoder_outputs = [*reversed(widths[:-1]), widths[0]]
-        decoder_inputs = [widths[-1], *decoder_outputs[:-1]]
+        self.encoders = strided_encoders(in_channels, widths, negative_slope, norm)
+        decoder_inputs, decoder_outputs = decoder_widths(widths)
         skip_channels = [*reversed(widths[:-1]), in_channels]
         self.decoders = nn.ModuleList(
             SkipDecoderBlock(c_in, c_skip, c_out, negative_slope, norm)
