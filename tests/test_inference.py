@@ -54,7 +54,7 @@ def test_presets_match_the_paper_and_the_network_grid():
 
 def test_probabilities_are_a_gaussian_blend_of_window_softmaxes(conv_net):
     image = random_image(150, 130)
-    probabilities = segment_image(image, conv_net, SMALL)
+    probabilities = segment_image(image, conv_net, SMALL, precision="fp32")
     assert probabilities.shape == (NUM_CLASSES, 150, 130)
     assert probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
@@ -210,6 +210,18 @@ def test_precision_fp16_on_cpu_is_refused_and_bf16_agrees(conv_net):
     bf16 = SegmentationEngine(conv_net, SMALL, precision="bf16").probabilities(image)
     assert bf16.dtype == np.float32  # stitching stays float32
     np.testing.assert_allclose(bf16, fp32, atol=0.05)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, conv_net, native):
+    import rcmseg.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
+    expected = "bf16" if native else "fp32"
+    assert inference.resolve_precision("auto", torch.device("cpu")) == expected
+    engine = SegmentationEngine(conv_net, SMALL, precision="auto")
+    assert engine.precision == expected
+    assert expected in engine.describe()
 
 
 def test_an_image_smaller_than_a_window_is_padded_and_segmented(conv_net):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -431,6 +432,46 @@ def test_dynunet_survives_fold_batch_norms() -> None:
     x = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fold_batch_norms(network)(x), network(x))
+
+
+@pytest.mark.parametrize("name", ["dynunet", "mednet_unet_in"])
+def test_inference_copy_turns_instance_norms_into_group_norms_with_equal_logits(name: str) -> None:
+    from rcmseg.networks.blocks import inference_copy
+
+    torch.manual_seed(0)
+    kwargs = {"filters": (8, 16, 16, 32, 32)} if name == "dynunet" else {"widths": SMALL_WIDTHS}
+    network = get_network(name, **kwargs).train()
+    with torch.no_grad():  # affine weights away from (1, 0)
+        for norm in network.modules():
+            if isinstance(norm, torch.nn.InstanceNorm2d):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    copied = inference_copy(network)
+    assert network.training  # the caller's network keeps its mode and its modules
+    assert any(isinstance(m, torch.nn.InstanceNorm2d) for m in network.modules())
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in copied.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in copied.modules())
+    assert not copied.training
+    images = torch.rand(3, 1, 64, 64)
+    images[1] *= 0.2
+    network.eval()
+    with torch.no_grad():
+        expected = network(images)
+        torch.testing.assert_close(copied(images), expected, rtol=1e-4, atol=1e-4)
+        cl = copy.deepcopy(copied).to(memory_format=torch.channels_last)
+        got = cl(images.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    for key, value in network.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    assert set(copied.state_dict()) == set(before)  # same names: weights load either way
+
+
+def test_instance_norms_with_running_statistics_stay() -> None:
+    from rcmseg.networks.blocks import instance_norms_as_group_norms
+
+    tracked = torch.nn.Sequential(torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True))
+    assert isinstance(instance_norms_as_group_norms(tracked)[0], torch.nn.InstanceNorm2d)
 
 
 @pytest.mark.parametrize("level", ["fcn", "unet"])
