@@ -220,7 +220,8 @@ def evaluate(
     sums = {"pred": np.zeros(3), "truth": np.zeros(3)}
     for case in cases:
         image, labels = load_case(case)
-        probabilities = segment_image(image, network, preset=preset, device="cpu")
+        # fp32: the tables stay comparable across machines and sessions (auto may pick bf16)
+        probabilities = segment_image(image, network, preset=preset, device="cpu", precision="fp32")
         prediction = probabilities.argmax(axis=0).astype(np.uint8)
         matrix += confusion_matrix(prediction, labels)
         full = np.asarray(Image.open(root / "labels_full" / (Path(case.mosaic).stem + ".png")))
