@@ -217,6 +217,23 @@ def get_preset(preset: str | Preset, presets: dict[str, Preset] | None = None) -
     return table[preset]
 
 
+def check_settings(
+    preset: str | Preset = "fast",
+    precision: str = "auto",
+    device: str | torch.device = "cpu",
+    presets: dict[str, Preset] | None = None,
+) -> None:
+    """Refuse an unknown preset, precision or device (or fp16 on a CPU) before any work; the
+    bundle configs call it first, through :func:`rcmseg.errors.or_exit`, so that a bad override
+    is one line rather than MONAI's traceback from inside a component.
+
+    Raises:
+        InputError: the first bad setting.
+    """
+    get_preset(preset, presets)
+    resolve_precision(precision, resolve_device(device))
+
+
 def preset_inferer(
     preset: str = "fast",
     roi_size: int | tuple[int, int] | None = None,

@@ -224,6 +224,37 @@ def test_bundle_run_honours_ckpt_path_and_fails_in_one_line_without_it(tmp_path,
     assert not (tmp_path / "missing" / "m.labels.tif").exists()
 
 
+@pytest.mark.parametrize(
+    ("config", "override", "message"),
+    [
+        ("inference.json", ("--preset", "bogus"), "error: unknown preset 'bogus'; choose one of"),
+        ("inference.json", ("--precision", "fp8"), "error: unknown precision 'fp8'; choose"),
+        ("evaluate.json", ("--dataset_dir", "nowhere"), "error: nowhere"),
+    ],
+)
+def test_bundle_configs_refuse_bad_settings_in_one_line(
+    tmp_path, small_mosaic, config, override, message
+):
+    out = tmp_path / "out"
+    done = monai_bundle(
+        "run",
+        "--config_file",
+        str(CONFIGS / config),
+        "--dataset_dir",
+        str(small_mosaic),
+        "--output_dir",
+        str(out),
+        "--device",
+        "$torch.device('cpu')",
+        *override,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (out / "m.labels.tif").exists()
+
+
 def test_bundle_run_honours_inferer_working_mpp_and_network_def(tmp_path, small_mosaic):
     import tifffile
 
