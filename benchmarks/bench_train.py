@@ -37,7 +37,7 @@ from rcmseg.losses import make_loss
 from rcmseg.networks import get_network
 from rcmseg.training.augment import BatchAugment
 from rcmseg.training.data import epoch_order, load_cases, patch_loader, split_cases
-from rcmseg.training.loop import train_epoch
+from rcmseg.training.loop import autocast_dtype, train_epoch
 from rcmseg.transforms import EpochPatchDataset, train_transforms
 
 
@@ -113,14 +113,16 @@ def network_steps(args: argparse.Namespace) -> Iterator[None]:
     network = get_network(args.network).to(args.device).train()
     loss_function = make_loss("mdsc_tv")
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
-    amp = args.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    dtype = autocast_dtype(args.device, args.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     shape = (args.batch_size, 1, args.patch_size, args.patch_size)
     images = torch.rand(shape, device=args.device)
     labels = torch.randint(0, 6, shape, device=args.device)
     while True:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(args.device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(
+            args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+        ):
             outputs = network(images)
         if isinstance(outputs, torch.Tensor):  # baselines: one output
             outputs = [outputs]
@@ -139,8 +141,7 @@ def bench_network(args: argparse.Namespace) -> float:
 def bench_training(args: argparse.Namespace, pairs: list) -> float:
     network = get_network(args.network).to(args.device)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
-    amp = args.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.device.type == "cuda" and args.amp)
     loss_function = make_loss("mdsc_tv")
     # Warm-up epoch of one batch, then the timed epoch.
     generator = torch.Generator(device=args.device).manual_seed(0)
@@ -150,7 +151,14 @@ def bench_training(args: argparse.Namespace, pairs: list) -> float:
         synchronise(args.device)
         started = time.perf_counter()
         train_epoch(
-            network, loader, loss_function, optimizer, scaler, args.device, amp, augment=augment
+            network,
+            loader,
+            loss_function,
+            optimizer,
+            scaler,
+            args.device,
+            args.amp,
+            augment=augment,
         )
         synchronise(args.device)
         seconds = time.perf_counter() - started
@@ -171,6 +179,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--network", default="dynunet", help="default: the bundle's")
     parser.add_argument("--only", choices=BENCHMARKS, nargs="*")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mixed precision, the trainer's default: fp16 on CUDA, bf16 on CPUs with native bf16",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
@@ -193,6 +207,7 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "patch_size": args.patch_size,
                 "network": args.network,
+                "autocast": str(autocast_dtype(args.device, args.amp) or "float32"),
                 "samples_per_s": {key: round(value, 1) for key, value in figures.items()},
             }
         )

@@ -277,6 +277,7 @@ def run_variant(
         seed=seed,
         resume=True,
         progress=False,
+        amp=args.amp,
         **budget,
     )
     with cpu_lock():
@@ -310,6 +311,7 @@ def run_variant(
         "curve": curve,
         "in_domain": in_domain,
         "other": other,
+        "amp": args.amp,
         "train_seconds": round(trained, 1),
         "seconds": round(seconds, 1),
     }
@@ -480,6 +482,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train in mixed precision (bf16 on CPUs with native bf16); the tables are float32",
+    )
     parser.add_argument("--png", type=Path, default=None, help="learning curves PNG")
     parser.add_argument("--report-only", action="store_true", help="no training, just report")
     parser.add_argument(

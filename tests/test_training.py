@@ -136,6 +136,35 @@ def test_different_seeds_give_different_weights(dataset: Path, tmp_path: Path) -
     assert math.isnan(one.best_val_dice) and one.best_epoch == 1
 
 
+def test_mixed_precision_is_fp16_on_cuda_bf16_on_native_cpus_else_float32(monkeypatch) -> None:
+    import rcmseg.training.loop as loop
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loop.autocast_dtype(cuda, amp=True) == torch.float16
+    assert loop.autocast_dtype(cuda, amp=False) is None
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda native=native: native)
+        assert loop.autocast_dtype(cpu, amp=True) == expected
+        assert loop.autocast_dtype(cpu, amp=False) is None
+
+
+def test_bf16_training_on_cpu_runs_in_bf16_and_keeps_float32_weights(
+    monkeypatch, dataset: Path, tmp_path: Path
+) -> None:
+    import rcmseg.training.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    runs = {}
+    for amp in (True, False):
+        config = quick_config(dataset, tmp_path / str(amp), max_epochs=1, val_cases=[], amp=amp)
+        result = train(config)
+        assert math.isfinite(result.history[-1]["loss"])
+        runs[amp] = torch.load(result.model_path, weights_only=True)
+    assert all(t.dtype == torch.float32 for t in runs[True].values() if t.is_floating_point())
+    # same seed, same data: only the autocast differs
+    assert any(not torch.equal(runs[True][k], runs[False][k]) for k in runs[True])
+
+
 def test_channels_last_network_trains_in_plain_layout(dataset: Path, tmp_path: Path) -> None:
     # load_bundle hands out channels-last networks; MONAI Label fine-tunes them. Their backward
     # pass crashed torch 2.14.1 on CPU, so train() must move them back to NCHW first.

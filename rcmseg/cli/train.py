@@ -85,7 +85,9 @@ def train_model_command(
         ),
     ] = "batched",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
+    amp: Annotated[
+        bool, typer.Option(help="Mixed precision: fp16 on CUDA, bf16 on CPUs with native bf16.")
+    ] = True,
     workers: Annotated[int, typer.Option(help="DataLoader processes for augmentation.")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,

@@ -96,7 +96,8 @@ class TrainConfig:
         export_path: also write the best weights here (e.g. a bundle's ``models/model.pt``).
         seed: seeds every random choice; the same seed gives the same weights on CPU.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        amp: mixed precision (float16 autocast + gradient scaling); used on CUDA only.
+        amp: mixed precision: float16 autocast + gradient scaling on CUDA, bfloat16 autocast on
+            CPUs with native bf16 (:func:`rcmseg.training.loop.autocast_dtype`); float32 otherwise.
         num_workers: DataLoader processes running the per-patch augmentation.
         threads: ``torch.set_num_threads`` for the run (``None``: leave torch's choice).
         resume: continue from ``output_dir/checkpoints/last.pt`` when it exists.
