@@ -37,7 +37,7 @@ from rcmseg.losses import make_loss
 from rcmseg.networks import get_network
 from rcmseg.training.augment import BatchAugment
 from rcmseg.training.data import epoch_order, load_cases, patch_loader, split_cases
-from rcmseg.training.loop import autocast_dtype, train_epoch
+from rcmseg.training.loop import autocast_dtype, grad_scaler, train_epoch
 from rcmseg.transforms import EpochPatchDataset, train_transforms
 
 
@@ -114,7 +114,7 @@ def network_steps(args: argparse.Namespace) -> Iterator[None]:
     loss_function = make_loss("mdsc_tv")
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
     dtype = autocast_dtype(args.device, args.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    scaler = grad_scaler(args.device, args.amp)
     shape = (args.batch_size, 1, args.patch_size, args.patch_size)
     images = torch.rand(shape, device=args.device)
     labels = torch.randint(0, 6, shape, device=args.device)
@@ -141,7 +141,7 @@ def bench_network(args: argparse.Namespace) -> float:
 def bench_training(args: argparse.Namespace, pairs: list) -> float:
     network = get_network(args.network).to(args.device)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.device.type == "cuda" and args.amp)
+    scaler = grad_scaler(args.device, args.amp)
     loss_function = make_loss("mdsc_tv")
     # Warm-up epoch of one batch, then the timed epoch.
     generator = torch.Generator(device=args.device).manual_seed(0)

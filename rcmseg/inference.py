@@ -24,6 +24,7 @@ only one band of probabilities is held; regions (MONAI Label requests) use the s
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -174,6 +175,7 @@ def configure_threads(threads: int | None = None) -> int:
     return count
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo): only
     there does bf16 pay on a CPU; elsewhere it is emulated and slower than fp32."""

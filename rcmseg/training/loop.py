@@ -166,7 +166,7 @@ def _as_float(outputs: Any) -> Any:
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """The mixed-precision dtype of training steps, or ``None`` for float32: float16 on CUDA
     (with gradient scaling), bfloat16 on CPUs that compute it natively (float32's range, so no
-    scaling; 2.4× faster DynUNet steps on the development CPU, docs/benchmarks.md)."""
+    scaling; 2-3× faster steps on the development CPU, docs/benchmarks.md)."""
     if not amp:
         return None
     if device.type == "cuda":
@@ -174,6 +174,11 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """A gradient scaler, active only where training autocasts to float16 (bf16 needs none)."""
+    return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, amp) == torch.float16)
 
 
 def train_epoch(
@@ -196,6 +201,7 @@ def train_epoch(
     network.train()
     totals = {"loss": 0.0, "dice_term": 0.0, "tv_term": 0.0}
     patches = 0
+    dtype = autocast_dtype(device, amp)
     for batch in loader:
         images = convert_to_tensor(batch["image"], track_meta=False)
         labels = convert_to_tensor(batch["label"], track_meta=False)
@@ -204,7 +210,6 @@ def train_epoch(
         if augment is not None:
             images, labels = augment(images, labels)
         optimizer.zero_grad(set_to_none=True)
-        dtype = autocast_dtype(device, amp)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = network(images)
         loss = loss_function(_as_float(outputs), labels)
@@ -348,7 +353,7 @@ def _start_run(
         network=network,
         optimizer=optimizer,
         scheduler=make_scheduler(config, optimizer),
-        scaler=torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda"),
+        scaler=grad_scaler(device, amp),
         state=RunState(),
         paths=RunPaths(Path(config.output_dir)),
     )
