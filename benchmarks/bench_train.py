@@ -37,7 +37,7 @@ from rcmseg.losses import make_loss
 from rcmseg.networks import get_network
 from rcmseg.training.augment import BatchAugment
 from rcmseg.training.data import epoch_order, load_cases, patch_loader, split_cases
-from rcmseg.training.loop import autocast_dtype, grad_scaler, train_epoch
+from rcmseg.training.loop import autocast_dtype, grad_scaler, train_epoch, train_step
 from rcmseg.transforms import EpochPatchDataset, train_transforms
 
 
@@ -119,17 +119,7 @@ def network_steps(args: argparse.Namespace) -> Iterator[None]:
     images = torch.rand(shape, device=args.device)
     labels = torch.randint(0, 6, shape, device=args.device)
     while True:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(
-            args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-        ):
-            outputs = network(images)
-        if isinstance(outputs, torch.Tensor):  # baselines: one output
-            outputs = [outputs]
-        loss = loss_function([output.float() for output in outputs], labels)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(network, images, labels, loss_function, optimizer, scaler, dtype)
         synchronise(args.device)
         yield None
 

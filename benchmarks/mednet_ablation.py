@@ -47,7 +47,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from texture_mosaics import write_texture_dataset  # noqa: E402
+from texture_mosaics import add_benchmark_arguments, write_texture_dataset  # noqa: E402
 
 from rcmseg.classes import WORKING_MPP  # noqa: E402
 from rcmseg.inference import segment_image  # noqa: E402
@@ -462,26 +462,25 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("textures", type=Path, help="folder holding usc_sipi/ (textures README)")
+    add_benchmark_arguments(
+        parser,
+        train_mosaics=32,
+        test_mosaics=12,
+        size=512,
+        shrink=2,
+        epochs=25,
+        iterations=18,
+        batch_size=16,
+        patch=128,
+        lr=2e-3,
+    )
     parser.add_argument("--out", type=Path, default=Path("/tmp/mednet_ablation"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: --seed")
-    parser.add_argument("--train-mosaics", type=int, default=32)
-    parser.add_argument("--test-mosaics", type=int, default=12)
-    parser.add_argument("--size", type=int, default=512, help="mosaic side, px")
-    parser.add_argument("--shrink", type=int, default=2, help="texture downscale vs the 1.1 scan")
-    parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument("--iterations", type=int, default=18, help="optimiser steps per epoch")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--patch", type=int, default=128, help="training crop side, px")
-    parser.add_argument("--optimizer", default="adam")
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--augmentation", default="batched")
     parser.add_argument("--width-scale", type=float, default=0.5)
     parser.add_argument("--val-every", type=int, default=3)
     parser.add_argument("--preset", default="fast")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,

@@ -23,7 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from texture_mosaics import TEXTURES, describe, write_texture_dataset  # noqa: E402
+from texture_mosaics import (  # noqa: E402
+    TEXTURES,
+    add_benchmark_arguments,
+    describe,
+    write_texture_dataset,
+)
 
 from rcmseg.evaluation.cv import SplitSettings, case_id, load_trained_network  # noqa: E402
 from rcmseg.evaluation.evaluate import evaluate_cases  # noqa: E402
@@ -36,7 +41,18 @@ VARIANTS = ("mednet", "mednet2", "mednet1", "unet", "fcn", "segnet", "deeplab")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("textures", type=Path, help="folder holding usc_sipi/ (textures README)")
+    add_benchmark_arguments(
+        parser,
+        train_mosaics=16,
+        test_mosaics=6,
+        size=256,
+        shrink=4,
+        epochs=4,
+        iterations=6,
+        batch_size=8,
+        patch=64,
+        lr=1e-3,
+    )
     parser.add_argument("--out", type=Path, default=Path("/tmp/rcmseg_texture_bench"))
     parser.add_argument(
         "--variants",
@@ -44,22 +60,10 @@ def parse_args() -> argparse.Namespace:
         default=list(VARIANTS),
         help="network[:loss] per variant (default: MED-Net 3/2/1 + baselines)",
     )
-    parser.add_argument("--train-mosaics", type=int, default=16)
-    parser.add_argument("--test-mosaics", type=int, default=6)
-    parser.add_argument("--size", type=int, default=256, help="mosaic side, px")
-    parser.add_argument("--shrink", type=int, default=4, help="texture downscale vs the 1.1 scan")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--iterations", type=int, default=6, help="optimiser steps per epoch")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--patch", type=int, default=64, help="training crop side, px")
     parser.add_argument(
         "--preset", default="paper", help="inference preset (paper: one 256 px window per mosaic)"
     )
-    parser.add_argument("--optimizer", default="adam")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 

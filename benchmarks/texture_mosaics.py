@@ -19,6 +19,7 @@ rcmseg dataset layout, with ``clinic`` naming the digitisation (``usc_1.3`` / ``
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,3 +236,33 @@ def describe() -> str:
         f"- {cls}: {t.name} (USC-SIPI {t.file_512} / {t.file_1024})"
         for cls, t in zip(CLASS_NAMES, TEXTURES, strict=True)
     )
+
+
+def add_benchmark_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    train_mosaics: int,
+    test_mosaics: int,
+    size: int,
+    shrink: int,
+    epochs: int,
+    iterations: int,
+    batch_size: int,
+    patch: int,
+    lr: float,
+) -> None:
+    """The options every real-texture benchmark shares: the texture folder, the dataset built
+    from it (:func:`write_texture_dataset`) and the training budget, with the script's defaults."""
+    parser.add_argument("textures", type=Path, help="folder holding usc_sipi/ (textures README)")
+    parser.add_argument("--train-mosaics", type=int, default=train_mosaics)
+    parser.add_argument("--test-mosaics", type=int, default=test_mosaics)
+    parser.add_argument("--size", type=int, default=size, help="mosaic side, px")
+    parser.add_argument("--shrink", type=int, default=shrink, help="texture downscale vs 1.1")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--iterations", type=int, default=iterations, help="steps per epoch")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--patch", type=int, default=patch, help="training crop side, px")
+    parser.add_argument("--optimizer", default="adam")
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,9 @@ from rcmseg.networks import get_network
 torch.set_num_threads(2)
 BUNDLE = default_bundle_dir()
 CONFIGS = BUNDLE / "configs"
+# evaluate.json is layered on inference.json, as multi_gpu_train.json is on train.json
+INFER = ("inference.json",)
+EVALUATE = ("inference.json", "evaluate.json")
 WEIGHTS = BUNDLE / WEIGHTS_FILE
 
 
@@ -225,21 +228,23 @@ def test_bundle_run_honours_ckpt_path_and_fails_in_one_line_without_it(tmp_path,
 
 
 @pytest.mark.parametrize(
-    ("config", "override", "message"),
+    ("configs", "override", "message"),
     [
-        ("inference.json", ("--preset", "bogus"), "error: unknown preset 'bogus'; choose one of"),
-        ("inference.json", ("--precision", "fp8"), "error: unknown precision 'fp8'; choose"),
-        ("evaluate.json", ("--dataset_dir", "nowhere"), "error: nowhere"),
+        (INFER, ("--preset", "bogus"), "error: unknown preset 'bogus'; choose one of"),
+        (INFER, ("--precision", "fp8"), "error: unknown precision 'fp8'; choose"),
+        (EVALUATE, ("--dataset_dir", "nowhere"), "error: nowhere"),
+        (EVALUATE, ("--precision", "fp8"), "error: unknown precision 'fp8'; choose"),
+        (EVALUATE, ("--ckpt_path", "nope.pt"), "error: nope.pt: missing: no such weights file"),
     ],
 )
 def test_bundle_configs_refuse_bad_settings_in_one_line(
-    tmp_path, small_mosaic, config, override, message
+    tmp_path, small_mosaic, configs, override, message
 ):
     out = tmp_path / "out"
     done = monai_bundle(
         "run",
         "--config_file",
-        str(CONFIGS / config),
+        repr([str(CONFIGS / name) for name in configs]),
         "--dataset_dir",
         str(small_mosaic),
         "--output_dir",

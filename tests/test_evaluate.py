@@ -225,15 +225,17 @@ def test_cli_evaluates_with_the_bundle(crafted: Path, tmp_path: Path) -> None:
 
 
 def test_bundle_evaluate_config_runs_through_monai(crafted: Path, tmp_path: Path) -> None:
-    """``python -m monai.bundle run --config_file evaluate.json`` writes the same report."""
+    """``evaluate.json`` layered on ``inference.json`` (MONAI's list of config files) writes the
+    same report, segmenting with inference.json's inferer (an override of it counts)."""
     out = tmp_path / "bundle_eval"
+    configs = [str(BUNDLE / "configs" / name) for name in ("inference.json", "evaluate.json")]
     command = [
         sys.executable,
         "-m",
         "monai.bundle",
         "run",
         "--config_file",
-        str(BUNDLE / "configs" / "evaluate.json"),
+        repr(configs),
         "--bundle_root",
         str(BUNDLE),
         "--dataset_dir",
@@ -241,13 +243,16 @@ def test_bundle_evaluate_config_runs_through_monai(crafted: Path, tmp_path: Path
         "--output_dir",
         str(out),
         "--device",
-        "cpu",
+        "$torch.device('cpu')",
+        "--inferer#overlap",
+        "0.25",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     saved = json.loads((out / "metrics.json").read_text())
     assert np.sum(saved["pooled_confusion"]) == 3 * 1024 + 4096
-    assert (out / "report.md").is_file() and (out / "confusion_matrix.png").is_file()
+    assert (out / "confusion_matrix.png").is_file()
+    assert "256 px windows, stride 192 px" in (out / "report.md").read_text()
 
 
 def test_a_bug_is_not_reported_as_bad_input(crafted: Path) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from rich.progress import track
 
+from rcmseg.bundle import LoadedBundle, load_bundle
 from rcmseg.classes import CLASS_NAMES, WORKING_MPP
 from rcmseg.errors import InputError
 from rcmseg.evaluation import report
@@ -195,14 +196,27 @@ def evaluate_bundle(
     ckpt_path: str | Path | None = None,
 ) -> Evaluation:
     """Load a bundle's model (weights from ``ckpt_path`` when given) and evaluate it on a
-    dataset in the rcmseg layout.
-
-    Used by ``rcmseg evaluate`` and by the bundle's ``configs/evaluate.json``.
-    """
-    from rcmseg.bundle import load_bundle
-
+    dataset in the rcmseg layout (``rcmseg evaluate``); see :func:`evaluate_loaded`."""
     bundle = load_bundle(Path(bundle_dir), device, ckpt_path=ckpt_path)
     engine = bundle.engine(preset, precision=precision, tta=tta)
+    return evaluate_loaded(bundle, engine, dataset_dir, output_dir, remap, overlays, progress)
+
+
+def evaluate_loaded(
+    bundle: LoadedBundle,
+    engine: SegmentationEngine,
+    dataset_dir: str | Path,
+    output_dir: str | Path,
+    remap: dict[int, int] | None = None,
+    overlays: int = 3,
+    progress: bool = True,
+) -> Evaluation:
+    """Evaluate a loaded bundle, segmenting with ``engine``, on a dataset in the rcmseg layout.
+
+    Used by :func:`evaluate_bundle` and by the bundle's ``configs/evaluate.json``, which is
+    layered on ``inference.json`` and passes its ``bundle`` and ``engine`` (so the network,
+    weights, window and precision settings of inference count for evaluation too).
+    """
     cases = read_manifest(Path(dataset_dir))
     notes = [
         f"Model: bundle `{bundle.name}` version {bundle.version} ({bundle.model}).",

@@ -181,6 +181,28 @@ def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, amp) == torch.float16)
 
 
+def train_step(
+    network: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss_function: LossFunction,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """One optimiser step on a batch (images (B, C, H, W) in [0, 1], labels (B, 1, H, W)) under
+    autocast to ``dtype`` (``None``: float32, see :func:`autocast_dtype`); returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    device_type = images.device.type
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outputs = network(images)
+    loss = loss_function(_as_float(outputs), labels)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def train_epoch(
     network: nn.Module,
     loader: Iterable[dict[str, torch.Tensor]],
@@ -209,13 +231,7 @@ def train_epoch(
         labels = labels.to(device, non_blocking=True).long()
         if augment is not None:
             images, labels = augment(images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = network(images)
-        loss = loss_function(_as_float(outputs), labels)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss = train_step(network, images, labels, loss_function, optimizer, scaler, dtype)
         count = images.shape[0]
         dice, tv = _loss_terms(loss_function)
         for key, value in (("loss", loss.item()), ("dice_term", dice), ("tv_term", tv)):
