@@ -151,6 +151,28 @@ VARIANTS: dict[str, Variant] = {
         network="mednet_unet",
         kwargs={"prior": "none", "gate": "residual", "norm": "instance"},
     ),
+    # the final comparison's best two at three times the budget (do their curves flatten?)
+    "dynunet_long": Variant(
+        "DynUNet, 3x budget", "3x budget", network="dynunet", train={"max_epochs": 75}
+    ),
+    "mednet_unet_in_long": Variant(
+        "mednet_unet_in, 3x budget",
+        "3x budget",
+        network="mednet_unet",
+        kwargs={"prior": "none", "gate": "residual", "norm": "instance"},
+        train={"max_epochs": 75},
+    ),
+    # ... and at the paper's crop size (batch/4: same px per step)
+    "dynunet_crop256": Variant(
+        "DynUNet, 256 px crops", "crop 256", network="dynunet", train={"patch_size": 256}
+    ),
+    "mednet_unet_in_crop256": Variant(
+        "mednet_unet_in, 256 px crops",
+        "crop 256",
+        network="mednet_unet",
+        kwargs={"prior": "none", "gate": "residual", "norm": "instance"},
+        train={"patch_size": 256},
+    ),
 }
 
 
@@ -411,7 +433,8 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         if runs[0]["group"] not in groups:
             groups.append(runs[0]["group"])
     references = [n for n in ("mednet3", "unet") if n in results]
-    panel_w, panel_h, cols = 520, 380, 3
+    reference_colours = {"mednet3": (160, 160, 160), "unet": (60, 60, 60)}
+    panel_w, panel_h, cols = 520, 380, min(3, len(groups))
     rows = -(-len(groups) // cols)
     canvas = Image.new("RGB", (cols * panel_w, rows * panel_h), "white")
     draw = ImageDraw.Draw(canvas)
@@ -436,7 +459,7 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         members = [n for n, runs in results.items() if runs[0]["group"] == group]
         names = references + [n for n in members if n not in references]
         for rank, name in enumerate(names):
-            colour = (120, 120, 120) if name in references else PALETTE[rank % len(PALETTE)]
+            colour = reference_colours.get(name, PALETTE[rank % len(PALETTE)])
             dashed = name in references and group != "networks"
             for run in results[name]:
                 points = [
@@ -451,8 +474,6 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
                     draw.line(points, fill=colour, width=2)
                 for x, y in points:
                     draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-            if name in references and group != "networks":
-                colour = (120, 120, 120)
             ly = top + 14 * rank
             draw.line((right + 8, ly + 6, right + 24, ly + 6), fill=colour, width=3)
             draw.text((right + 28, ly), name, fill="black", font=font)
