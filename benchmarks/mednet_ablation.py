@@ -62,6 +62,8 @@ LOCK = Path("/tmp/rcmseg-cpu.lock")
 UNET_FEATURES = (32, 64, 128, 256, 384, 32)
 DYNUNET_FILTERS = (32, 64, 128, 256, 336)
 DEEPLAB_WIDTHS, DEEPLAB_DILATED, DEEPLAB_ASPP = (32, 64, 128, 192), (192, 192), 128
+# the options of get_network("mednet_unet_in") on network="mednet_unet" (the rows name them)
+MEDNET_UNET_IN: dict[str, Any] = {"prior": "none", "gate": "residual", "norm": "instance"}
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ VARIANTS: dict[str, Variant] = {
         "U-Net levels, no prior, residual gate, instance norm",
         "norm",
         network="mednet_unet",
-        kwargs={"prior": "none", "gate": "residual", "norm": "instance"},
+        kwargs=MEDNET_UNET_IN,
     ),
     # the final comparison's best two at three times the budget (do their curves flatten?)
     "dynunet_long": Variant(
@@ -159,7 +161,7 @@ VARIANTS: dict[str, Variant] = {
         "mednet_unet_in, 3x budget",
         "3x budget",
         network="mednet_unet",
-        kwargs={"prior": "none", "gate": "residual", "norm": "instance"},
+        kwargs=MEDNET_UNET_IN,
         train={"max_epochs": 75},
     ),
     # ... and at the paper's crop size (batch/4: same px per step)
@@ -170,7 +172,7 @@ VARIANTS: dict[str, Variant] = {
         "mednet_unet_in, 256 px crops",
         "crop 256",
         network="mednet_unet",
-        kwargs={"prior": "none", "gate": "residual", "norm": "instance"},
+        kwargs=MEDNET_UNET_IN,
         train={"patch_size": 256},
     ),
 }
