@@ -51,6 +51,7 @@ from rcmseg.batch.progress import MosaicProgress
 from rcmseg.bundle import load_bundle
 from rcmseg.classes import NUM_CLASSES
 from rcmseg.inference import PRESETS, Preset, get_preset, segment_image, window_starts
+from rcmseg.networks import get_network
 
 TILE_PX = 4000  # side of the synthetic mosaic mirrored into a large one
 
@@ -121,12 +122,21 @@ def stand_in_network() -> torch.nn.Module:
     return torch.nn.Conv2d(1, NUM_CLASSES, 3, padding=1)
 
 
+def untrained_network(spec: str) -> torch.nn.Module:
+    """``NAME`` or ``NAME:{json kwargs}`` of :func:`rcmseg.networks.get_network`, random weights
+    (the arithmetic, hence the speed, of a network without weights trained for it)."""
+    name, _, kwargs = spec.partition(":")
+    return get_network(name, **(json.loads(kwargs) if kwargs else {}))
+
+
 def child_speed(args: argparse.Namespace) -> dict:
     """One preset on one mosaic, in this (fresh) process."""
     torch.set_num_threads(args.threads)
     bundle = load_bundle(device=args.device)
     if args.stand_in:
         bundle = replace(bundle, network=stand_in_network().to(bundle.device).eval())
+    elif args.network:
+        bundle = replace(bundle, network=untrained_network(args.network).to(bundle.device).eval())
     out = Path(args.out_dir)
     job = MosaicJob(Path(args.mosaic), Path(args.mosaic).name, out / f"bench-{args.preset}", "x")
     result = {
@@ -134,6 +144,7 @@ def child_speed(args: argparse.Namespace) -> dict:
         "device": str(bundle.device),
         "threads": args.threads,
         "stand_in_network": args.stand_in,
+        "network": args.network or "bundle",
         "rss_after_load_mb": peak_rss_mb(),
     }
     if args.crop:
@@ -229,6 +240,7 @@ def run_speed(args: argparse.Namespace) -> list[dict]:
                     "--device", args.device, "--threads", str(args.threads), "--crop", str(crop),
                     "--precision", args.precision, "--backend", args.backend,
                     *(["--stand-in"] if args.stand_in else []),
+                    *(["--network", args.network] if args.network else []),
                 ]  # fmt: skip
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
                 result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -394,6 +406,12 @@ def main() -> None:
     child.add_argument("--preset", required=True)
     child.add_argument("--crop", type=int, default=0)
     child.add_argument("--stand-in", action="store_true")
+    for command in (speed, child):
+        command.add_argument(
+            "--network",
+            default="",
+            help='NAME or NAME:{"kwarg": ...} with random weights instead of the bundle\'s',
+        )
     for command in (speed, child, folder):
         command.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16")
         command.add_argument("--backend", default="torch", help="torch or openvino")

@@ -37,7 +37,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,16 +153,19 @@ VARIANTS: dict[str, Variant] = {
         network="mednet_unet",
         kwargs=MEDNET_UNET_IN,
     ),
-    # the final comparison's best two at three times the budget (do their curves flatten?)
-    "dynunet_long": Variant(
-        "DynUNet, 3x budget", "3x budget", network="dynunet", train={"max_epochs": 75}
+    # issue 13: DynUNet at a third and a quarter of the arithmetic per window (7.2 and 6.0
+    # against 23.1 GFLOP per 256² window): half the widths, with or without a sixth stage
+    "dynunet_lite": Variant(
+        "DynUNet 6 stages 16-320 (5.7 M, 7.2 GFLOP)",
+        "cheaper DynUNet",
+        network="dynunet",
+        kwargs={"filters": (16, 32, 64, 128, 256, 320)},
     ),
-    "mednet_unet_in_long": Variant(
-        "mednet_unet_in, 3x budget",
-        "3x budget",
-        network="mednet_unet",
-        kwargs=MEDNET_UNET_IN,
-        train={"max_epochs": 75},
+    "dynunet_half": Variant(
+        "DynUNet 5 stages 16-256 (1.9 M, 6.0 GFLOP)",
+        "cheaper DynUNet",
+        network="dynunet",
+        kwargs={"filters": (16, 32, 64, 128, 256)},
     ),
     # ... and at the paper's crop size (batch/4: same px per step)
     "dynunet_crop256": Variant(
@@ -175,7 +178,44 @@ VARIANTS: dict[str, Variant] = {
         kwargs=MEDNET_UNET_IN,
         train={"patch_size": 256},
     ),
+    # an epoch holds 28 crops of 256 px against 252 of 128 px: 56 epochs see the 128 px runs'
+    # pixels (1568 crops of 256² against 6299 of 128²)
+    "dynunet_crop256_px": Variant(
+        "DynUNet, 256 px crops, equal pixels",
+        "crop 256",
+        network="dynunet",
+        train={"patch_size": 256, "max_epochs": 56},
+    ),
+    "mednet_unet_in_crop256_px": Variant(
+        "mednet_unet_in, 256 px crops, equal pixels",
+        "crop 256",
+        network="mednet_unet",
+        kwargs=MEDNET_UNET_IN,
+        train={"patch_size": 256, "max_epochs": 56},
+    ),
 }
+
+# the final comparison's networks at three times the budget (do their curves flatten?)
+LONG_RUNS: dict[str, str] = {
+    "dynunet_long": "dynunet",
+    "mednet_unet_in_long": "unet_levels_noprior_instance",
+    "unet_long": "unet",
+    "deeplab_long": "deeplab",
+    "mednet1_long": "mednet1",
+    "mednet3_long": "mednet3",
+    "deeper_noprior_long": "deeper_noprior",
+}
+VARIANTS.update(
+    {
+        long: replace(
+            VARIANTS[base],
+            label=f"{VARIANTS[base].label}, 3x budget",
+            group="3x budget",
+            train={"max_epochs": 75},
+        )
+        for long, base in LONG_RUNS.items()
+    }
+)
 
 
 def _round4(value: float) -> int:
@@ -196,7 +236,8 @@ def scaled_kwargs(variant: Variant, scale: float) -> dict[str, Any]:
     elif name == "unet":
         kwargs["features"] = tuple(_round4(w * scale) for w in UNET_FEATURES)
     elif name == "dynunet":
-        kwargs["filters"] = tuple(_round4(w * scale) for w in DYNUNET_FILTERS)
+        filters = kwargs.get("filters", DYNUNET_FILTERS)
+        kwargs["filters"] = tuple(_round4(w * scale) for w in filters)
     elif name == "deeplab":
         kwargs["widths"] = tuple(_round4(w * scale) for w in DEEPLAB_WIDTHS)
         kwargs["dilated_widths"] = tuple(_round4(w * scale) for w in DEEPLAB_DILATED)

@@ -18,6 +18,7 @@ from rcmseg.networks import (
     GATES,
     NETWORK_NAMES,
     PRIORS,
+    DynUNet2D,
     MEDNet,
     MEDNetUNet,
     count_parameters,
@@ -407,6 +408,16 @@ def test_dynunet_shapes_and_optional_deep_supervision() -> None:
     supervised = get_network("dynunet", filters=(8, 16, 16, 32, 32), deep_supervision=True)
     outputs = _forward_backward(supervised, 64)
     assert len(outputs) == 3 and all(o.shape == (2, 6, 64, 64) for o in outputs)
+
+
+def test_dynunet_stages_follow_its_filters() -> None:
+    # one stride per stage by default: six filters give six stages, five downsamplings
+    network = get_network("dynunet", filters=(8, 8, 16, 16, 32, 32)).eval()
+    assert list(network.net.strides) == [1, 2, 2, 2, 2, 2]
+    with torch.no_grad():
+        assert network(torch.rand(1, 1, 64, 96)).shape == (1, 6, 64, 96)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        DynUNet2D(filters=(8, 16, 32), strides=(1, 2))
 
 
 @pytest.mark.parametrize(

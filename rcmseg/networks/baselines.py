@@ -46,8 +46,9 @@ class DynUNet2D(nn.Module):
     Args:
         in_channels: image channels.
         out_channels: number of classes K.
-        filters: widths of the five resolution stages (default 32-64-128-256-336: 6.1 M).
-        strides: stride of each stage (the first is 1).
+        filters: widths of the resolution stages, finest first (default 32-64-128-256-336:
+            5.8 M parameters).
+        strides: stride of each stage; default 1 for the first and 2 for every other stage.
         deep_supervision: in training mode, return a list of logits: the ``deep_supr_num``
             auxiliary heads (coarsest first, bilinearly upsampled to full size by MONAI) and the
             main output last, like MED-Net's coarse-to-fine list; eval mode always returns the
@@ -62,11 +63,13 @@ class DynUNet2D(nn.Module):
         in_channels: int = 1,
         out_channels: int = NUM_CLASSES,
         filters: Sequence[int] = (32, 64, 128, 256, 336),
-        strides: Sequence[int] = (1, 2, 2, 2, 2),
+        strides: Sequence[int] | None = None,
         deep_supervision: bool = False,
         deep_supr_num: int = 2,
     ) -> None:
         super().__init__()
+        if strides is None:
+            strides = (1,) + (2,) * (len(filters) - 1)
         if len(filters) != len(strides):
             raise ValueError("filters and strides need one entry per stage")
         self.deep_supervision = deep_supervision
