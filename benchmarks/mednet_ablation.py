@@ -167,32 +167,6 @@ VARIANTS: dict[str, Variant] = {
         network="dynunet",
         kwargs={"filters": (16, 32, 64, 128, 256)},
     ),
-    # ... and at the paper's crop size (batch/4: same px per step)
-    "dynunet_crop256": Variant(
-        "DynUNet, 256 px crops", "crop 256", network="dynunet", train={"patch_size": 256}
-    ),
-    "mednet_unet_in_crop256": Variant(
-        "mednet_unet_in, 256 px crops",
-        "crop 256",
-        network="mednet_unet",
-        kwargs=MEDNET_UNET_IN,
-        train={"patch_size": 256},
-    ),
-    # an epoch holds 28 crops of 256 px against 252 of 128 px: 56 epochs see the 128 px runs'
-    # pixels (1568 crops of 256² against 6299 of 128²)
-    "dynunet_crop256_px": Variant(
-        "DynUNet, 256 px crops, equal pixels",
-        "crop 256",
-        network="dynunet",
-        train={"patch_size": 256, "max_epochs": 56},
-    ),
-    "mednet_unet_in_crop256_px": Variant(
-        "mednet_unet_in, 256 px crops, equal pixels",
-        "crop 256",
-        network="mednet_unet",
-        kwargs=MEDNET_UNET_IN,
-        train={"patch_size": 256, "max_epochs": 56},
-    ),
 }
 
 # the final comparison's networks at three times the budget (do their curves flatten?)
@@ -205,6 +179,29 @@ LONG_RUNS: dict[str, str] = {
     "mednet3_long": "mednet3",
     "deeper_noprior_long": "deeper_noprior",
 }
+# ... and at the paper's crop size (batch/4: same px per step). An epoch holds 28 crops of 256 px
+# against 252 of 128 px: the 56-epoch runs see the 128 px runs' pixels (1568 crops of 256²).
+CROP256_RUNS: dict[str, tuple[str, dict[str, int]]] = {
+    "dynunet_crop256": ("dynunet", {"patch_size": 256}),
+    "mednet_unet_in_crop256": ("unet_levels_noprior_instance", {"patch_size": 256}),
+    "dynunet_crop256_px": ("dynunet", {"patch_size": 256, "max_epochs": 56}),
+    "mednet_unet_in_crop256_px": (
+        "unet_levels_noprior_instance",
+        {"patch_size": 256, "max_epochs": 56},
+    ),
+}
+VARIANTS.update(
+    {
+        name: replace(
+            VARIANTS[base],
+            label=f"{VARIANTS[base].label}, 256 px crops"
+            + (", equal pixels" if "max_epochs" in train else ""),
+            group="crop 256",
+            train=train,
+        )
+        for name, (base, train) in CROP256_RUNS.items()
+    }
+)
 VARIANTS.update(
     {
         long: replace(
