@@ -328,6 +328,13 @@ def openvino_model(network: nn.Module, precision: str, device: torch.device) -> 
     return openvino.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint})
 
 
+def openvino_precision(compiled: object) -> str:
+    """The precision a compiled OpenVINO model really runs in (``fp32`` or ``bf16``): on a CPU
+    without native bf16 OpenVINO takes a bf16 hint and silently runs float32."""
+    ran = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(ran, ran)
+
+
 def dihedral_mean(
     predict: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor
 ) -> torch.Tensor:
@@ -419,6 +426,7 @@ class SegmentationEngine:
     backend: str = "torch"
     settings: Preset = field(init=False)
     model: nn.Module = field(init=False, repr=False)
+    precision_note: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self.settings = get_preset(self.preset, self.presets)
@@ -434,6 +442,14 @@ class SegmentationEngine:
             )
         if self.backend == "openvino":
             self._compiled = openvino_model(self.model, self.precision, self.device)
+            ran = openvino_precision(self._compiled)
+            if ran != self.precision:  # record what ran, not what was asked
+                asked = self.precision
+                self.precision_note = f" ({asked} asked; OpenVINO has no {asked} on this CPU)"
+                self.precision = ran
+        elif self.device.type == "cpu" and self.precision == "bf16" and not cpu_has_native_bf16():
+            # torch emulates bf16 without AVX512-BF16/AMX: same labels, ~8x slower than fp32 here
+            self.precision_note = " (emulated: no native bf16 on this CPU, slower than fp32)"
 
     def describe(self, with_device: bool = True) -> str:
         """What segments, e.g. ``"fast (256 px windows, stride 128 px), fp32, cpu"``."""
@@ -441,7 +457,8 @@ class SegmentationEngine:
         where = f", {self.device}" if with_device else ""
         backend = ", OpenVINO" if self.backend == "openvino" else ""
         settings = self.settings.describe()
-        return f"{self.preset_name} ({settings}), {self.precision}{backend}{tta}{where}"
+        precision = f"{self.precision}{self.precision_note}"
+        return f"{self.preset_name} ({settings}), {precision}{backend}{tta}{where}"
 
     def _predict(self, windows: torch.Tensor) -> torch.Tensor:
         if self._compiled is not None:

@@ -282,3 +282,29 @@ def test_openvino_backend_gives_the_torch_labels(conv_net):
 def test_unknown_backend_is_one_line(conv_net):
     with pytest.raises(InputError, match="unknown backend 'tensorrt'; choose torch, openvino"):
         SegmentationEngine(conv_net, SMALL, backend="tensorrt")
+
+
+def test_openvino_records_the_precision_it_really_runs(conv_net):
+    """OpenVINO takes a bf16 hint on a CPU without bf16 and runs float32: the engine (and so
+    mosaics.csv and the label TIFF) must say float32 then, and why."""
+    from rcmseg.inference import openvino_precision
+
+    engine = SegmentationEngine(conv_net, SMALL, precision="bf16", backend="openvino")
+    ran = openvino_precision(engine._compiled)
+    assert ran in ("fp32", "bf16")
+    assert engine.precision == ran
+    if ran == "fp32":
+        assert "fp32 (bf16 asked; OpenVINO has no bf16 on this CPU)" in engine.describe()
+    else:
+        assert engine.precision_note == ""
+
+
+def test_bf16_on_a_cpu_without_it_says_it_is_emulated(monkeypatch, conv_net):
+    import rcmseg.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    engine = SegmentationEngine(conv_net, SMALL, precision="bf16")
+    assert engine.precision == "bf16"  # asked for explicitly: run it, but say what it costs
+    assert "bf16 (emulated: no native bf16 on this CPU" in engine.describe()
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    assert SegmentationEngine(conv_net, SMALL, precision="bf16").precision_note == ""
