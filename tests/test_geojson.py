@@ -1,4 +1,4 @@
-"""QuPath GeoJSON: written outlines are valid and exact; QuPath 0.4-0.6 exports rasterise by the
+"""QuPath GeoJSON: written outlines are valid and exact; QuPath 0.4-0.7 exports rasterise by the
 stated rules (pixel centres, holes, smaller-wins overlaps, clipping, ignored objects)."""
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def test_scaled_outlines_cover_whole_blocks_of_the_mosaic_grid():
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading what QuPath 0.4-0.6 export
+# Reading what QuPath 0.4-0.7 export
 
 
 def rectangle(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:

@@ -1,7 +1,7 @@
 /*
  * rcmseg: export the annotations of every image in the open QuPath project as GeoJSON.
  *
- * Written for QuPath 0.4, 0.5 and 0.6 (scripting API: getProject, ProjectImageEntry.readImageData,
+ * Written for QuPath 0.4 to 0.7 (scripting API: getProject, ProjectImageEntry.readImageData,
  * exportObjectsToGeoJson with the FEATURE_COLLECTION option, all present since 0.4). Not run on
  * rcmseg's CI, which has no QuPath; the files it writes are what `rcmseg labels import` reads.
  *

@@ -1,7 +1,7 @@
 /*
  * rcmseg: export every image's annotations in the open QuPath project as an indexed label image.
  *
- * Written for QuPath 0.4, 0.5 and 0.6 (LabeledImageServer.Builder, writeImage; both since 0.2).
+ * Written for QuPath 0.4 to 0.7 (LabeledImageServer.Builder, writeImage; both since 0.2).
  * Not run on rcmseg's CI, which has no QuPath. Prefer export_annotations.groovy (GeoJSON: exact
  * outlines, rcmseg's overlap rule); use this route where a lab already works with label images.
  *

@@ -7,7 +7,7 @@ along pixel edges at the working resolution and scaled to the mosaic's full-reso
 polygons; a region's exterior is traced around the region with its holes filled, each hole as
 its own ring), so shapely/JTS and QuPath accept them.
 
-Reading (``rcmseg labels``), as QuPath 0.4-0.6 export annotations (File > Export objects as
+Reading (``rcmseg labels``), as QuPath 0.4-0.7 export annotations (File > Export objects as
 GeoJSON, or ``exportObjectsToGeoJson``); the rules:
 
 - Input: a FeatureCollection, a bare list of Features, one Feature, or a bare geometry; UTF-8
