@@ -54,7 +54,13 @@ from rcmseg.inference import segment_image  # noqa: E402
 from rcmseg.io.dataset import Case, case_id, load_case, read_manifest  # noqa: E402
 from rcmseg.losses import make_loss  # noqa: E402
 from rcmseg.metrics import confusion_matrix, fragmentation, one_vs_rest  # noqa: E402
-from rcmseg.networks import DEFAULT_WIDTHS, UNET_WIDTHS, count_parameters, get_network  # noqa: E402
+from rcmseg.networks import (  # noqa: E402
+    DEFAULT_WIDTHS,
+    DYNUNET_WIDTHS,
+    UNET_WIDTHS,
+    count_parameters,
+    get_network,
+)
 from rcmseg.training import TrainConfig, train  # noqa: E402
 from rcmseg.training.checkpoint import load_checkpoint  # noqa: E402
 
@@ -153,6 +159,12 @@ VARIANTS: dict[str, Variant] = {
         network="mednet_unet",
         kwargs=MEDNET_UNET_IN,
     ),
+    # MED-Net with nnU-Net levels (seventh session): DynUNet's blocks inside the nesting
+    "mednet_dynunet": Variant(
+        "MED-Net 3, DynUNet levels, no prior, residual gate",
+        "networks",
+        network="mednet_dynunet",
+    ),
     # issue 13: DynUNet at a third and a quarter of the arithmetic per window (7.2 and 6.0
     # against 23.1 GFLOP per 256² window): half the widths, with or without a sixth stage
     "dynunet_lite": Variant(
@@ -178,6 +190,7 @@ LONG_RUNS: dict[str, str] = {
     "mednet1_long": "mednet1",
     "mednet3_long": "mednet3",
     "deeper_noprior_long": "deeper_noprior",
+    "mednet_dynunet_long": "mednet_dynunet",
 }
 # ... and at the paper's crop size (batch/4: same px per step). An epoch holds 28 crops of 256 px
 # against 252 of 128 px: the 56-epoch runs see the 128 px runs' pixels (1568 crops of 256²).
@@ -229,6 +242,8 @@ def scaled_kwargs(variant: Variant, scale: float) -> dict[str, Any]:
         levels = int(name[-1]) if name[-1].isdigit() else 3
         unet_levels = name.startswith("mednet_unet") or kwargs.get("level") == "unet"
         table = UNET_WIDTHS if unet_levels else DEFAULT_WIDTHS
+        if name == "mednet_dynunet" or kwargs.get("level") == "dynunet":
+            table = DYNUNET_WIDTHS
         kwargs["widths"] = tuple(_round4(w * scale) for w in table[levels])
     elif name == "unet":
         kwargs["features"] = tuple(_round4(w * scale) for w in UNET_FEATURES)

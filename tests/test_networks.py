@@ -169,6 +169,7 @@ def test_get_network_knows_its_names_and_passes_options() -> None:
         "mednet_deep",
         "mednet_deep_noprior",
         "mednet_unet_in",
+        "mednet_dynunet",
         *BASELINES,
     }
     small = get_network("MEDNet2", in_channels=3, out_channels=2, widths=(4, 8, 8, 8, 8))
@@ -279,7 +280,15 @@ def test_demo_bundle_weights_load_into_the_bundles_dynunet() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["mednet_unet", "dynunet", "mednet_deep", "mednet_deep_noprior", "mednet_unet_in"]
+    "name",
+    [
+        "mednet_unet",
+        "dynunet",
+        "mednet_deep",
+        "mednet_deep_noprior",
+        "mednet_unet_in",
+        "mednet_dynunet",
+    ],
 )
 def test_new_networks_have_six_million_parameters(name: str) -> None:
     count = count_parameters(get_network(name))
@@ -308,7 +317,7 @@ def _forward_backward(network: torch.nn.Module, side: int) -> list[torch.Tensor]
     return outputs
 
 
-@pytest.mark.parametrize("level", ["fcn", "unet"])
+@pytest.mark.parametrize("level", ["fcn", "unet", "dynunet"])
 @pytest.mark.parametrize("prior", PRIORS)
 @pytest.mark.parametrize("depth_order", DEPTH_ORDERS)
 @pytest.mark.parametrize("gate", GATES)
@@ -421,7 +430,12 @@ def test_dynunet_stages_follow_its_filters() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"level": "unet"}, {"gate": "residual", "depth_order": "deeper_coarse"}]
+    "kwargs",
+    [
+        {"level": "unet"},
+        {"level": "dynunet"},
+        {"gate": "residual", "depth_order": "deeper_coarse"},
+    ],
 )
 def test_new_mednets_script_and_fold(kwargs: dict) -> None:
     torch.manual_seed(0)
@@ -445,7 +459,7 @@ def test_dynunet_survives_fold_batch_norms() -> None:
         torch.testing.assert_close(fold_batch_norms(network)(x), network(x))
 
 
-@pytest.mark.parametrize("name", ["dynunet", "mednet_unet_in"])
+@pytest.mark.parametrize("name", ["dynunet", "mednet_unet_in", "mednet_dynunet"])
 def test_inference_copy_turns_instance_norms_into_group_norms_with_equal_logits(name: str) -> None:
     from rcmseg.networks.blocks import inference_copy
 
@@ -485,7 +499,7 @@ def test_instance_norms_with_running_statistics_stay() -> None:
     assert isinstance(instance_norms_as_group_norms(tracked)[0], torch.nn.InstanceNorm2d)
 
 
-@pytest.mark.parametrize("level", ["fcn", "unet"])
+@pytest.mark.parametrize("level", ["fcn", "unet", "dynunet"])
 def test_instance_norm_normalises_each_image_alone_and_survives_fold(level: str) -> None:
     torch.manual_seed(0)
     network = MEDNet(levels=3, widths=SMALL_WIDTHS, prior="none", norm="instance", level=level)
@@ -503,3 +517,19 @@ def test_instance_norm_normalises_each_image_alone_and_survives_fold(level: str)
         torch.testing.assert_close(torch.jit.script(network)(images), network(images))
     with pytest.raises(ValueError, match="norm"):
         MEDNet(norm="group")  # type: ignore[arg-type]
+
+
+def test_dynunet_level_mednet_nests_dynunets() -> None:
+    # one level of it is the bundle's DynUNet: the same stages and the same parameter count
+    single = MEDNet(levels=1, level="dynunet", prior="none", norm="instance")
+    assert count_parameters(single) == count_parameters(get_network("dynunet"))
+    nested = get_network("mednet_dynunet")
+    assert isinstance(nested, MEDNet) and nested.level_kind == "dynunet"
+    # coarse to fine: 3, 4, 5 stages, each first stage at its level's own input size
+    assert [len(level.encoders) for level in nested.levels] == [3, 4, 5]
+    strides = [level.encoders[0].conv1.conv.stride for level in nested.levels]
+    assert strides == [(1, 1)] * 3
+    nested.train()
+    with torch.no_grad():
+        outputs = nested(torch.rand(1, 1, 128, 128))
+    assert [tuple(o.shape) for o in outputs] == [(1, 6, 32, 32), (1, 6, 64, 64), (1, 6, 128, 128)]

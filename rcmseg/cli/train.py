@@ -56,8 +56,8 @@ def train_model_command(
         str,
         typer.Option(
             help="dynunet (the bundle's default), mednet (MED-Net, 3 levels), mednet2, mednet1, "
-            "mednet_deep, mednet_deep_noprior, mednet_unet, mednet_unet_in, unet, fcn, segnet "
-            "or deeplab."
+            "mednet_deep, mednet_deep_noprior, mednet_unet, mednet_unet_in, mednet_dynunet, "
+            "unet, fcn, segnet or deeplab."
         ),
     ] = "dynunet",
     loss: Annotated[str, typer.Option(help="mdsc_tv (paper), dice or ce.")] = "mdsc_tv",

@@ -69,7 +69,8 @@ STUDIES: dict[str, tuple[Variant, ...]] = {
         Variant("segnet"),
         Variant("deeplab"),
         Variant("dynunet"),  # nnU-Net's architecture: the bundle's network since 0.4.0
-        Variant("mednet_unet_in"),  # the best MED-Net of docs/benchmarks.md
+        Variant("mednet_unet_in"),  # U-Net-like levels (docs/benchmarks.md)
+        Variant("mednet_dynunet"),  # DynUNet levels in MED-Net's nesting
     ),
 }
 STUDIES["paper"] = tuple(

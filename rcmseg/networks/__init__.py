@@ -17,6 +17,7 @@ from rcmseg.networks.baselines import DeepLab, DynUNet2D, FCN32s, SegNet, dynune
 from rcmseg.networks.mednet import (
     DEFAULT_WIDTHS,
     DEPTH_ORDERS,
+    DYNUNET_WIDTHS,
     GATES,
     PRIORS,
     UNET_WIDTHS,
@@ -27,6 +28,7 @@ from rcmseg.networks.mednet import (
 __all__ = [
     "DEFAULT_WIDTHS",
     "DEPTH_ORDERS",
+    "DYNUNET_WIDTHS",
     "GATES",
     "NETWORK_NAMES",
     "PRIORS",
@@ -62,6 +64,11 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     # the best MED-Net of the final comparison: U-Net-like levels, no label prior, residual
     # gate, instance norm (5.89 M parameters)
     "mednet_unet_in": partial(MEDNetUNet, levels=3, prior="none", gate="residual", norm="instance"),
+    # MED-Net whose levels are nnU-Net's (DynUNet's blocks), with mednet_unet_in's nesting
+    # (6.02 M parameters; one level of it is DynUNet itself)
+    "mednet_dynunet": partial(
+        MEDNet, levels=3, level="dynunet", prior="none", gate="residual", norm="instance"
+    ),
 }
 NETWORK_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 

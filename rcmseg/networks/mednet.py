@@ -40,8 +40,11 @@ Encoder block k has the same width at every level; weights are never shared betw
 
 Level type (``level``): ``"fcn"`` is the paper's FCN-32-like level (no skips inside a level);
 ``"unet"`` (:class:`MEDNetUNetLevel`) adds U-Net skips inside each level (the decoder block at
-each size also sees the encoder output of that size, and the last one the level's input), with
-the same nesting (prior, gate, deep supervision).
+each size also sees the encoder output of that size, and the last one the level's input);
+``"dynunet"`` (:class:`MEDNetDynUNetLevel`) builds each level from MONAI's DynUNet (nnU-Net)
+blocks, whose first stage keeps the level's input size. All three keep the same nesting (prior,
+gate, deep supervision); every bottleneck is at H/32 for ``"fcn"``/``"unet"``, H/16 for
+``"dynunet"``.
 
 Return types: training mode returns ``list[Tensor]`` of logits coarse to fine (level m at
 (B, K, H/2^m, W/2^m)); eval mode returns the finest logits (B, K, H, W) as a plain tensor, which is
@@ -58,6 +61,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetUpBlock
 from torch import Tensor, nn
 
 from rcmseg.classes import NUM_CLASSES
@@ -75,12 +79,12 @@ SIDE_MULTIPLE: int = 2**FINEST_ENCODER_BLOCKS
 GATES: tuple[str, ...] = ("product", "sigmoid", "residual", "none")
 DEPTH_ORDERS: tuple[str, ...] = ("shallower_coarse", "deeper_coarse")
 PRIORS: tuple[str, ...] = ("softmax", "logits", "none")
-LEVEL_KINDS: tuple[str, ...] = ("fcn", "unet")
+LEVEL_KINDS: tuple[str, ...] = ("fcn", "unet", "dynunet")
 
 Gate = Literal["product", "sigmoid", "residual", "none"]
 DepthOrder = Literal["shallower_coarse", "deeper_coarse"]
 Prior = Literal["softmax", "logits", "none"]
-LevelKind = Literal["fcn", "unet"]
+LevelKind = Literal["fcn", "unet", "dynunet"]
 Norm = Literal["batch", "instance"]
 
 # Encoder widths Enc1-Enc5 per number of levels, chosen so each network has ~6.0 M trainable
@@ -96,6 +100,13 @@ UNET_WIDTHS: dict[int, tuple[int, ...]] = {
     1: (28, 56, 112, 224, 416),  # 5.97 M
     2: (24, 48, 104, 208, 352),  # 6.09 M
     3: (24, 48, 96, 208, 320),  # 5.89 M
+}
+# The same for nnU-Net-like levels (:class:`MEDNetDynUNetLevel`: two plain convolutions per
+# stage, the first stage at the level's input size).
+DYNUNET_WIDTHS: dict[int, tuple[int, ...]] = {
+    1: (32, 64, 128, 256, 336),  # 5.83 M, MONAI's DynUNet as rcmseg.networks.dynunet builds it
+    2: (32, 64, 128, 208, 304),  # 6.12 M
+    3: (32, 64, 112, 208, 288),  # 6.02 M
 }
 
 
@@ -283,6 +294,61 @@ class MEDNetUNetLevel(nn.Module):
         return self.head(features), bottleneck
 
 
+class MEDNetDynUNetLevel(nn.Module):
+    """One nnU-Net-like level, built from MONAI's DynUNet blocks: stage k is two plain
+    conv3x3-norm-LeakyReLU (:class:`~monai.networks.blocks.dynunet_block.UnetBasicBlock`),
+    stride 1 for the first stage (which keeps the level's input size) and 2 for the others;
+    each decoder stage upsamples by a 2x2 transposed convolution, concatenates the encoder output
+    of that size and applies two convolutions
+    (:class:`~monai.networks.blocks.dynunet_block.UnetUpBlock`); a 1x1 convolution gives the
+    logits. This is :func:`rcmseg.networks.dynunet`'s architecture inside MED-Net's nesting.
+
+    Same arguments, gate and return values as :class:`MEDNetLevel`, except that a level with n
+    widths has n stages but n - 1 downsamplings: bottleneck (B, widths[-1], h/2^(n-1),
+    w/2^(n-1)).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        widths: Sequence[int],
+        negative_slope: float = NEGATIVE_SLOPE,
+        gate: str = "product",
+        gate_channels: int | None = None,
+        norm: str = "instance",
+    ) -> None:
+        super().__init__()
+        norm_name = "batch" if norm == "batch" else ("instance", {"affine": True})
+        act_name = ("leakyrelu", {"inplace": True, "negative_slope": negative_slope})
+        inputs = [in_channels, *widths[:-1]]
+        self.encoders = nn.ModuleList(
+            UnetBasicBlock(2, c_in, c_out, 3, 1 if k == 0 else 2, norm_name, act_name)
+            for k, (c_in, c_out) in enumerate(zip(inputs, widths, strict=True))
+        )
+        self.decoders = nn.ModuleList(
+            UnetUpBlock(2, widths[k + 1], widths[k], 3, 2, 2, norm_name, act_name)
+            for k in reversed(range(len(widths) - 1))
+        )
+        self.head = UnetOutBlock(2, widths[0], out_channels)
+        self.gate_index = len(widths) - 1
+        self.gate = _make_gate(gate, gate_channels, widths)
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        features = x
+        skips: list[Tensor] = []
+        for index, encoder in enumerate(self.encoders):
+            if index == self.gate_index and gate is not None:
+                features = self.gate(features, gate)
+            features = encoder(features)
+            skips.append(features)
+        bottleneck = features
+        count = len(skips)
+        for index, decoder in enumerate(self.decoders):
+            features = decoder(features, skips[count - 2 - index])
+        return self.head(features), bottleneck
+
+
 class NoGate(nn.Module):
     """The gate of a level without feature sharing: x passes unchanged (no parameters)."""
 
@@ -300,6 +366,13 @@ def _make_gate(gate: str, gate_channels: int | None, widths: Sequence[int]) -> n
     return FeatureGate(gate, channels if gate_channels is None else gate_channels, channels)
 
 
+LEVEL_CLASSES: dict[str, type[nn.Module]] = {
+    "fcn": MEDNetLevel,
+    "unet": MEDNetUNetLevel,
+    "dynunet": MEDNetDynUNetLevel,
+}
+
+
 class MEDNet(nn.Module):
     """Multiscale encoder-decoder network (MED-Net) with ``levels`` nested levels.
 
@@ -308,14 +381,16 @@ class MEDNet(nn.Module):
         out_channels: number of classes K.
         levels: number of levels M (1, 2 or 3; the paper uses 3).
         widths: encoder block widths Enc1-Enc5, shared by all levels (a level with n blocks uses
-            the first n). ``None`` picks :data:`DEFAULT_WIDTHS` (``level="fcn"``) or
-            :data:`UNET_WIDTHS` (``level="unet"``) for ``levels`` (~6.0 M parameters).
+            the first n). ``None`` picks :data:`DEFAULT_WIDTHS` (``level="fcn"``),
+            :data:`UNET_WIDTHS` (``level="unet"``) or :data:`DYNUNET_WIDTHS`
+            (``level="dynunet"``) for ``levels`` (~6.0 M parameters).
         negative_slope: leaky ReLU slope.
         gate: feature sharing, ``"product"`` (default, rcmseg <= 0.3), ``"sigmoid"``,
             ``"residual"`` or ``"none"`` (module docstring).
         depth_order: ``"shallower_coarse"`` (default) or ``"deeper_coarse"``.
         prior: label prior, ``"softmax"`` (default, the paper's), ``"logits"`` or ``"none"``.
-        level: ``"fcn"`` (default, the paper's) or ``"unet"`` (skips inside each level).
+        level: ``"fcn"`` (default, the paper's), ``"unet"`` (skips inside each level) or
+            ``"dynunet"`` (nnU-Net levels; widths :data:`DYNUNET_WIDTHS`).
         detach_prior: pass the prior on without gradient (default False: gradients flow).
         norm: ``"batch"`` (default, the paper's) or ``"instance"`` (nnU-Net's; per-image
             statistics, more robust to a change of digitisation, not folded for inference).
@@ -351,7 +426,7 @@ class MEDNet(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
         if level not in LEVEL_KINDS:
             raise ValueError(f"level must be one of {LEVEL_KINDS}, not {level!r}")
-        table = UNET_WIDTHS if level == "unet" else DEFAULT_WIDTHS
+        table = {"unet": UNET_WIDTHS, "dynunet": DYNUNET_WIDTHS}.get(level, DEFAULT_WIDTHS)
         widths = tuple(table[levels] if widths is None else widths)
         if len(widths) != FINEST_ENCODER_BLOCKS:
             raise ValueError(f"widths needs {FINEST_ENCODER_BLOCKS} entries, got {len(widths)}.")
@@ -368,7 +443,7 @@ class MEDNet(nn.Module):
         self.norm = norm
         self.side_multiple = max(2**m * 2 ** blocks[m] for m in range(levels))
         self.input_scales = [2**m for m in reversed(range(levels))]  # coarse to fine
-        level_class = MEDNetUNetLevel if level == "unet" else MEDNetLevel
+        level_class = LEVEL_CLASSES[level]
         modules = []
         for m in reversed(range(levels)):  # coarse to fine
             coarsest = m == levels - 1
