@@ -54,13 +54,7 @@ from rcmseg.inference import segment_image  # noqa: E402
 from rcmseg.io.dataset import Case, case_id, load_case, read_manifest  # noqa: E402
 from rcmseg.losses import make_loss  # noqa: E402
 from rcmseg.metrics import confusion_matrix, fragmentation, one_vs_rest  # noqa: E402
-from rcmseg.networks import (  # noqa: E402
-    DEFAULT_WIDTHS,
-    DYNUNET_WIDTHS,
-    UNET_WIDTHS,
-    count_parameters,
-    get_network,
-)
+from rcmseg.networks import WIDTH_TABLES, count_parameters, get_network  # noqa: E402
 from rcmseg.training import TrainConfig, train  # noqa: E402
 from rcmseg.training.checkpoint import load_checkpoint  # noqa: E402
 
@@ -240,10 +234,8 @@ def scaled_kwargs(variant: Variant, scale: float) -> dict[str, Any]:
     name = variant.network
     if name.startswith("mednet"):
         levels = int(name[-1]) if name[-1].isdigit() else 3
-        unet_levels = name.startswith("mednet_unet") or kwargs.get("level") == "unet"
-        table = UNET_WIDTHS if unet_levels else DEFAULT_WIDTHS
-        if name == "mednet_dynunet" or kwargs.get("level") == "dynunet":
-            table = DYNUNET_WIDTHS
+        named = {"mednet_dynunet": "dynunet"}.get(name, "unet" if "_unet" in name else "fcn")
+        table = WIDTH_TABLES[kwargs.get("level", named)]
         kwargs["widths"] = tuple(_round4(w * scale) for w in table[levels])
     elif name == "unet":
         kwargs["features"] = tuple(_round4(w * scale) for w in UNET_FEATURES)

@@ -21,6 +21,7 @@ from rcmseg.networks.mednet import (
     GATES,
     PRIORS,
     UNET_WIDTHS,
+    WIDTH_TABLES,
     MEDNet,
     MEDNetUNet,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "NETWORK_NAMES",
     "PRIORS",
     "UNET_WIDTHS",
+    "WIDTH_TABLES",
     "DeepLab",
     "DynUNet2D",
     "FCN32s",

@@ -108,6 +108,12 @@ DYNUNET_WIDTHS: dict[int, tuple[int, ...]] = {
     2: (32, 64, 128, 208, 304),  # 6.12 M
     3: (32, 64, 112, 208, 288),  # 6.02 M
 }
+# The width table each level kind picks when ``widths`` is not given.
+WIDTH_TABLES: dict[str, dict[int, tuple[int, ...]]] = {
+    "fcn": DEFAULT_WIDTHS,
+    "unet": UNET_WIDTHS,
+    "dynunet": DYNUNET_WIDTHS,
+}
 
 
 def level_blocks(levels: int, depth_order: str) -> list[int]:
@@ -426,8 +432,7 @@ class MEDNet(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
         if level not in LEVEL_KINDS:
             raise ValueError(f"level must be one of {LEVEL_KINDS}, not {level!r}")
-        table = {"unet": UNET_WIDTHS, "dynunet": DYNUNET_WIDTHS}.get(level, DEFAULT_WIDTHS)
-        widths = tuple(table[levels] if widths is None else widths)
+        widths = tuple(WIDTH_TABLES[level][levels] if widths is None else widths)
         if len(widths) != FINEST_ENCODER_BLOCKS:
             raise ValueError(f"widths needs {FINEST_ENCODER_BLOCKS} entries, got {len(widths)}.")
         blocks = level_blocks(levels, depth_order)  # finest first
