@@ -38,7 +38,7 @@ from torch import nn
 
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
 from rcmseg.errors import InputError
-from rcmseg.networks.blocks import inference_copy
+from rcmseg.networks.blocks import edge_layers_in_float32, inference_copy
 
 # Smallest accepted side at the working resolution: 32 px = 64 µm, one stride of MED-Net's finest
 # level and a few cells across; a smaller field holds no recognisable pattern.
@@ -403,7 +403,9 @@ class SegmentationEngine:
     Batch norms are folded into the convolutions and instance norms become group norms once
     (:func:`~rcmseg.networks.blocks.inference_copy`; the given network is left as it is), the
     copy is moved to ``device`` in channels-last layout (about 2x faster convolutions on CPU) and
-    runs in ``precision`` under autocast; stitching stays float32.
+    runs in ``precision`` under autocast, all but the layers that read the image or write the
+    class scores, which stay float32
+    (:func:`~rcmseg.networks.blocks.edge_layers_in_float32`); stitching stays float32.
 
     Args:
         network: maps (B, 1, h, w) in [0, 1] to (B, K, h, w) logits (eval mode is set on the copy).
@@ -447,9 +449,11 @@ class SegmentationEngine:
                 asked = self.precision
                 self.precision_note = f" ({asked} asked; OpenVINO has no {asked} on this CPU)"
                 self.precision = ran
-        elif self.device.type == "cpu" and self.precision == "bf16" and not cpu_has_native_bf16():
-            # torch emulates bf16 without AVX512-BF16/AMX: measured 8.2x slower than fp32
-            self.precision_note = " (emulated: no native bf16 on this CPU, slower than fp32)"
+        elif self.precision in _AUTOCAST_DTYPES:
+            edge_layers_in_float32(self.model)
+            if self.device.type == "cpu" and self.precision == "bf16" and not cpu_has_native_bf16():
+                # torch emulates bf16 without AVX512-BF16/AMX: measured 8.2x slower than fp32
+                self.precision_note = " (emulated: no native bf16 on this CPU, slower than fp32)"
 
     def describe(self, with_device: bool = True) -> str:
         """What segments, e.g. ``"fast (256 px windows, stride 128 px), fp32, cpu"``."""

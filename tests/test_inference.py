@@ -212,6 +212,18 @@ def test_precision_fp16_on_cpu_is_refused_and_bf16_agrees(conv_net):
     np.testing.assert_allclose(bf16, fp32, atol=0.05)
 
 
+def test_reduced_precision_keeps_the_image_and_class_layers_in_float32(conv_net):
+    from rcmseg.networks.blocks import Float32Output
+
+    def edges(precision: str) -> int:
+        model = SegmentationEngine(conv_net, SMALL, precision=precision).model
+        return sum(isinstance(module, Float32Output) for module in model.modules())
+
+    assert edges("fp32") == 0  # nothing to protect, the float32 graph stays as it is
+    assert edges("bf16") == 2  # the conv reading the image and the one writing the classes
+    assert not any(isinstance(module, Float32Output) for module in conv_net.modules())
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, conv_net, native):
     import rcmseg.inference as inference

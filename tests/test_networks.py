@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from monai.bundle import ckpt_export
 from monai.networks.utils import convert_to_torchscript
 
+from rcmseg.classes import NUM_CLASSES
 from rcmseg.networks import (
     DEPTH_ORDERS,
     GATES,
@@ -533,3 +534,32 @@ def test_dynunet_level_mednet_nests_dynunets() -> None:
     with torch.no_grad():
         outputs = nested(torch.rand(1, 1, 128, 128))
     assert [tuple(o.shape) for o in outputs] == [(1, 6, 32, 32), (1, 6, 64, 64), (1, 6, 128, 128)]
+
+
+@pytest.mark.parametrize("name", ["dynunet", "mednet", "mednet_dynunet", "unet", "deeplab"])
+def test_edge_layers_read_the_image_and_write_the_logits_in_float32(name: str) -> None:
+    """Under bf16 autocast the wrapped layers see the float32 image and write float32 logits;
+    without autocast the wrapping changes nothing."""
+    from rcmseg.networks.blocks import Float32Output, edge_layers_in_float32, inference_copy
+
+    torch.manual_seed(0)
+    kwargs = {"filters": (8, 16, 16, 32, 32)} if name == "dynunet" else {}
+    if name.startswith("mednet"):
+        kwargs = {"widths": SMALL_WIDTHS}
+    network = inference_copy(get_network(name, **kwargs))
+    wrapped = edge_layers_in_float32(copy.deepcopy(network))
+    edges = [m.layer for m in wrapped.modules() if isinstance(m, Float32Output)]
+    readers = [conv for conv in edges if conv.in_channels in (1, 1 + NUM_CLASSES)]
+    assert readers and any(conv.out_channels == NUM_CLASSES for conv in edges)
+    seen: list[torch.Tensor] = []
+    for conv in readers:
+        conv.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(images), network(images), rtol=0, atol=0)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = wrapped(images)
+    assert logits.dtype == torch.float32
+    # the finest reader sees the image itself (MED-Net's: next to the coarser level's prior)
+    assert any(x.shape[-2:] == images.shape[-2:] and torch.equal(x[:, :1], images) for x in seen)

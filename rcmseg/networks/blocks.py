@@ -12,6 +12,8 @@ from monai.networks.blocks.dynunet_block import UnetResBlock
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from rcmseg.classes import NUM_CLASSES
+
 # PyTorch/MONAI's usual slope; the paper does not give one (Keras' LeakyReLU default is 0.3).
 NEGATIVE_SLOPE: float = 0.01
 NORMS: tuple[str, ...] = ("batch", "instance")
@@ -143,6 +145,47 @@ def instance_norms_as_group_norms(network: nn.Module) -> nn.Module:
                 if child.affine:
                     group.weight, group.bias = child.weight, child.bias
                 setattr(parent, name, group.train(child.training))
+    return network
+
+
+class Float32Output(nn.Module):
+    """Runs ``layer`` in float32 even inside an autocast region (:func:`edge_layers_in_float32`).
+
+    Shapes: whatever ``layer`` maps; float32 out.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.layer(x.float())
+
+
+def edge_layers_in_float32(
+    network: nn.Module, image_channels: int = 1, num_classes: int = NUM_CLASSES
+) -> nn.Module:
+    """Wraps, in place, the convolutions that read the image or write the class scores in
+    :class:`Float32Output`, so that reduced-precision autocast runs only the layers between.
+
+    bf16 keeps 8 significant bits. An image in [0, 1] is rounded by up to half a grey level, and
+    the norm after the first convolution removes the mean brightness and keeps the small texture
+    contrast, of which that rounding is then a large share; logits near 8 move in steps of 0.06,
+    which flips the label wherever two classes nearly tie. These layers have few input or output
+    channels (``image_channels``, ``image_channels + num_classes`` for MED-Net's levels that read
+    the image and the coarser level's prior; ``num_classes`` out), so float32 costs a few MFLOP
+    per window. TorchScript networks are returned as they are.
+    """
+    if isinstance(network, torch.jit.ScriptModule):
+        return network
+    reads_image = {image_channels, image_channels + num_classes}
+    for parent in list(network.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d | nn.ConvTranspose2d) and (
+                child.in_channels in reads_image or child.out_channels == num_classes
+            ):
+                setattr(parent, name, Float32Output(child))
     return network
 
 
