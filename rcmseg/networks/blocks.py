@@ -174,8 +174,9 @@ def edge_layers_in_float32(
     contrast, of which that rounding is then a large share; logits near 8 move in steps of 0.06,
     which flips the label wherever two classes nearly tie. These layers have few input or output
     channels (``image_channels``, ``image_channels + num_classes`` for MED-Net's levels that read
-    the image and the coarser level's prior; ``num_classes`` out), so float32 costs a few MFLOP
-    per window. TorchScript networks are returned as they are.
+    the image and the coarser level's prior; ``num_classes`` out), so float32 costs well under
+    1 % of a window's arithmetic (DynUNet: 0.06 of 23.1 GFLOP). TorchScript networks are returned
+    as they are.
     """
     if isinstance(network, torch.jit.ScriptModule):
         return network
