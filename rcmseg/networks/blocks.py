@@ -6,6 +6,7 @@ All blocks are 2D and keep MONAI's (B, C, H, W) layout.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from monai.networks.blocks.dynunet_block import UnetResBlock
@@ -124,6 +125,22 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
     return folded
 
 
+def replace_modules(
+    network: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]
+) -> nn.Module:
+    """Replaces, in place, each submodule for which ``replacement`` returns a module (``None``:
+    keep it); replacements are not visited again. TorchScript networks are returned as they are.
+    """
+    if isinstance(network, torch.jit.ScriptModule):
+        return network
+    for parent in list(network.modules()):
+        for name, child in parent.named_children():
+            new = replacement(child)
+            if new is not None:
+                setattr(parent, name, new)
+    return network
+
+
 def instance_norms_as_group_norms(network: nn.Module) -> nn.Module:
     """Replace, in place, every :class:`~torch.nn.InstanceNorm2d` that keeps no running
     statistics by the equal :class:`~torch.nn.GroupNorm` with one group per channel (same
@@ -134,18 +151,18 @@ def instance_norms_as_group_norms(network: nn.Module) -> nn.Module:
     copies the feature map to contiguous and back (~2× DynUNet inference on CPU,
     docs/benchmarks.md). TorchScript networks are returned as they are.
     """
-    if isinstance(network, torch.jit.ScriptModule):
-        return network
-    for parent in list(network.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.InstanceNorm2d) and not child.track_running_stats:
-                group = nn.GroupNorm(
-                    child.num_features, child.num_features, eps=child.eps, affine=child.affine
-                )
-                if child.affine:
-                    group.weight, group.bias = child.weight, child.bias
-                setattr(parent, name, group.train(child.training))
-    return network
+
+    def as_group_norm(child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, nn.InstanceNorm2d) or child.track_running_stats:
+            return None
+        group = nn.GroupNorm(
+            child.num_features, child.num_features, eps=child.eps, affine=child.affine
+        )
+        if child.affine:
+            group.weight, group.bias = child.weight, child.bias
+        return group.train(child.training)
+
+    return replace_modules(network, as_group_norm)
 
 
 class Float32Output(nn.Module):
@@ -178,16 +195,15 @@ def edge_layers_in_float32(
     1 % of a window's arithmetic (DynUNet: 0.06 of 23.1 GFLOP). TorchScript networks are returned
     as they are.
     """
-    if isinstance(network, torch.jit.ScriptModule):
-        return network
     reads_image = {image_channels, image_channels + num_classes}
-    for parent in list(network.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d | nn.ConvTranspose2d) and (
-                child.in_channels in reads_image or child.out_channels == num_classes
-            ):
-                setattr(parent, name, Float32Output(child))
-    return network
+
+    def as_float32(child: nn.Module) -> nn.Module | None:
+        is_edge = isinstance(child, nn.Conv2d | nn.ConvTranspose2d) and (
+            child.in_channels in reads_image or child.out_channels == num_classes
+        )
+        return Float32Output(child) if is_edge else None
+
+    return replace_modules(network, as_float32)
 
 
 def inference_copy(network: nn.Module) -> nn.Module:
