@@ -196,6 +196,8 @@ CROP256_RUNS: dict[str, tuple[str, dict[str, int]]] = {
         "unet_levels_noprior_instance",
         {"patch_size": 256, "max_epochs": 56},
     ),
+    # does the nesting pay once its coarsest level sees 64 px instead of 32? (ninth session)
+    "mednet_dynunet_crop256_px": ("mednet_dynunet", {"patch_size": 256, "max_epochs": 56}),
 }
 VARIANTS.update(
     {
