@@ -159,6 +159,25 @@ VARIANTS: dict[str, Variant] = {
         "networks",
         network="mednet_dynunet",
     ),
+    # the best paper-faithful MED-Net (tenth session): only choices the paper leaves open, each
+    # set to what helped alone in the diagnosis (coarser levels deeper, the softmax prior passed
+    # on without gradient) and the gate read three ways (raw product, Roy et al.'s sigmoid, and
+    # the residual x*(1+sigmoid(g)))
+    "deep_detached": Variant(
+        "deeper coarse levels + detached prior (paper's readings)",
+        "paper-faithful",
+        kwargs={"depth_order": "deeper_coarse", "detach_prior": True},
+    ),
+    "deep_detached_sigmoid": Variant(
+        "deeper coarse levels + detached prior + sigmoid gate",
+        "paper-faithful",
+        kwargs={"depth_order": "deeper_coarse", "detach_prior": True, "gate": "sigmoid"},
+    ),
+    "deep_detached_residual": Variant(
+        "deeper coarse levels + detached prior + residual gate",
+        "paper-faithful",
+        kwargs={"depth_order": "deeper_coarse", "detach_prior": True, "gate": "residual"},
+    ),
     # issue 13: DynUNet at a third and a quarter of the arithmetic per window (7.2 and 6.0
     # against 23.1 GFLOP per 256² window): half the widths, with or without a sixth stage
     "dynunet_lite": Variant(

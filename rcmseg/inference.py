@@ -304,28 +304,69 @@ def windows_per_pixel(preset: str | Preset) -> float:
     return (settings.window_px / settings.stride_px) ** 2
 
 
-def openvino_model(network: nn.Module, precision: str, device: torch.device) -> object:
-    """``network`` converted in memory to an OpenVINO model compiled for the CPU, inputs
-    (B, 1, H, W) float32 of any batch and window size; nothing is written to disk."""
-    if device.type != "cpu":
-        raise InputError(None, "--backend openvino runs on the CPU; use --device cpu")
-    if precision not in ("fp32", "bf16"):
-        raise InputError(None, f"--backend openvino runs fp32 or bf16, not {precision}")
-    try:
-        import openvino
-    except ImportError:
-        raise InputError(
-            None, "--backend openvino needs the openvino extra: pip install 'rcmseg[openvino]'"
-        ) from None
-    example = torch.zeros(1, 1, MIN_WINDOW_PX, MIN_WINDOW_PX)
-    with torch.no_grad():
-        converted = openvino.convert_model(
-            network.to(memory_format=torch.contiguous_format).eval(),
-            example_input=example,
-            input=[openvino.PartialShape([-1, 1, -1, -1])],
-        )
-    hint = {"fp32": "f32", "bf16": "bf16"}[precision]
-    return openvino.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+class OpenVINONetwork:
+    """``network`` converted once, in memory, to an OpenVINO model and compiled for the CPU with
+    a static shape per window size: (``batch_size``, 1, h, w) float32 in, logits out; nothing is
+    written to disk.
+
+    Static shapes let OpenVINO's CPU plugin plan its activation memory once: with the bundle's
+    DynUNet and batches of 8 windows of 256² it grew by 257 MB against 437 MB with a dynamic
+    batch and window (docs/benchmarks.md). Shorter batches are padded with empty windows (an
+    image ends on at most one), longer ones split. At most :attr:`MAX_SHAPES` window shapes stay
+    compiled (two: a non-square window and its 90° turn under TTA).
+    """
+
+    MAX_SHAPES = 2
+
+    def __init__(
+        self, network: nn.Module, precision: str, batch_size: int, window: tuple[int, int]
+    ) -> None:
+        if precision not in ("fp32", "bf16"):
+            raise InputError(None, f"--backend openvino runs fp32 or bf16, not {precision}")
+        try:
+            import openvino
+        except ImportError:
+            raise InputError(
+                None, "--backend openvino needs the openvino extra: pip install 'rcmseg[openvino]'"
+            ) from None
+        self._openvino = openvino
+        self.batch_size = batch_size
+        self._hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+        example = torch.zeros(1, 1, *window)
+        with torch.no_grad():
+            self._model = openvino.convert_model(
+                network.to(memory_format=torch.contiguous_format).eval(),
+                example_input=example,
+                input=[openvino.PartialShape([-1, 1, -1, -1])],
+            )
+        self._compiled: dict[tuple[int, int], object] = {}
+        # the preset's window now, so that the precision it runs is known at start
+        self.precision = openvino_precision(self.compiled(window))
+
+    def compiled(self, window: tuple[int, int]) -> object:
+        """The model compiled for (``batch_size``, 1, *window*) inputs."""
+        window = (int(window[0]), int(window[1]))
+        if window not in self._compiled:
+            if len(self._compiled) >= self.MAX_SHAPES:
+                self._compiled.pop(next(iter(self._compiled)))
+            self._model.reshape([self.batch_size, 1, *window])
+            self._compiled[window] = self._openvino.compile_model(
+                self._model, "CPU", {"INFERENCE_PRECISION_HINT": self._hint}
+            )
+        return self._compiled[window]
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        """Logits (B, K, h, w) float32 of ``windows`` (B, 1, h, w) float32, any B."""
+        compiled = self.compiled(windows.shape[2:])
+        logits = []
+        for first in range(0, windows.shape[0], self.batch_size):
+            batch = windows[first : first + self.batch_size]
+            count = batch.shape[0]
+            if count < self.batch_size:
+                padding = np.zeros((self.batch_size - count, *batch.shape[1:]), batch.dtype)
+                batch = np.concatenate([batch, padding])
+            logits.append(np.asarray(compiled(batch)[0], dtype=np.float32)[:count])
+        return np.concatenate(logits)
 
 
 def openvino_precision(compiled: object) -> str:
@@ -415,8 +456,9 @@ class SegmentationEngine:
         tta: average the probabilities of the 8 flips/90° rotations of every window (8x cost).
         presets: named presets to look ``preset`` up in (a bundle's, say).
         backend: ``"torch"``, or ``"openvino"`` (CPU only, extra ``rcmseg[openvino]``): the
-            folded network converted once, in memory, to an OpenVINO model with dynamic batch
-            and window sizes, run at ``precision`` (fp32 or bf16) by OpenVINO's CPU plugin.
+            folded network converted once, in memory, to an OpenVINO model compiled for the
+            preset's batch and window (:class:`OpenVINONetwork`), run at ``precision`` (fp32 or
+            bf16) by OpenVINO's CPU plugin.
     """
 
     network: nn.Module
@@ -437,14 +479,19 @@ class SegmentationEngine:
         self.precision = resolve_precision(self.precision, self.device)
         model = inference_copy(self.network)
         self.model = model.to(self.device, memory_format=torch.channels_last)
-        self._compiled = None
+        self._compiled: OpenVINONetwork | None = None
         if self.backend not in BACKENDS:
             raise InputError(
                 None, f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}"
             )
         if self.backend == "openvino":
-            self._compiled = openvino_model(self.model, self.precision, self.device)
-            ran = openvino_precision(self._compiled)
+            if self.device.type != "cpu":
+                raise InputError(None, "--backend openvino runs on the CPU; use --device cpu")
+            window = (self.settings.window_px, self.settings.window_px)
+            self._compiled = OpenVINONetwork(
+                self.model, self.precision, self.settings.sw_batch_size, window
+            )
+            ran = self._compiled.precision
             if ran != self.precision:  # record what ran, not what was asked
                 asked = self.precision
                 self.precision_note = f" ({asked} asked; OpenVINO has no {asked} on this CPU)"
@@ -466,8 +513,8 @@ class SegmentationEngine:
 
     def _predict(self, windows: torch.Tensor) -> torch.Tensor:
         if self._compiled is not None:
-            logits = self._compiled(windows.contiguous().numpy())[0]
-            return torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)), dim=1)
+            logits = self._compiled(windows.contiguous().numpy())
+            return torch.softmax(torch.from_numpy(logits), dim=1)
         dtype = _AUTOCAST_DTYPES.get(self.precision)
         autocast = (
             torch.autocast(device_type=windows.device.type, dtype=dtype)

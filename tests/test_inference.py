@@ -291,6 +291,22 @@ def test_openvino_backend_gives_the_torch_labels(conv_net):
     np.testing.assert_array_equal(part.labels, maps.labels[150:200, 20:90])
 
 
+def test_openvino_network_pads_and_splits_batches_for_its_static_shape(conv_net):
+    """Compiled per window shape with a fixed batch: any number of windows gives the torch
+    logits, and only the last two window shapes stay compiled."""
+    from rcmseg.inference import OpenVINONetwork
+
+    runtime = OpenVINONetwork(conv_net, "fp32", batch_size=4, window=(64, 64))
+    for count in (1, 4, 7):
+        windows = torch.rand(count, 1, 64, 64, generator=torch.Generator().manual_seed(count))
+        with torch.no_grad():
+            expected = conv_net(windows).numpy()
+        np.testing.assert_allclose(runtime(windows.numpy()), expected, atol=1e-4)
+    for window in ((64, 96), (96, 64)):
+        assert runtime(np.zeros((2, 1, *window), np.float32)).shape == (2, 6, *window)
+    assert sorted(runtime._compiled) == [(64, 96), (96, 64)]
+
+
 def test_unknown_backend_is_one_line(conv_net):
     with pytest.raises(InputError, match="unknown backend 'tensorrt'; choose torch, openvino"):
         SegmentationEngine(conv_net, SMALL, backend="tensorrt")
@@ -302,7 +318,7 @@ def test_openvino_records_the_precision_it_really_runs(conv_net):
     from rcmseg.inference import openvino_precision
 
     engine = SegmentationEngine(conv_net, SMALL, precision="bf16", backend="openvino")
-    ran = openvino_precision(engine._compiled)
+    ran = openvino_precision(engine._compiled.compiled((64, 64)))
     assert ran in ("fp32", "bf16")
     assert engine.precision == ran
     if ran == "fp32":
