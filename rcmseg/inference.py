@@ -479,7 +479,7 @@ class SegmentationEngine:
         self.precision = resolve_precision(self.precision, self.device)
         model = inference_copy(self.network)
         self.model = model.to(self.device, memory_format=torch.channels_last)
-        self._compiled: OpenVINONetwork | None = None
+        self._openvino: OpenVINONetwork | None = None
         if self.backend not in BACKENDS:
             raise InputError(
                 None, f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}"
@@ -488,10 +488,10 @@ class SegmentationEngine:
             if self.device.type != "cpu":
                 raise InputError(None, "--backend openvino runs on the CPU; use --device cpu")
             window = (self.settings.window_px, self.settings.window_px)
-            self._compiled = OpenVINONetwork(
+            self._openvino = OpenVINONetwork(
                 self.model, self.precision, self.settings.sw_batch_size, window
             )
-            ran = self._compiled.precision
+            ran = self._openvino.precision
             if ran != self.precision:  # record what ran, not what was asked
                 asked = self.precision
                 self.precision_note = f" ({asked} asked; OpenVINO has no {asked} on this CPU)"
@@ -512,8 +512,8 @@ class SegmentationEngine:
         return f"{self.preset_name} ({settings}), {precision}{backend}{tta}{where}"
 
     def _predict(self, windows: torch.Tensor) -> torch.Tensor:
-        if self._compiled is not None:
-            logits = self._compiled(windows.contiguous().numpy())
+        if self._openvino is not None:
+            logits = self._openvino(windows.contiguous().numpy())
             return torch.softmax(torch.from_numpy(logits), dim=1)
         dtype = _AUTOCAST_DTYPES.get(self.precision)
         autocast = (

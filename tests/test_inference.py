@@ -318,7 +318,7 @@ def test_openvino_records_the_precision_it_really_runs(conv_net):
     from rcmseg.inference import openvino_precision
 
     engine = SegmentationEngine(conv_net, SMALL, precision="bf16", backend="openvino")
-    ran = openvino_precision(engine._compiled.compiled((64, 64)))
+    ran = openvino_precision(engine._openvino.compiled((64, 64)))
     assert ran in ("fp32", "bf16")
     assert engine.precision == ran
     if ran == "fp32":
