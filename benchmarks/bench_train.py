@@ -36,6 +36,7 @@ from rcmseg.inference import resolve_device
 from rcmseg.losses import make_loss
 from rcmseg.networks import get_network
 from rcmseg.training.augment import BatchAugment
+from rcmseg.training.bundle import bundle_train_settings
 from rcmseg.training.data import epoch_order, load_cases, patch_loader, split_cases
 from rcmseg.training.loop import autocast_dtype, grad_scaler, train_epoch, train_step
 from rcmseg.transforms import EpochPatchDataset, train_transforms
@@ -167,7 +168,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--network", default="dynunet", help="default: the bundle's")
+    parser.add_argument("--network", default=None, help="default: the bundle's (train.json)")
     parser.add_argument("--only", choices=BENCHMARKS, nargs="*")
     parser.add_argument(
         "--amp",
@@ -176,6 +177,8 @@ def main() -> None:
         help="mixed precision, the trainer's default: fp16 on CUDA, bf16 on CPUs with native bf16",
     )
     args = parser.parse_args()
+    if args.network is None:
+        args.network = bundle_train_settings()["network"]
     torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
     card = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"

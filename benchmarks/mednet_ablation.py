@@ -8,7 +8,9 @@ Usage::
 Data: the real-texture benchmark's mosaics (``benchmarks/texture_mosaics.py``, the same builder
 and defaults as the documented ``texture_bench.py`` run: 32 training-side mosaics of the ``1.3``
 digitisation, 12 test mosaics of the ``1.1`` digitisation, 512 px, textures shrunk 2x). Four of
-the training-side mosaics (seeded choice) validate; the rest train. Every variant of
+the training-side mosaics (seeded choice) validate; the rest train. ``--source kth`` builds the
+second, independent set instead (six KTH-TIPS materials, shots 1-6 train, shots 7-9 test; give it
+its own ``--out``). Every variant of
 :data:`VARIANTS` is trained with the same budget through :func:`rcmseg.training.train` (MDSC+TV,
 deep supervision for MED-Net with optional per-level weights), validated every ``--val-every``
 epochs (the learning curve: validation Dice against crops seen), then its **last-epoch** weights
@@ -76,7 +78,9 @@ class Variant:
 
     label: str
     group: str
-    network: str = "mednet"
+    # the diagnosis varies rcmseg <= 0.4's MED-Net one part at a time ("mednet" is now the
+    # paper-faithful reading the diagnosis found, i.e. the deep_detached_sigmoid row)
+    network: str = "mednet_legacy"
     kwargs: dict[str, Any] = field(default_factory=dict)
     level_weights: tuple[float, ...] | None = None
     train: dict[str, Any] = field(default_factory=dict)
@@ -192,6 +196,27 @@ VARIANTS: dict[str, Variant] = {
         network="dynunet",
         kwargs={"filters": (16, 32, 64, 128, 256)},
     ),
+    # eleventh session (issues 11 and 13): DynUNet at half resolution (first stage stride 2,
+    # logits upsampled): a quarter of the arithmetic (5.8 GFLOP per 256² window), twice the
+    # field of view per stage; with nnU-Net's deep supervision; wider at half resolution
+    "dynunet_s2": Variant(
+        "DynUNet, stride-2 first stage (5.8 M, 5.8 GFLOP)",
+        "cheaper DynUNet",
+        network="dynunet",
+        kwargs={"strides": (2, 2, 2, 2, 2)},
+    ),
+    "dynunet_s2_wide": Variant(
+        "DynUNet, stride-2 first stage, 48-384 (9.5 M, 11.8 GFLOP)",
+        "cheaper DynUNet",
+        network="dynunet",
+        kwargs={"strides": (2, 2, 2, 2, 2), "filters": (48, 96, 192, 320, 384)},
+    ),
+    "dynunet_ds": Variant(
+        "DynUNet with deep supervision (2 auxiliary heads)",
+        "networks",
+        network="dynunet",
+        kwargs={"deep_supervision": True},
+    ),
 }
 
 # the final comparison's networks at three times the budget (do their curves flatten?)
@@ -291,10 +316,12 @@ def log_progress(out: Path, message: str) -> None:
 
 
 def split(root: Path, seed: int, validation: int = 4) -> tuple[list[Case], list[Case], list[Case]]:
-    """Training, validation (seeded choice among the ``1.3`` mosaics) and test (``1.1``) cases."""
+    """Training, validation (seeded choice among the training side's mosaics: ``usc_1.3`` or
+    ``kth_shots_1-6``, the manifest's first clinic) and test (the other clinic's) cases."""
     cases = [c for c in read_manifest(root) if c.labels is not None]
-    own = sorted((c for c in cases if c.clinic == "usc_1.3"), key=lambda c: case_id(c, root))
-    test = [c for c in cases if c.clinic == "usc_1.1"]
+    own_clinic = cases[0].clinic
+    own = sorted((c for c in cases if c.clinic == own_clinic), key=lambda c: case_id(c, root))
+    test = [c for c in cases if c.clinic != own_clinic]
     chosen = set(np.random.default_rng(seed).permutation(len(own))[:validation].tolist())
     val = [c for i, c in enumerate(own) if i in chosen]
     return [c for i, c in enumerate(own) if i not in chosen], val, test
@@ -601,6 +628,7 @@ def main() -> None:
                 args.size,
                 args.seed,
                 shrink=args.shrink,
+                source=args.source,
             )
     seeds = args.seeds or [args.seed]
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in args.variants}

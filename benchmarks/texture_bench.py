@@ -24,9 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from texture_mosaics import (  # noqa: E402
-    TEXTURES,
     add_benchmark_arguments,
+    clinic_groups,
     describe,
+    texture_names,
     write_texture_dataset,
 )
 
@@ -68,7 +69,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def in_domain_table(
-    variants: list[Variant], data: Path, study_dir: Path, preset: str, device: str
+    variants: list[Variant],
+    data: Path,
+    study_dir: Path,
+    preset: str,
+    device: str,
+    source: str = "usc",
 ) -> str:
     """Each variant's trained model on its validation mosaics (the training digitisation).
 
@@ -79,7 +85,7 @@ def in_domain_table(
 
     _settings, folds = read_folds(study_dir / "folds.json")
     cases = {case_id(c, data): c for c in read_manifest(data)}
-    names = [texture.name for texture in TEXTURES]
+    names = texture_names(source)
     lines = [
         "| network | params | " + " | ".join(names) + " | mean Dice |",
         "|:---|---:|" + "---:|" * (len(names) + 1),
@@ -125,10 +131,12 @@ def main() -> None:
             args.size,
             args.seed,
             shrink=args.shrink,
+            source=args.source,
         )
-    print(describe())
+    print(describe(args.source))
     variants = [Variant.parse(v) for v in args.variants]
-    split = SplitSettings(scenario="groups", test_groups=["usc_1.1"], seed=args.seed)
+    test_group = clinic_groups(args.source)[1]
+    split = SplitSettings(scenario="groups", test_groups=[test_group], seed=args.seed)
     budget = {
         "max_epochs": args.epochs,
         "iterations_per_epoch": args.iterations,
@@ -176,7 +184,7 @@ def main() -> None:
         title="Real-texture benchmark",
     )
     print((study_dir / "comparison.md").read_text())
-    in_domain = in_domain_table(variants, data, study_dir, args.preset, args.device)
+    in_domain = in_domain_table(variants, data, study_dir, args.preset, args.device, args.source)
     (study_dir / "in_domain.md").write_text(in_domain)
     print("Dice on the validation mosaics (training digitisation):")
     print(in_domain)

@@ -15,11 +15,18 @@ are left unlabelled (255).
 
 Mosaics are written at 2 µm/px (the working resolution: no downsampling when read) in the
 rcmseg dataset layout, with ``clinic`` naming the digitisation (``usc_1.3`` / ``usc_1.1``).
+
+A second, independent set (``source="kth"``): six other materials from KTH-TIPS (200 px
+photographs at nine scales, nine pose/illumination shots each). Training mosaics take shots 1-6
+of scales 4-6, test mosaics shots 7-9 of the same scales (``clinic`` ``kth_shots_1-6`` /
+``kth_shots_7-9``): the shift is pose and illumination, not the scan; each mosaic draws one shot
+per class from its side's pool, so layers vary from mosaic to mosaic.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +60,18 @@ TEXTURES: tuple[Texture, ...] = (
 )
 TARGET_MEAN, TARGET_STD = 128.0, 40.0  # every texture layer is brought to these (0-255 scale)
 DIGITISATIONS = ("1.3", "1.1")
+SOURCES = ("usc", "kth")
+# Class index -> KTH-TIPS material: the isotropic, speckle-like ones (textures README).
+KTH_MATERIALS: tuple[str, ...] = (
+    "styrofoam",
+    "sandpaper",
+    "sponge",
+    "cracker",
+    "orange_peel",
+    "brown_bread",
+)
+KTH_SCALES: tuple[int, ...] = (4, 5, 6)
+KTH_SHOTS: dict[str, tuple[int, ...]] = {"1-6": (1, 2, 3, 4, 5, 6), "7-9": (7, 8, 9)}
 
 
 def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
@@ -83,7 +102,27 @@ def load_texture(
         image = _block_mean(fine, 2 * shrink)
     else:
         raise ValueError(f"digitisation must be one of {DIGITISATIONS}, not {digitisation!r}")
+    return _normalised(image)
+
+
+def _normalised(image: np.ndarray) -> np.ndarray:
+    image = image.astype(np.float64)
     return (image - image.mean()) / image.std() * TARGET_STD + TARGET_MEAN
+
+
+def load_kth_pool(texture_dir: Path, material: str, shots: Sequence[int]) -> list[np.ndarray]:
+    """Every KTH-TIPS shot of ``material`` at :data:`KTH_SCALES` among ``shots`` (file names
+    ``*-scale_S_im_N_grey.png``), each normalised to TARGET_MEAN/TARGET_STD."""
+    folder = Path(texture_dir) / "kth_tips_grey" / material
+    pool = [
+        _normalised(np.asarray(Image.open(path).convert("L")))
+        for scale in KTH_SCALES
+        for shot in shots
+        for path in sorted(folder.glob(f"*-scale_{scale}_im_{shot}_grey.png"))
+    ]
+    if not pool:
+        raise FileNotFoundError(f"{folder}: no shots {list(shots)} at scales {KTH_SCALES}")
+    return pool
 
 
 def texture_layer(source: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -192,25 +231,33 @@ def write_texture_dataset(
     seed: int = 0,
     train_digitisation: str = "1.3",
     shrink: int = 2,
+    source: str = "usc",
 ) -> list[Case]:
-    """Write the benchmark dataset: training mosaics from one digitisation, tests from the other.
+    """Write the benchmark dataset: training mosaics from one digitisation, tests from the other
+    (``source="usc"``), or from KTH-TIPS shots 1-6 and 7-9 (``source="kth"``).
 
-    ``shrink`` makes the textures (and so the region scales, which are in px) that many times
-    smaller than the ``1.1`` scan, so a small patch holds as much pattern as a large one would.
-    Returns the cases (also in ``out/manifest.csv``); ``clinic`` is ``usc_<digitisation>``.
-    The complete label maps (no unlabelled pixel) go to ``out/labels_full/<name>.png``, outside
-    the manifest: the reference for fragmentation metrics.
+    ``shrink`` makes the USC textures (and, for both sources, the region scales, which are in px)
+    that many times smaller than the ``1.1`` scan, so a small patch holds as much pattern as a
+    large one would; KTH-TIPS shots are used at their own scale.
+    Returns the cases (also in ``out/manifest.csv``, training side first); ``clinic`` is
+    ``usc_<digitisation>`` or ``kth_shots_<shots>``. The complete label maps (no unlabelled
+    pixel) go to ``out/labels_full/<name>.png``, outside the manifest: the reference for
+    fragmentation metrics.
     """
-    test_digitisation = next(d for d in DIGITISATIONS if d != train_digitisation)
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
     rng = np.random.default_rng(seed)
     cases = []
-    for digitisation, count in (
-        (train_digitisation, train_mosaics),
-        (test_digitisation, test_mosaics),
-    ):
-        sources = [load_texture(texture_dir, t, digitisation, shrink) for t in TEXTURES]
+    groups = clinic_groups(source, train_digitisation)
+    for group, count in zip(groups, (train_mosaics, test_mosaics), strict=True):
+        pools = _texture_pools(texture_dir, source, group, shrink)
         for index in range(count):
-            name = f"usc{digitisation.replace('.', '')}_{index:02d}"
+            prefix = "".join(ch for ch in group.removeprefix("kth_shots") if ch.isalnum())
+            name = f"{'kth' if source == 'kth' else ''}{prefix}_{index:02d}"
+            # a draw only where there is a choice: the USC mosaics stay those of earlier runs
+            sources = [
+                pool[int(rng.integers(len(pool)))] if len(pool) > 1 else pool[0] for pool in pools
+            ]
             image, labels, full = make_texture_mosaic_with_truth(sources, size, rng, shrink)
             mosaic = out / "mosaics" / f"{name}.tif"
             label_path = out / "labels" / f"{name}.png"
@@ -225,13 +272,42 @@ def write_texture_dataset(
                 resolutionunit="CENTIMETER",
             )
             Image.fromarray(labels).save(label_path)
-            cases.append(Case(mosaic, label_path, name, name, f"usc_{digitisation}"))
+            cases.append(Case(mosaic, label_path, name, name, group))
     write_manifest(out, cases)
     return cases
 
 
-def describe() -> str:
+def clinic_groups(source: str, train_digitisation: str = "1.3") -> tuple[str, str]:
+    """The training-side and test-side clinic names of a source."""
+    if source == "kth":
+        return tuple(f"kth_shots_{shots}" for shots in KTH_SHOTS)  # type: ignore[return-value]
+    test_digitisation = next(d for d in DIGITISATIONS if d != train_digitisation)
+    return f"usc_{train_digitisation}", f"usc_{test_digitisation}"
+
+
+def _texture_pools(
+    texture_dir: Path, source: str, group: str, shrink: int
+) -> list[list[np.ndarray]]:
+    """Per class, the texture images a mosaic of ``group`` may draw its layer from."""
+    if source == "kth":
+        shots = KTH_SHOTS[group.removeprefix("kth_shots_")]
+        return [load_kth_pool(texture_dir, material, shots) for material in KTH_MATERIALS]
+    digitisation = group.removeprefix("usc_")
+    return [[load_texture(texture_dir, t, digitisation, shrink)] for t in TEXTURES]
+
+
+def texture_names(source: str = "usc") -> list[str]:
+    """The texture standing in for each class, in class order."""
+    return list(KTH_MATERIALS) if source == "kth" else [t.name for t in TEXTURES]
+
+
+def describe(source: str = "usc") -> str:
     """Class -> texture table for reports."""
+    if source == "kth":
+        return "\n".join(
+            f"- {cls}: {material} (KTH-TIPS, scales {KTH_SCALES})"
+            for cls, material in zip(CLASS_NAMES, KTH_MATERIALS, strict=True)
+        )
     return "\n".join(
         f"- {cls}: {t.name} (USC-SIPI {t.file_512} / {t.file_1024})"
         for cls, t in zip(CLASS_NAMES, TEXTURES, strict=True)
@@ -254,6 +330,12 @@ def add_benchmark_arguments(
     """The options every real-texture benchmark shares: the texture folder, the dataset built
     from it (:func:`write_texture_dataset`) and the training budget, with the script's defaults."""
     parser.add_argument("textures", type=Path, help="folder holding usc_sipi/ (textures README)")
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="usc",
+        help="usc: train on the 1.3 scans, test on 1.1; kth: KTH-TIPS shots 1-6 / 7-9",
+    )
     parser.add_argument("--train-mosaics", type=int, default=train_mosaics)
     parser.add_argument("--test-mosaics", type=int, default=test_mosaics)
     parser.add_argument("--size", type=int, default=size, help="mosaic side, px")

@@ -31,6 +31,7 @@ from monai.transforms import (
 )
 
 from rcmseg.classes import INTENSITY_MAX, UNLABELLED
+from rcmseg.inference import window_starts  # the one window grid (MONAI's)
 
 __all__ = [
     "ClipIntensityd",
@@ -232,20 +233,6 @@ def train_transforms(
             EnsureTyped(keys=[image_key, label_key], track_meta=False),
         ]
     )
-
-
-def window_starts(length: int, window: int, step: int) -> list[int]:
-    """Start offsets of windows of ``window`` px every ``step`` px covering ``length`` px.
-
-    The last window is moved back to end at ``length`` so the edge is covered; a length shorter
-    than one window gives a single window at 0.
-    """
-    if length <= window:
-        return [0]
-    starts = list(range(0, length - window + 1, step))
-    if starts[-1] + window < length:
-        starts.append(length - window)
-    return starts
 
 
 def _crop_with_padding(

@@ -24,8 +24,9 @@ from rcmseg.networks import (
     MEDNetUNet,
     count_parameters,
     get_network,
+    side_multiple,
 )
-from rcmseg.networks.blocks import fold_batch_norms
+from rcmseg.networks.blocks import fold_batch_norms, inference_copy
 
 torch.set_num_threads(2)
 # Recent torch deprecates TorchScript; MONAI bundles (models/model.ts) still rely on it.
@@ -160,6 +161,25 @@ def test_baselines_return_one_logits_tensor_in_both_modes(name: str) -> None:
         assert network.eval()(image).shape == (1, 6, 96, 64)
 
 
+@pytest.mark.parametrize("levels", [2, 3])
+def test_mednet_is_the_measured_paper_reading_and_legacy_keeps_the_old_one(levels: int) -> None:
+    suffix = "" if levels == 3 else str(levels)
+    paper = get_network(f"mednet{suffix}")
+    assert (paper.depth_order, paper.gate_mode, paper.detach_prior) == (
+        "deeper_coarse",
+        "sigmoid",
+        True,
+    )
+    blocks = [len(level.encoders) for level in paper.levels]  # coarse to fine
+    assert blocks == sorted(blocks, reverse=True)  # coarser levels are the deeper ones
+    legacy = get_network(f"mednet{suffix}_legacy")
+    assert (legacy.depth_order, legacy.gate_mode, legacy.detach_prior) == (
+        "shallower_coarse",
+        "product",
+        False,
+    )
+
+
 def test_get_network_knows_its_names_and_passes_options() -> None:
     assert set(NETWORK_NAMES) == {
         "mednet",
@@ -171,6 +191,9 @@ def test_get_network_knows_its_names_and_passes_options() -> None:
         "mednet_deep_noprior",
         "mednet_unet_in",
         "mednet_dynunet",
+        "mednet_legacy",
+        "mednet2_legacy",
+        "dynunet_ds",
         *BASELINES,
     }
     small = get_network("MEDNet2", in_channels=3, out_channels=2, widths=(4, 8, 8, 8, 8))
@@ -272,9 +295,9 @@ def test_demo_bundle_weights_load_into_the_bundles_dynunet() -> None:
     if not DEMO_WEIGHTS.is_file():
         pytest.skip("no demo weights in this checkout")
     state = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
-    network = get_network("dynunet")
+    network = get_network("dynunet_ds")
     network.load_state_dict(state)  # strict: the shipped weights are the default network's
-    assert get_network("mednet").gate_mode == "product"  # MED-Net's defaults stay the paper's
+    assert any(key.startswith("net.deep_supervision_heads.") for key in state)
     with torch.no_grad():
         logits = network.eval()(torch.rand(1, 1, 64, 64))
     assert torch.isfinite(logits).all()
@@ -420,6 +443,47 @@ def test_dynunet_shapes_and_optional_deep_supervision() -> None:
     assert len(outputs) == 3 and all(o.shape == (2, 6, 64, 64) for o in outputs)
 
 
+def test_deeply_supervised_dynunet_can_be_copied_for_inference_after_training_steps() -> None:
+    # MONAI keeps the auxiliary heads' outputs on the module; a trainer's validation copies the
+    # network (inference_copy) after training steps, which used to fail on those graph tensors
+    network = get_network("dynunet", filters=(8, 16, 16, 32, 32), deep_supervision=True)
+    _forward_backward(network, 64)
+    copied = inference_copy(network)
+    with torch.no_grad():
+        assert copied(torch.rand(1, 1, 64, 64)).shape == (1, 6, 64, 64)
+    assert len(_forward_backward(network, 64)) == 3  # the heads still train
+
+
+def test_deeply_supervised_dynunet_scripts_without_its_training_heads() -> None:
+    # MONAI's deeply supervised DynUNet cannot be scripted; ckpt_export scripts the bundle's
+    network = get_network("dynunet_ds", filters=(8, 16, 16, 32, 32))
+    _forward_backward(network, 64)
+    scripted = torch.jit.script(network.eval())
+    image = torch.rand(1, 1, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(image), network(image))
+    assert not any("deep_supervision" in key for key in scripted.state_dict())
+    assert network.deep_supervision  # the network itself keeps its heads
+
+
+def test_dynunet_with_a_stride_2_first_stage_runs_at_half_resolution() -> None:
+    network = get_network("dynunet", filters=(8, 16, 16, 32, 32), strides=(2, 2, 2, 2, 2))
+    full = get_network("dynunet", filters=(8, 16, 16, 32, 32))
+    assert count_parameters(network) == count_parameters(full)  # same layers, other strides
+    image = torch.rand(1, 1, 64, 96)
+    seen: list[tuple[int, ...]] = []
+    head = network.net.output_block.conv.conv
+    handle = head.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        logits = network.eval()(image)
+    handle.remove()
+    assert seen == [(1, 6, 32, 48)] and logits.shape == (1, 6, 64, 96)  # upsampled to the input
+    supervised = get_network(
+        "dynunet", filters=(8, 16, 16, 32, 32), strides=(2, 2, 2, 2, 2), deep_supervision=True
+    )
+    assert all(o.shape == (2, 6, 64, 64) for o in _forward_backward(supervised, 64))
+
+
 def test_dynunet_stages_follow_its_filters() -> None:
     # one stride per stage by default: six filters give six stages, five downsamplings
     network = get_network("dynunet", filters=(8, 8, 16, 16, 32, 32)).eval()
@@ -554,7 +618,8 @@ def test_edge_layers_read_the_image_and_write_the_logits_in_float32(name: str) -
     seen: list[torch.Tensor] = []
     for conv in readers:
         conv.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
-    images = torch.rand(2, 1, 64, 64)
+    side = side_multiple(network)
+    images = torch.rand(2, 1, side, side)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(images), network(images), rtol=0, atol=0)
         seen.clear()

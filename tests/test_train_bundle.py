@@ -98,7 +98,7 @@ def test_torchrun_two_cpu_processes_train_identical_weights(
             {
                 "network_def": {
                     "_target_": "rcmseg.networks.get_network",
-                    "name": "mednet",
+                    "name": "mednet2",
                     "widths": [8, 16, 32, 64, 64],
                 },
                 "patch": {"size": 64, "window": 128, "window_overlap": 0.5},

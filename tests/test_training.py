@@ -43,7 +43,7 @@ def quick_config(data: Path, out: Path, **overrides: object) -> TrainConfig:
         "data_dir": data,
         "output_dir": out,
         "val_cases": ["synth_0004"],
-        "network": "mednet",
+        "network": "mednet2",  # crops of 64 px: a multiple of what it needs
         "network_kwargs": SMALL,
         "patch_size": 64,
         "window": 128,
@@ -221,6 +221,13 @@ def test_batch_augment_moves_labels_with_the_image_and_marks_outside_unlabelled(
 def test_per_patch_augmentation_also_trains(dataset: Path, tmp_path: Path) -> None:
     result = train(quick_config(dataset, tmp_path / "run", augmentation="per_patch", max_epochs=1))
     assert result.epochs_completed == 1 and result.model_path.is_file()
+
+
+def test_crops_the_network_cannot_take_give_a_one_line_error(dataset: Path, tmp_path: Path) -> None:
+    # the 3-level MED-Net's deepest level downsamples 2^7 times: no 64 px crops for it
+    with pytest.raises(InputError, match="network mednet needs crops of a multiple of 128 px"):
+        train(quick_config(dataset, tmp_path / "out", network="mednet"))
+    assert not (tmp_path / "out" / "model.pt").exists()
 
 
 def test_bad_data_sets_give_one_line_errors(tmp_path: Path) -> None:

@@ -122,8 +122,8 @@ def cv_command(
     network: Annotated[
         str | None,
         typer.Option(
-            help="dynunet, mednet, mednet2, mednet1, mednet_unet_in, mednet_dynunet, unet, fcn, "
-            "segnet, deeplab, … (default: the bundle's)."
+            help="dynunet_ds, dynunet, mednet, mednet2, mednet1, mednet_unet_in, "
+            "mednet_dynunet, unet, fcn, segnet, deeplab, … (default: the bundle's)."
         ),
     ] = None,
     loss: Annotated[

@@ -68,7 +68,8 @@ STUDIES: dict[str, tuple[Variant, ...]] = {
         Variant("fcn"),
         Variant("segnet"),
         Variant("deeplab"),
-        Variant("dynunet"),  # nnU-Net's architecture: the bundle's network since 0.4.0
+        Variant("dynunet"),  # nnU-Net's architecture: the bundle's network in 0.4
+        Variant("dynunet_ds"),  # ... trained with deep supervision: the bundle's since 0.5.0
         Variant("mednet_unet_in"),  # U-Net-like levels (docs/benchmarks.md)
         Variant("mednet_dynunet"),  # DynUNet levels in MED-Net's nesting
     ),

@@ -48,14 +48,17 @@ class DynUNet2D(nn.Module):
         out_channels: number of classes K.
         filters: widths of the resolution stages, finest first (default 32-64-128-256-336:
             5.8 M parameters).
-        strides: stride of each stage; default 1 for the first and 2 for every other stage.
+        strides: stride of each stage; default 1 for the first and 2 for every other stage. A
+            first stride of 2 runs the whole network at half the input's resolution (a quarter
+            of the arithmetic; the first convolution still reads every pixel) and bilinearly
+            upsamples the logits back to the input size.
         deep_supervision: in training mode, return a list of logits: the ``deep_supr_num``
             auxiliary heads (coarsest first, bilinearly upsampled to full size by MONAI) and the
             main output last, like MED-Net's coarse-to-fine list; eval mode always returns the
             main logits alone.
         deep_supr_num: auxiliary heads when ``deep_supervision``.
 
-    Shapes: (B, C, H, W) -> (B, K, H, W) (H, W multiples of 2^(len(strides) - 1)).
+    Shapes: (B, C, H, W) -> (B, K, H, W) (H, W multiples of the product of ``strides``).
     """
 
     def __init__(
@@ -73,6 +76,8 @@ class DynUNet2D(nn.Module):
         if len(filters) != len(strides):
             raise ValueError("filters and strides need one entry per stage")
         self.deep_supervision = deep_supervision
+        self.upsample_output = strides[0] > 1
+        self._arguments = (in_channels, out_channels, tuple(filters), tuple(strides))
         self.net = DynUNet(
             spatial_dims=2,
             in_channels=in_channels,
@@ -91,10 +96,40 @@ class DynUNet2D(nn.Module):
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         out = self.net(x)
         if self.training and self.deep_supervision:
-            # MONAI stacks (B, 1 + deep_supr_num, K, H, W): main first, then finer to coarser.
-            heads = list(torch.unbind(out, dim=1))
-            return heads[1:][::-1] + heads[:1]
-        return out
+            return self._supervised_outputs(out, x)
+        return self._to_input_size(out, x)
+
+    def _supervised_outputs(self, out: Tensor, x: Tensor) -> list[Tensor]:
+        """MONAI's stacked (B, 1 + deep_supr_num, K, H, W) outputs (main first, then finer to
+        coarser) as a list coarsest first, main last, each at the input size."""
+        # MONAI keeps the auxiliary outputs in a list on the module: empty it, or the graph it
+        # holds stays alive and the network cannot be deep-copied (inference copies).
+        for index in range(len(self.net.heads)):
+            self.net.heads[index] = torch.zeros(1)
+        heads = [self._to_input_size(h, x) for h in torch.unbind(out, dim=1)]
+        return heads[1:][::-1] + heads[:1]
+
+    def __prepare_scriptable__(self) -> DynUNet2D:
+        """What ``torch.jit.script`` (and so MONAI's ``ckpt_export``) compiles: MONAI's deeply
+        supervised DynUNet cannot be scripted, and its auxiliary heads only serve training, so a
+        deeply supervised network is scripted as the same network without them (same weights,
+        same eval outputs)."""
+        if not self.deep_supervision:
+            return self
+        plain = DynUNet2D(*self._arguments)
+        state = {
+            key: value
+            for key, value in self.state_dict().items()
+            if "deep_supervision_heads" not in key and "super_head" not in key
+        }
+        plain.load_state_dict(state)
+        return plain.train(self.training)
+
+    def _to_input_size(self, logits: Tensor, x: Tensor) -> Tensor:
+        """Logits bilinearly upsampled to the input's size (a no-op at first stride 1)."""
+        if not self.upsample_output:
+            return logits
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def dynunet(
@@ -102,9 +137,12 @@ def dynunet(
     out_channels: int = NUM_CLASSES,
     filters: Sequence[int] = (32, 64, 128, 256, 336),
     deep_supervision: bool = False,
+    strides: Sequence[int] | None = None,
 ) -> nn.Module:
     """:class:`DynUNet2D` with nnU-Net's defaults at ~6 M parameters."""
-    return DynUNet2D(in_channels, out_channels, filters, deep_supervision=deep_supervision)
+    return DynUNet2D(
+        in_channels, out_channels, filters, strides=strides, deep_supervision=deep_supervision
+    )
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, dilation: int = 1) -> Convolution:

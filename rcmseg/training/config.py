@@ -59,8 +59,9 @@ class TrainConfig:
 
     Model and optimisation:
         network, network_kwargs: a name of :func:`rcmseg.networks.get_network` and its extra
-            arguments (default ``"dynunet"``, the bundle's: the measured winner of the
-            real-texture comparison, docs/benchmarks.md; ``"mednet"`` is the 3-level MED-Net).
+            arguments (default ``"dynunet_ds"``, the bundle's: DynUNet trained with deep
+            supervision, the measured winner of the real-texture comparisons,
+            docs/benchmarks.md; ``"mednet"`` is the 3-level MED-Net).
         loss, tv_weight: a name of :func:`rcmseg.losses.make_loss` and γ of its TV term
             (``None``: the loss's default, 1e-6 for ``mdsc_tv`` and 0 for ``dice`` and ``ce``).
         level_weights: deep-supervision weight of each output, coarse to fine (``None``: all 1).
@@ -113,7 +114,7 @@ class TrainConfig:
     fold: int = 0
     num_folds: int = 5
     label_remap: dict[int, int] | None = None
-    network: str = "dynunet"
+    network: str = "dynunet_ds"
     network_kwargs: dict[str, Any] = field(default_factory=dict)
     loss: str = "mdsc_tv"
     tv_weight: float | None = None

@@ -20,10 +20,11 @@ from torch import nn
 from torch.optim.lr_scheduler import ExponentialLR
 
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
+from rcmseg.errors import InputError
 from rcmseg.inference import SegmentationEngine, cpu_has_native_bf16, resolve_device
 from rcmseg.losses import make_loss
 from rcmseg.metrics import confusion_matrix, one_vs_rest
-from rcmseg.networks import get_network
+from rcmseg.networks import get_network, side_multiple
 from rcmseg.training.augment import BatchAugment
 from rcmseg.training.checkpoint import (
     export_weights,
@@ -360,6 +361,13 @@ def _start_run(
     torch.manual_seed(config.seed)
     if network is None:
         network = get_network(config.network, **config.network_kwargs)
+    multiple = side_multiple(network)
+    if config.patch_size % multiple:
+        raise InputError(
+            None,
+            f"patch size {config.patch_size} px: network {config.network} needs crops of a "
+            f"multiple of {multiple} px",
+        )
     # Plain NCHW for training: load_bundle hands out channels-last networks (faster CPU inference),
     # and their backward pass segfaults on the CPU build of torch 2.14.1 (MONAI Label's env).
     network = network.to(device, memory_format=torch.contiguous_format)
@@ -400,7 +408,8 @@ def train(
         ``torch.load(..., weights_only=True)``.
 
     Raises:
-        InputError: the data set is missing or empty, or the split leaves nothing to train on.
+        InputError: the data set is missing or empty, the split leaves nothing to train on, or
+            the patch size is not a multiple of what the network needs.
     """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
