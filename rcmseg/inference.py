@@ -39,6 +39,7 @@ from torch import nn
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
 from rcmseg.errors import InputError
 from rcmseg.networks.blocks import edge_layers_in_float32, inference_copy
+from rcmseg.transforms import window_starts  # the one window grid (MONAI's)
 
 # Smallest accepted side at the working resolution: 32 px = 64 µm, one stride of MED-Net's finest
 # level and a few cells across; a smaller field holds no recognisable pattern.
@@ -266,18 +267,6 @@ def preset_inferer(
         padding_mode="constant",
         cval=0.0,
     )
-
-
-def window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Window origins along one axis as MONAI places them: multiples of ``stride`` until a window
-    reaches the end, the last one clamped flush with it (one window at 0 if ``length <= window``).
-
-    This is the one window-grid function of rcmseg; bands and regions derive from it.
-    """
-    if length <= window:
-        return [0]
-    count = math.ceil((length - window) / stride) + 1
-    return [min(index * stride, length - window) for index in range(count)]
 
 
 def context_span(first: int, last: int, length: int, window: int, stride: int) -> tuple[int, int]:

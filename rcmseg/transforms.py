@@ -31,7 +31,6 @@ from monai.transforms import (
 )
 
 from rcmseg.classes import INTENSITY_MAX, UNLABELLED
-from rcmseg.inference import window_starts  # the one window grid (MONAI's)
 
 __all__ = [
     "ClipIntensityd",
@@ -44,6 +43,19 @@ __all__ = [
     "train_transforms",
     "window_starts",
 ]
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window origins along one axis as MONAI places them: multiples of ``stride`` until a window
+    reaches the end, the last one clamped flush with it (one window at 0 if ``length <= window``).
+
+    This is the one window-grid function of rcmseg; bands and regions derive from it.
+    """
+    if length <= window:
+        return [0]
+    count = math.ceil((length - window) / stride) + 1
+    return [min(index * stride, length - window) for index in range(count)]
+
 
 # Label value that marks "brought in from outside the patch" while labels are shifted by one.
 OUTSIDE_MARKER = 0
