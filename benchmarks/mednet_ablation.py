@@ -242,6 +242,8 @@ CROP256_RUNS: dict[str, tuple[str, dict[str, int]]] = {
     ),
     # does the nesting pay once its coarsest level sees 64 px instead of 32? (ninth session)
     "mednet_dynunet_crop256_px": ("mednet_dynunet", {"patch_size": 256, "max_epochs": 56}),
+    # the bundle 0.5.0 default at the paper's crop size (eleventh session)
+    "dynunet_ds_crop256_px": ("dynunet_ds", {"patch_size": 256, "max_epochs": 56}),
 }
 VARIANTS.update(
     {
