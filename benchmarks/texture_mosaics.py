@@ -252,8 +252,9 @@ def write_texture_dataset(
     for group, count in zip(groups, (train_mosaics, test_mosaics), strict=True):
         pools = _texture_pools(texture_dir, source, group, shrink)
         for index in range(count):
-            prefix = "".join(ch for ch in group.removeprefix("kth_shots") if ch.isalnum())
-            name = f"{'kth' if source == 'kth' else ''}{prefix}_{index:02d}"
+            # usc_1.3 -> usc13_00, kth_shots_1-6 -> kth16_00
+            prefix = "".join(ch for ch in group.replace("_shots", "") if ch.isalnum())
+            name = f"{prefix}_{index:02d}"
             # a draw only where there is a choice: the USC mosaics stay those of earlier runs
             sources = [
                 pool[int(rng.integers(len(pool)))] if len(pool) > 1 else pool[0] for pool in pools
