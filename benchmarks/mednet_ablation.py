@@ -229,6 +229,8 @@ LONG_RUNS: dict[str, str] = {
     "mednet3_long": "mednet3",
     "deeper_noprior_long": "deeper_noprior",
     "mednet_dynunet_long": "mednet_dynunet",
+    # the bundle 0.5.0 default where the curves have flattened (twelfth session)
+    "dynunet_ds_long": "dynunet_ds",
 }
 # ... and at the paper's crop size (batch/4: same px per step). An epoch holds 28 crops of 256 px
 # against 252 of 128 px: the 56-epoch runs see the 128 px runs' pixels (1568 crops of 256²).

@@ -186,6 +186,18 @@ def test_bad_study_requests_are_one_line_errors(dataset: Path, tmp_path: Path) -
     assert result.exit_code == 2 and "mars not in the manifest" in result.output
 
 
+def test_a_study_checks_every_variants_crops_before_training_any(
+    dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "study"
+    command = ["study", str(dataset), "--out", str(out), "--folds", "2", "--variant", "mednet1",
+               "--variant", "mednet"]  # fmt: skip
+    result = CliRunner().invoke(app, command + QUICK)  # 64 px crops: too small for mednet
+    assert result.exit_code == 2, result.output
+    assert "network mednet needs crops of a multiple of 128 px" in result.output
+    assert not (out / "mednet1-mdsc_tv").exists()  # the first variant did not train first
+
+
 def test_every_variant_has_about_six_million_parameters() -> None:
     """The paper compares networks at ~6 M parameters: every variant within 10 % of MED-Net."""
     reference = parameter_count(Variant("mednet"))

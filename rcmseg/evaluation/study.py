@@ -21,6 +21,7 @@ from rcmseg.errors import InputError
 from rcmseg.evaluation import report
 from rcmseg.evaluation.cv import CVResult, SplitSettings, prepare_folds, run_cv
 from rcmseg.networks import NETWORK_NAMES, count_parameters, get_network
+from rcmseg.training import TrainConfig, check_patch_size
 from rcmseg.training.bundle import with_variant
 
 NETWORKS = NETWORK_NAMES
@@ -107,6 +108,12 @@ def run_study(
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise InputError(None, f"variants repeat: {', '.join(names)}")
+    # every variant's crop size is checked before the first one trains for an hour
+    for variant in variants:
+        options = with_variant(train_options or {}, variant.network, variant.loss)
+        patch_size = options.get("patch_size", TrainConfig.patch_size)
+        network = get_network(variant.network, **variant.network_kwargs)
+        check_patch_size(network, variant.network, patch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     split = split or SplitSettings()

@@ -7,6 +7,6 @@ behind ``rcmseg train``, the bundle's ``train.json``, ``rcmseg cv`` and the MONA
 """
 
 from rcmseg.training.config import TrainConfig, TrainResult
-from rcmseg.training.loop import train
+from rcmseg.training.loop import check_patch_size, train
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "check_patch_size", "train"]

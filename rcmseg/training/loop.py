@@ -351,6 +351,17 @@ class Run:
         )
 
 
+def check_patch_size(network: nn.Module, name: str, patch_size: int) -> None:
+    """Refuse training crops of ``patch_size`` px that ``network`` (called ``name``) cannot take."""
+    multiple = side_multiple(network)
+    if patch_size % multiple:
+        raise InputError(
+            None,
+            f"patch size {patch_size} px: network {name} needs crops of a multiple of "
+            f"{multiple} px",
+        )
+
+
 def _start_run(
     config: TrainConfig,
     network: nn.Module | None,
@@ -361,13 +372,7 @@ def _start_run(
     torch.manual_seed(config.seed)
     if network is None:
         network = get_network(config.network, **config.network_kwargs)
-    multiple = side_multiple(network)
-    if config.patch_size % multiple:
-        raise InputError(
-            None,
-            f"patch size {config.patch_size} px: network {config.network} needs crops of a "
-            f"multiple of {multiple} px",
-        )
+    check_patch_size(network, config.network, config.patch_size)
     # Plain NCHW for training: load_bundle hands out channels-last networks (faster CPU inference),
     # and their backward pass segfaults on the CPU build of torch 2.14.1 (MONAI Label's env).
     network = network.to(device, memory_format=torch.contiguous_format)
