@@ -109,9 +109,8 @@ def run_study(
     if len(set(names)) != len(names):
         raise InputError(None, f"variants repeat: {', '.join(names)}")
     # every variant's crop size is checked before the first one trains for an hour
+    patch_size = (train_options or {}).get("patch_size", TrainConfig.patch_size)
     for variant in variants:
-        options = with_variant(train_options or {}, variant.network, variant.loss)
-        patch_size = options.get("patch_size", TrainConfig.patch_size)
         network = get_network(variant.network, **variant.network_kwargs)
         check_patch_size(network, variant.network, patch_size)
     out = Path(out_dir)
