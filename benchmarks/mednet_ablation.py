@@ -259,15 +259,35 @@ VARIANTS.update(
         for name, (base, train) in CROP256_RUNS.items()
     }
 )
+# thirteenth session: does randomising sharpness, tone curve and contrast (beyond the paper's
+# offset and speckle), or a wider zoom (the textures' correlation lengths differ by 1.2-1.4x
+# between the two digitisations, beyond the paper's ±10 %), carry a network across them?
+RECIPE_RUNS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    # name: (base, label suffix, group, TrainConfig overrides)
+    "dynunet_ds_appearance": (
+        "dynunet_ds",
+        "appearance augmentation",
+        "appearance",
+        {"augment_appearance": True},
+    ),
+    "dynunet_appearance": (
+        "dynunet",
+        "appearance augmentation",
+        "appearance",
+        {"augment_appearance": True},
+    ),
+    "dynunet_ds_zoom": ("dynunet_ds", "zoom 0.7-1.3", "zoom", {"zoom": 0.3}),
+    "dynunet_zoom": ("dynunet", "zoom 0.7-1.3", "zoom", {"zoom": 0.3}),
+}
+RECIPE_RUNS.update(
+    {long: (base, "3x budget", "3x budget", {"max_epochs": 75}) for long, base in LONG_RUNS.items()}
+)
 VARIANTS.update(
     {
-        long: replace(
-            VARIANTS[base],
-            label=f"{VARIANTS[base].label}, 3x budget",
-            group="3x budget",
-            train={"max_epochs": 75},
+        name: replace(
+            VARIANTS[base], label=f"{VARIANTS[base].label}, {suffix}", group=group, train=train
         )
-        for long, base in LONG_RUNS.items()
+        for name, (base, suffix, group, train) in RECIPE_RUNS.items()
     }
 )
 

@@ -2,8 +2,9 @@
 
 Synthetic RCM data is ours and can be tuned to; real textures cannot. Six confusable Brodatz
 textures from the USC-SIPI database stand in for the six RCM patterns. The database holds two
-separate digitisations of each texture (``1.1.*`` at 512 px, ``1.3.*`` at 1024 px covering the
-same field, so 2x finer); the ``1.3`` images are area-averaged 2x to the ``1.1`` scale, then
+separate digitisations of each texture (``1.1.*`` at 512 px, ``1.3.*`` at 1024 px, taken here
+as covering the same field, so 2x finer; the textures' correlation lengths suggest ``1.3`` is
+about 1.3x coarser still, docs/benchmarks.md); the ``1.3`` images are area-averaged 2x, then
 training mosaics are cut from one digitisation and test mosaics from the other.
 
 Each mosaic is a soft partition of the plane into regions at several scales: one smoothed random

@@ -21,8 +21,9 @@ from rcmseg.metrics import confusion_matrix, one_vs_rest
 from rcmseg.networks import get_network
 from rcmseg.synth import write_dataset
 from rcmseg.training import TrainConfig, train
-from rcmseg.training.augment import BatchAugment
+from rcmseg.training.augment import APPEARANCE, BatchAugment
 from rcmseg.training.data import split_cases
+from rcmseg.training.loop import _batch_augment
 
 torch.set_num_threads(2)
 
@@ -216,6 +217,41 @@ def test_batch_augment_moves_labels_with_the_image_and_marks_outside_unlabelled(
     again = BatchAugment()(images, labels, torch.Generator().manual_seed(5))
     same = BatchAugment()(images, labels, torch.Generator().manual_seed(5))
     assert torch.equal(again[0], same[0]) and torch.equal(again[1], same[1])
+
+
+def test_appearance_augmentation_changes_tone_and_sharpness_not_labels(
+    dataset: Path, tmp_path: Path
+) -> None:
+    still = {"rotate_deg": 0, "flip_prob": 0, "zoom": 0, "shear": 0, "intensity_offset": 0}
+    still["speckle_sigma"] = (0.0, 0.0)
+    images = torch.rand(8, 1, 48, 48, generator=torch.Generator().manual_seed(1)) * 200 + 20
+    labels = torch.randint(0, 6, (8, 1, 48, 48), generator=torch.Generator().manual_seed(2))
+
+    tone = BatchAugment(**still, gamma=0.4)(images, labels, torch.Generator().manual_seed(0))
+    assert torch.equal(tone[1], labels)
+    # a tone curve keeps the order of grey levels within each patch but moves its mean
+    ranks = images.flatten(1).argsort(1)
+    assert (tone[0].flatten(1).gather(1, ranks).diff(1) >= -1e-4).all()
+    assert (tone[0].mean((1, 2, 3)) * 255 - images.mean((1, 2, 3))).abs().max() > 5
+
+    contrast = BatchAugment(**still, contrast=0.2)(images, labels, torch.Generator().manual_seed(0))
+    spread = contrast[0].std((1, 2, 3)) * 255 / images.std((1, 2, 3))
+    assert spread.min() >= 0.8 - 1e-4 and spread.max() <= 1.2 + 1e-4 and spread.std() > 0.01
+
+    sharp = BatchAugment(**still, sharpness=0.5)(images, labels, torch.Generator().manual_seed(0))
+    roughness = (sharp[0] * 255).diff(dim=-1).abs().mean((1, 2, 3))
+    original = images.diff(dim=-1).abs().mean((1, 2, 3))
+    assert (roughness < original).any() and (roughness > original).any()  # blurred and sharpened
+
+    result = train(quick_config(dataset, tmp_path / "run", augment_appearance=True, max_epochs=1))
+    assert result.epochs_completed == 1
+    with pytest.raises(InputError, match="augment_appearance needs augmentation 'batched'"):
+        quick_config(dataset, tmp_path / "x", augment_appearance=True, augmentation="per_patch")
+    config = quick_config(dataset, tmp_path / "y", zoom=0.3, augment_appearance=True)
+    augment = _batch_augment(config, torch.device("cpu"), seed=0).func
+    assert augment.zoom == 0.3 and augment.gamma == APPEARANCE["gamma"] > 0
+    with pytest.raises(InputError, match=r"zoom must be in \[0, 1\), not 1.5"):
+        quick_config(dataset, tmp_path / "x", zoom=1.5)
 
 
 def test_per_patch_augmentation_also_trains(dataset: Path, tmp_path: Path) -> None:

@@ -85,6 +85,12 @@ def train_model_command(
             help="batched (on the device), per_patch (MONAI transforms in the DataLoader) or none."
         ),
     ] = "batched",
+    augment_appearance: Annotated[
+        bool,
+        typer.Option(
+            help="Also randomise sharpness, tone curve and contrast (beyond the paper; batched)."
+        ),
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     amp: Annotated[
         bool, typer.Option(help="Mixed precision: fp16 on CUDA, bf16 on CPUs with native bf16.")
@@ -137,6 +143,7 @@ def train_model_command(
             window=2 * patch_size,
             iterations_per_epoch=iterations,
             augmentation=augmentation,
+            augment_appearance=augment_appearance,
             device=device,
             amp=amp,
             num_workers=workers,

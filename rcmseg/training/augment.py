@@ -34,6 +34,14 @@ class BatchAugment:
         shear: off-diagonal shear coefficients drawn from U(-shear, shear), one per axis.
         intensity_offset: offset drawn from U(-offset, offset) on the 0-255 scale.
         speckle_sigma: (low, high) of σ of the multiplicative speckle noise.
+        sharpness: unsharp-mask amount drawn from U(-sharpness, sharpness) with a σ = 1 px
+            Gaussian: ``x + a·(x - blur(x))``, negative amounts blur (0: off, the paper's recipe).
+        gamma: tone curve ``255·(x/255)**exp(u)``, u ~ U(-gamma, gamma) (0: off).
+        contrast: deviations from the patch mean scaled by U(1 - contrast, 1 + contrast) (0: off).
+
+    The last three are beyond the paper (:data:`APPEARANCE` turns them on): another microscope,
+    scanner or gain setting changes sharpness and tone curve, which the paper's offset and
+    speckle do not cover.
 
     ``__call__(images, labels, generator)``: images (B, 1, h, w) float on the 0-255 scale, labels
     (B, 1, h, w) integer (class indices or UNLABELLED), both on the same device; ``generator``
@@ -47,6 +55,9 @@ class BatchAugment:
     shear: float = 0.2
     intensity_offset: float = 20.0
     speckle_sigma: tuple[float, float] = (0.0, 0.2)
+    sharpness: float = 0.0
+    gamma: float = 0.0
+    contrast: float = 0.0
 
     def affine(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """(count, 2, 3) matrices mapping output to input coordinates (``affine_grid``'s)."""
@@ -81,6 +92,7 @@ class BatchAugment:
         labels = torch.where(shifted == 0, UNLABELLED, shifted - 1)
 
         device = images.device
+        images = self.appearance(images, generator)
         offset = torch.rand(count, generator=generator, device=device) * 2 - 1
         images = images + self.intensity_offset * offset[:, None, None, None]
         images = images.clamp(0, INTENSITY_MAX)
@@ -89,3 +101,35 @@ class BatchAugment:
         noise = torch.randn(images.shape, generator=generator, device=device)
         images = images + images * noise * sigma[:, None, None, None]
         return images.clamp(0, INTENSITY_MAX) / INTENSITY_MAX, labels
+
+    def appearance(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Random sharpness, tone curve and contrast per patch; (B, 1, h, w) on 0-255."""
+        if not (self.sharpness or self.gamma or self.contrast):
+            return images  # draws nothing: the paper's recipe repeats exactly
+
+        def uniform(spread: float) -> torch.Tensor:
+            draw = torch.rand(images.shape[0], generator=generator, device=images.device)
+            return ((draw * 2 - 1) * spread)[:, None, None, None]
+
+        amount = uniform(self.sharpness)
+        images = images + amount * (images - _gaussian_blur(images, sigma_px=1.0))
+        images = images.clamp(0, INTENSITY_MAX)
+        images = INTENSITY_MAX * (images / INTENSITY_MAX) ** torch.exp(uniform(self.gamma))
+        mean = images.mean(dim=(2, 3), keepdim=True)
+        return mean + (images - mean) * (1 + uniform(self.contrast))
+
+
+# The appearance augmentation's spreads (TrainConfig.augment_appearance): ±50 % unsharp amount,
+# gamma 0.67-1.5, contrast ±20 %.
+APPEARANCE: dict[str, float] = {"sharpness": 0.5, "gamma": 0.4, "contrast": 0.2}
+
+
+def _gaussian_blur(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, h, w) images, reflected at the borders."""
+    radius = max(1, int(math.ceil(3 * sigma_px)))
+    taps = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (taps / sigma_px) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(blurred, kernel.view(1, 1, -1, 1))

@@ -86,6 +86,11 @@ class TrainConfig:
             training device, :class:`rcmseg.training.augment.BatchAugment`) or ``"per_patch"``
             (:func:`rcmseg.transforms.train_transforms` in the DataLoader, MONAI transforms) or
             ``"none"`` (plain crops, for ablations and debugging).
+        zoom: scale spread of the augmentation, factors U(1 - zoom, 1 + zoom) (the paper's
+            ±10 %; nnU-Net draws 0.7-1.4).
+        augment_appearance: also randomise sharpness, tone curve (gamma) and contrast per crop
+            (:data:`rcmseg.training.augment.APPEARANCE`; beyond the paper, for mosaics from other
+            microscopes or settings); ``"batched"`` only.
 
     Validation:
         val_every: validate every this many epochs (the last epoch always validates).
@@ -132,6 +137,8 @@ class TrainConfig:
     window: int = 512
     window_overlap: float = 0.5
     augmentation: str = "batched"
+    zoom: float = 0.1
+    augment_appearance: bool = False
     val_every: int = 1
     val_preset: str = "fast"
     export_path: Path | str | None = None
@@ -160,6 +167,10 @@ class TrainConfig:
             raise InputError(
                 None, f"augmentation must be one of {AUGMENTATIONS}, not {self.augmentation!r}"
             )
+        if not 0 <= self.zoom < 1:
+            raise InputError(None, f"zoom must be in [0, 1), not {self.zoom}")
+        if self.augment_appearance and self.augmentation != "batched":
+            raise InputError(None, "augment_appearance needs augmentation 'batched'")
         for name in ("max_epochs", "batch_size", "num_folds", "val_every", "patch_size", "window"):
             if int(getattr(self, name)) < 1:
                 raise InputError(None, f"{name} must be at least 1, not {getattr(self, name)}")

@@ -25,7 +25,7 @@ from rcmseg.inference import SegmentationEngine, cpu_has_native_bf16, resolve_de
 from rcmseg.losses import make_loss
 from rcmseg.metrics import confusion_matrix, one_vs_rest
 from rcmseg.networks import get_network, side_multiple
-from rcmseg.training.augment import BatchAugment
+from rcmseg.training.augment import APPEARANCE, BatchAugment
 from rcmseg.training.checkpoint import (
     export_weights,
     load_checkpoint,
@@ -130,9 +130,9 @@ def _batch_augment(config: TrainConfig, device: torch.device, seed: int) -> Augm
         return None
     if config.augmentation == "none":
         return _scale_intensity
-    return functools.partial(
-        BatchAugment(), generator=torch.Generator(device=device).manual_seed(seed)
-    )
+    appearance = APPEARANCE if config.augment_appearance else {}
+    augment = BatchAugment(zoom=config.zoom, **appearance)
+    return functools.partial(augment, generator=torch.Generator(device=device).manual_seed(seed))
 
 
 def _scale_intensity(
@@ -431,9 +431,10 @@ def train(
         config.seed,
         config.label_remap,
     )
+    per_patch = config.augmentation == "per_patch"
     patches = EpochPatchDataset(
         [(case.image, case.labels) for case in load_cases(train_cases, root, config.label_remap)],
-        transform=train_transforms() if config.augmentation == "per_patch" else None,
+        transform=train_transforms(zoom=config.zoom) if per_patch else None,
         window=config.window,
         overlap=config.window_overlap,
         crop=config.patch_size,
