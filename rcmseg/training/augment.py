@@ -19,8 +19,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import separable_filtering
+from monai.networks.layers.convutils import gaussian_1d
 
 from rcmseg.classes import INTENSITY_MAX, UNLABELLED
+
+# Sampled Gaussian of σ = 1 px to ±3 px, normalised: the unsharp mask's blur.
+_BLUR_1PX = gaussian_1d(torch.tensor(1.0), truncated=3.0, approx="sampled", normalize=True)
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,7 @@ class BatchAugment:
             return ((draw * 2 - 1) * spread)[:, None, None, None]
 
         amount = uniform(self.sharpness)
-        images = images + amount * (images - _gaussian_blur(images, sigma_px=1.0))
+        images = images + amount * (images - _blur_1px(images))
         images = images.clamp(0, INTENSITY_MAX)
         images = INTENSITY_MAX * (images / INTENSITY_MAX) ** torch.exp(uniform(self.gamma))
         mean = images.mean(dim=(2, 3), keepdim=True)
@@ -124,12 +129,6 @@ class BatchAugment:
 APPEARANCE: dict[str, float] = {"sharpness": 0.5, "gamma": 0.4, "contrast": 0.2}
 
 
-def _gaussian_blur(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, 1, h, w) images, reflected at the borders."""
-    radius = max(1, int(math.ceil(3 * sigma_px)))
-    taps = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-0.5 * (taps / sigma_px) ** 2)
-    kernel = kernel / kernel.sum()
-    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(blurred, kernel.view(1, 1, -1, 1))
+def _blur_1px(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) images blurred by a σ = 1 px Gaussian, reflected at the borders."""
+    return separable_filtering(images, _BLUR_1PX, mode="reflect")
