@@ -58,9 +58,10 @@ from rcmseg.losses import make_loss  # noqa: E402
 from rcmseg.metrics import confusion_matrix, fragmentation, one_vs_rest  # noqa: E402
 from rcmseg.networks import WIDTH_TABLES, count_parameters, get_network  # noqa: E402
 from rcmseg.training import TrainConfig, train  # noqa: E402
-from rcmseg.training.checkpoint import load_checkpoint  # noqa: E402
+from rcmseg.training.checkpoint import export_weights, load_checkpoint  # noqa: E402
 
 LOCK = Path("/tmp/rcmseg-cpu.lock")
+BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "rcm_mednet"
 UNET_FEATURES = (32, 64, 128, 256, 384, 32)
 DYNUNET_FILTERS = (32, 64, 128, 256, 336)
 DEEPLAB_WIDTHS, DEEPLAB_DILATED, DEEPLAB_ASPP = (32, 64, 128, 192), (192, 192), 128
@@ -84,6 +85,9 @@ class Variant:
     kwargs: dict[str, Any] = field(default_factory=dict)
     level_weights: tuple[float, ...] | None = None
     train: dict[str, Any] = field(default_factory=dict)
+    # distillation: the variant whose run of the same seed teaches this one (its last-epoch
+    # weights in the bundle's network_def, so it must be the bundle's network at full width)
+    teacher: str | None = None
 
 
 VARIANTS: dict[str, Variant] = {
@@ -219,6 +223,36 @@ VARIANTS: dict[str, Variant] = {
     ),
 }
 
+# issue 13 (fifteenth session): a DynUNet small enough for "fast" <= 10 s on two cores (8-16-32-
+# 64-128: 0.49 M parameters, 1.5 GFLOP per 256² window, 11.5 ms in bf16 against 85 ms), trained
+# on the labels alone or distilled from the bundle's network (teacher: dynunet_ds, same seed)
+TINY_DYNUNET: dict[str, Any] = {"filters": (8, 16, 32, 64, 128), "deep_supervision": True}
+VARIANTS.update(
+    {
+        "dynunet_ds_tiny": Variant(
+            "DynUNet 8-128 with deep supervision (0.49 M, 1.5 GFLOP)",
+            "distillation",
+            network="dynunet",
+            kwargs=TINY_DYNUNET,
+        ),
+        "dynunet_ds_tiny_kd": Variant(
+            "DynUNet 8-128, distilled (teacher at unlabelled pixels)",
+            "distillation",
+            network="dynunet",
+            kwargs=TINY_DYNUNET,
+            teacher="dynunet_ds",
+        ),
+        "dynunet_ds_tiny_kd_blend": Variant(
+            "DynUNet 8-128, distilled (teacher everywhere, half weight at labelled pixels)",
+            "distillation",
+            network="dynunet",
+            kwargs=TINY_DYNUNET,
+            teacher="dynunet_ds",
+            train={"teacher_blend": 0.5},
+        ),
+    }
+)
+
 # the final comparison's networks at three times the budget (do their curves flatten?)
 LONG_RUNS: dict[str, str] = {
     "dynunet_long": "dynunet",
@@ -231,6 +265,10 @@ LONG_RUNS: dict[str, str] = {
     "mednet_dynunet_long": "mednet_dynunet",
     # the bundle 0.5.0 default where the curves have flattened (twelfth session)
     "dynunet_ds_long": "dynunet_ds",
+    # the small DynUNet of issue 13, alone and distilled (fifteenth session)
+    "dynunet_ds_tiny_long": "dynunet_ds_tiny",
+    "dynunet_ds_tiny_kd_long": "dynunet_ds_tiny_kd",
+    "dynunet_ds_tiny_kd_blend_long": "dynunet_ds_tiny_kd_blend",
 }
 # ... and at the paper's crop size (batch/4: same px per step). An epoch holds 28 crops of 256 px
 # against 252 of 128 px: the 56-epoch runs see the 128 px runs' pixels (1568 crops of 256²).
@@ -285,7 +323,10 @@ RECIPE_RUNS.update(
 VARIANTS.update(
     {
         name: replace(
-            VARIANTS[base], label=f"{VARIANTS[base].label}, {suffix}", group=group, train=train
+            VARIANTS[base],
+            label=f"{VARIANTS[base].label}, {suffix}",
+            group=group,
+            train={**VARIANTS[base].train, **train},
         )
         for name, (base, suffix, group, train) in RECIPE_RUNS.items()
     }
@@ -401,6 +442,8 @@ def run_variant(
         ratio = (budget["patch_size"] / args.patch) ** 2
         budget["batch_size"] = max(1, int(round(args.batch_size / ratio)))
     budget.setdefault("final_learning_rate", budget["learning_rate"] / 10)
+    if variant.teacher is not None:
+        budget.update(teacher_of(variant.teacher, seed, args, data, run_dir))
     config = TrainConfig(
         data_dir=data,
         output_dir=run_dir / "train",
@@ -463,6 +506,27 @@ def run_variant(
         f"{seconds:.0f} s",
     )
     return summary
+
+
+def teacher_of(
+    name: str, seed: int, args: argparse.Namespace, data: Path, run_dir: Path
+) -> dict[str, Any]:
+    """TrainConfig settings that distil from variant ``name``'s run of ``seed`` (trained first
+    when missing): the repository's bundle with that run's last-epoch weights."""
+    teacher = VARIANTS[name]
+    bundle_network = get_network("dynunet_ds")
+    if scaled_kwargs(teacher, args.width_scale) != {"deep_supervision": True}:
+        raise SystemExit(f"teacher {name} is not the bundle's network at this width")
+    run_variant(name, teacher, seed, args, data)
+    run_name = name if seed == args.seed else f"{name}@{seed}"
+    last = args.out / "runs" / run_name / "train" / "checkpoints" / "last.pt"
+    weights = run_dir / "teacher.pt"
+    if not weights.is_file():
+        state = load_checkpoint(last)["network"]
+        bundle_network.load_state_dict(state)  # fails loudly if the teacher is not the bundle's
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        export_weights(state, weights)
+    return {"teacher": BUNDLE, "teacher_weights": weights}
 
 
 def level_dice(

@@ -75,15 +75,17 @@ class LoadedBundle:
         )
 
 
-def default_bundle_dir() -> Path:
-    """The bundle used when none is given: ``$RCMSEG_BUNDLE``, else ``bundles/rcm_mednet``.
+# the shipped bundles: next to the rcmseg package in a source tree (editable install)
+BUNDLES_DIR = Path(__file__).resolve().parent.parent / "bundles"
 
-    ``bundles/`` sits next to the ``rcmseg`` package in a source tree (editable install).
-    """
+
+def default_bundle_dir() -> Path:
+    """The bundle used when none is given: ``$RCMSEG_BUNDLE``, else ``bundles/rcm_mednet``
+    (``bundles/rcm_lite`` is its small, distilled counterpart for CPUs)."""
     override = os.environ.get(BUNDLE_ENV_VAR)
     if override:
         return Path(override).expanduser()
-    return Path(__file__).resolve().parent.parent / "bundles" / "rcm_mednet"
+    return BUNDLES_DIR / "rcm_mednet"
 
 
 def read_json(path: Path) -> dict:

@@ -520,6 +520,12 @@ class SegmentationEngine:
             logits = self.model(windows.contiguous(memory_format=torch.channels_last))
         return torch.softmax(logits.float(), dim=1)
 
+    @torch.no_grad()
+    def window_probabilities(self, windows: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (B, K, h, w) float32 of a batch of windows (B, 1, h, w) in [0, 1]
+        on the engine's device, as the sliding window sees them (precision, backend, TTA)."""
+        return self._predictor()(windows).float()
+
     def _predictor(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.tta:
             return lambda windows: dihedral_mean(self._predict, windows)

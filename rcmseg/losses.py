@@ -1,9 +1,10 @@
 """Losses on partially labelled maps: MDSC + γ·TV (the paper's), plain soft Dice and cross-entropy.
 
 Every loss takes logits and an integer label map (B, 1, H, W) whose value ``UNLABELLED`` (255)
-marks pixels the expert did not label. Unlabelled pixels contribute nothing to the Dice or
-cross-entropy terms (their gradient from those terms is exactly zero); the TV term, a smoothness
-prior on the prediction, runs over all pixels.
+marks pixels the expert did not label, or soft targets (B, K, H, W) float (class probabilities per
+pixel, e.g. a teacher network's for distillation, :mod:`rcmseg.training.distill`). Unlabelled
+pixels contribute nothing to the Dice or cross-entropy terms (their gradient from those terms is
+exactly zero); the TV term, a smoothness prior on the prediction, runs over all pixels.
 
 Choices where the paper is silent:
 
@@ -56,16 +57,22 @@ def _check_labels(labels: Tensor, num_classes: int) -> Tensor:
 
 
 def labelled_one_hot(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """One-hot ground truth and labelled mask of a label map.
+    """One-hot ground truth and labelled mask of a label map, or soft targets passed through.
 
     Args:
-        labels: (B, 1, H, W) integer, 0..K-1 or UNLABELLED.
+        labels: (B, 1, H, W) integer, 0..K-1 or UNLABELLED; or soft targets (B, K, H, W) float,
+            class probabilities per pixel (a teacher's, :mod:`rcmseg.training.distill`), all
+            zeros where a pixel has no target.
         num_classes: K.
 
     Returns:
-        one_hot (B, K, H, W) float, all zeros at unlabelled pixels; mask (B, 1, H, W) float, 1 at
-        labelled pixels.
+        one_hot (B, K, H, W) float, all zeros at unlabelled pixels (soft targets as given); mask
+        (B, 1, H, W) float, 1 at labelled pixels (soft targets: where they sum above 0).
     """
+    if labels.is_floating_point():
+        if labels.shape[1] != num_classes:
+            raise ValueError(f"soft targets need {num_classes} channels, not {labels.shape[1]}")
+        return labels, (labels.sum(dim=1, keepdim=True) > 0).float()
     labels = _check_labels(labels, num_classes)
     labelled = labels != UNLABELLED
     one_hot = F.one_hot(torch.where(labelled, labels, 0)[:, 0], num_classes)
@@ -81,20 +88,23 @@ def downsample_label_tensor(
     Each coarse pixel covers a (f x f) block, f = H / h (an integer). It is UNLABELLED where
     unlabelled fine pixels outnumber labelled ones, otherwise the most frequent class among the
     labelled fine pixels (ties: lower class index). The counts come from average pooling a
-    one-hot map with an extra channel for UNLABELLED.
+    one-hot map with an extra channel for UNLABELLED. Soft targets (float (B, K, H, W)) are
+    averaged over each block instead.
 
     Args:
-        labels: (B, 1, H, W) integer, 0..K-1 or UNLABELLED.
+        labels: (B, 1, H, W) integer, 0..K-1 or UNLABELLED; or soft targets (B, K, H, W) float.
         size: (h, w) with H / h == W / w an integer.
         num_classes: K.
 
     Returns:
-        (B, 1, h, w) int64.
+        (B, 1, h, w) int64, or (B, K, h, w) float for soft targets.
     """
     height, width = labels.shape[-2:]
     factor = height // size[0]
     if factor * size[0] != height or factor * size[1] != width:
         raise ValueError(f"cannot downsample labels of size {(height, width)} to {size}")
+    if labels.is_floating_point():
+        return F.avg_pool2d(labels, factor) if factor > 1 else labels
     labels = _check_labels(labels, num_classes)
     if factor == 1:
         return labels
@@ -208,9 +218,14 @@ class LabelledCrossEntropyLoss(_Loss):
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         logits = logits.float()
-        target = labels.long()[:, 0]
-        total = F.cross_entropy(logits, target, ignore_index=UNLABELLED, reduction="sum")
-        ce = total / (target != UNLABELLED).sum().clamp(min=1)
+        if labels.is_floating_point():  # soft targets (B, K, H, W): mean over pixels with one
+            targets, mask = labelled_one_hot(labels, self.num_classes)
+            per_pixel = -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1, keepdim=True)
+            ce = (per_pixel * mask).sum() / mask.sum().clamp(min=1)
+        else:
+            target = labels.long()[:, 0]
+            total = F.cross_entropy(logits, target, ignore_index=UNLABELLED, reduction="sum")
+            ce = total / (target != UNLABELLED).sum().clamp(min=1)
         if self.gamma:
             tv = self.gamma * total_variation(torch.softmax(logits, dim=1))
         else:

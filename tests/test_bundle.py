@@ -1,4 +1,5 @@
-"""The MONAI bundle: loading, and MONAI's own verification and export commands as subprocesses."""
+"""The MONAI bundles: loading, and MONAI's own verification and export commands as subprocesses;
+``rcm_lite``, the default bundle's network a quarter as wide, distilled from it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from rcmseg.bundle import (
+    BUNDLES_DIR,
     WEIGHTS_FILE,
     build_network,
     default_bundle_dir,
@@ -20,7 +23,9 @@ from rcmseg.bundle import (
 )
 from rcmseg.classes import CLASS_NAMES
 from rcmseg.errors import InputError
-from rcmseg.networks import get_network
+from rcmseg.networks import count_parameters, get_network
+from rcmseg.synth import write_dataset
+from rcmseg.training.bundle import bundle_train_settings, train_bundle
 
 torch.set_num_threads(2)
 BUNDLE = default_bundle_dir()
@@ -28,6 +33,7 @@ CONFIGS = BUNDLE / "configs"
 # evaluate.json is layered on inference.json, as multi_gpu_train.json is on train.json
 INFER = ("inference.json",)
 EVALUATE = ("inference.json", "evaluate.json")
+LITE = BUNDLES_DIR / "rcm_lite"
 WEIGHTS = BUNDLE / WEIGHTS_FILE
 
 
@@ -150,11 +156,11 @@ def test_ckpt_export_gives_a_torchscript_model_with_the_same_outputs(tmp_path):
         torch.testing.assert_close(scripted(image), network(image), atol=1e-4, rtol=1e-4)
 
 
-def _run_inference(tmp_path, in_dir, out, *overrides: str):
+def _run_inference(tmp_path, in_dir, out, *overrides: str, configs: Path = CONFIGS):
     return monai_bundle(
         "run",
         "--config_file",
-        str(CONFIGS / "inference.json"),
+        str(configs / "inference.json"),
         "--dataset_dir",
         str(in_dir),
         "--output_dir",
@@ -288,3 +294,70 @@ def test_bundle_run_honours_inferer_working_mpp_and_network_def(tmp_path, small_
     )
     assert wrong.returncode != 0 and "weights do not fit network_def" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+def test_lite_bundle_is_the_default_network_narrower_with_the_same_contract() -> None:
+    lite, main = load_bundle(LITE), load_bundle(BUNDLE)
+    assert (lite.name, main.name) == ("rcm_lite", "rcm_mednet")
+    assert lite.model.startswith("DynUNet2D@")
+    assert count_parameters(lite.network) == count_parameters(get_network("dynunet_tiny"))
+    assert count_parameters(lite.network) < count_parameters(main.network) / 10
+    assert lite.class_names == main.class_names and lite.working_mpp == main.working_mpp
+    assert lite.presets == main.presets
+    lite_meta = json.loads((LITE / "configs" / "metadata.json").read_text())
+    main_meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert lite_meta["network_data_format"] == main_meta["network_data_format"]
+    # everything but the network and the bundle's own folder is the default bundle's
+    configs = [json.loads((b / "configs" / "inference.json").read_text()) for b in (LITE, BUNDLE)]
+    for config in configs:
+        config.pop("bundle_root")
+        config["network_def"].pop("name")
+    assert configs[0] == configs[1]
+
+
+def test_monai_runs_the_lite_bundle_from_its_config_alone(tmp_path, small_mosaic) -> None:
+    import tifffile
+
+    # no --bundle_root: inference.json finds its own folder
+    done = _run_inference(tmp_path, small_mosaic, tmp_path / "out", configs=LITE / "configs")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert tifffile.imread(tmp_path / "out" / "m.labels.tif").shape == (256, 256)
+    record = json.loads((tmp_path / "out" / "m.summary.json").read_text())
+    weights = LITE / "models" / "model.pt"
+    assert record["model"] == f"DynUNet2D@{load_weights(get_network('dynunet_tiny'), weights)}"
+
+
+def test_lite_metadata_verifies_against_the_bundle_schema() -> None:
+    done = monai_bundle(
+        "verify_metadata",
+        "--meta_file",
+        "configs/metadata.json",
+        "--filepath",
+        str(BUNDLE / "configs" / "schema.json"),
+        cwd=LITE,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "metadata is verified with no error" in done.stdout + done.stderr
+
+
+def test_lite_train_json_distils_from_the_default_bundle(tmp_path: Path) -> None:
+    parser = ConfigParser()
+    parser.read_config(str(LITE / "configs" / "train.json"))
+    parser.get_parsed_content("imports")
+    config = parser.get_parsed_content("train_config")
+    assert config.network == "dynunet_tiny"
+    assert config.teacher == BUNDLES_DIR / "rcm_mednet" and config.teacher_blend == 0.5
+    # cv and study: the main bundle's recipe (the paper's protocol) without the teacher, which
+    # was trained on every fold
+    recipe, main_recipe = bundle_train_settings(LITE), bundle_train_settings(BUNDLE)
+    assert "teacher" not in recipe and recipe.pop("network") == "dynunet_tiny"
+    assert main_recipe.pop("network") == "dynunet_ds" and recipe == main_recipe
+
+    data = tmp_path / "data"
+    write_dataset(data, n=3, size=1024, seed=5, patients=3)
+    copy = Path(shutil.copytree(LITE, tmp_path / "rcm_lite", ignore=shutil.ignore_patterns("runs")))
+    result = train_bundle(
+        copy, data, epochs=1, iterations_per_epoch=1, batch_size=2, num_workers=0, device="cpu"
+    )
+    assert result.epochs_completed == 1
+    assert load_bundle(copy).model != load_bundle(LITE).model  # retrained in the copy only

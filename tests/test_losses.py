@@ -267,3 +267,25 @@ def test_level_weights_weight_each_output_and_are_checked() -> None:
         make_loss(level_weights=(1.0, 1.0))(outputs, labels)
     with pytest.raises(ValueError, match="non-negative"):
         make_loss(level_weights=(1.0, -1.0))
+
+
+@pytest.mark.parametrize("name", ["mdsc_tv", "dice", "ce"])
+def test_one_hot_soft_targets_give_the_same_loss_as_integer_labels(name: str) -> None:
+    logits, labels = _random_case(seed=3)
+    labelled = labels != U
+    soft = F.one_hot(torch.where(labelled, labels, 0)[:, 0], 6).permute(0, 3, 1, 2).float()
+    soft = soft * labelled  # no target where the expert labelled nothing
+    loss = make_loss(name, gamma=1e-3)
+    assert torch.allclose(loss(logits, soft), loss(logits, labels), atol=1e-5)
+
+
+def test_soft_targets_are_averaged_down_and_fitting_them_scores_lower() -> None:
+    targets = torch.softmax(torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(0)), 1)
+    coarse = downsample_label_tensor(targets, (4, 4))
+    assert torch.allclose(coarse, F.avg_pool2d(targets, 2))
+    assert torch.allclose(coarse.sum(1), torch.ones(2, 4, 4))
+    loss = make_loss("dice", gamma=0.0)
+    fitted = loss(torch.log(targets), targets)  # softmax(log p) = p
+    assert fitted < loss(torch.zeros(2, 6, 8, 8), targets)
+    with pytest.raises(ValueError, match="soft targets need 6 channels"):
+        loss(torch.zeros(2, 6, 8, 8), targets[:, :5])

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import ckpt_export
 from monai.networks.utils import convert_to_torchscript
+from torch.utils.flop_counter import FlopCounterMode
 
 from rcmseg.classes import NUM_CLASSES
 from rcmseg.networks import (
@@ -194,6 +195,7 @@ def test_get_network_knows_its_names_and_passes_options() -> None:
         "mednet_legacy",
         "mednet2_legacy",
         "dynunet_ds",
+        "dynunet_tiny",
         *BASELINES,
     }
     small = get_network("MEDNet2", in_channels=3, out_channels=2, widths=(4, 8, 8, 8, 8))
@@ -301,6 +303,21 @@ def test_demo_bundle_weights_load_into_the_bundles_dynunet() -> None:
     with torch.no_grad():
         logits = network.eval()(torch.rand(1, 1, 64, 64))
     assert torch.isfinite(logits).all()
+
+
+def test_tiny_dynunet_is_the_default_a_quarter_as_wide_at_a_fifteenth_of_the_arithmetic() -> None:
+    tiny, default = get_network("dynunet_tiny"), get_network("dynunet_ds")
+    assert tiny.net.filters == [8, 16, 32, 64, 128]  # the default's 32-64-128-256-336
+    assert count_parameters(tiny) < count_parameters(default) / 10
+    window = torch.rand(1, 1, 256, 256)
+    flops = []
+    for network in (tiny.eval(), default.eval()):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            network(window)
+        flops.append(counter.get_total_flops())
+    assert flops[0] < flops[1] / 12  # 1.5 against 23.1 GFLOP per 256² window
+    tiny.train()
+    assert isinstance(tiny(window), list)  # deep supervision, like the default
 
 
 @pytest.mark.parametrize(

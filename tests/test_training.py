@@ -12,17 +12,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from rcmseg.bundle import default_bundle_dir
 from rcmseg.classes import NUM_CLASSES, UNLABELLED
 from rcmseg.cli.main import app
 from rcmseg.errors import InputError
 from rcmseg.inference import SegmentationEngine
 from rcmseg.io.dataset import load_case, read_manifest
+from rcmseg.losses import make_loss
 from rcmseg.metrics import confusion_matrix, one_vs_rest
 from rcmseg.networks import get_network
 from rcmseg.synth import write_dataset
 from rcmseg.training import TrainConfig, train
 from rcmseg.training.augment import APPEARANCE, BatchAugment
 from rcmseg.training.data import split_cases
+from rcmseg.training.distill import distillation_targets, load_teacher
 from rcmseg.training.loop import _batch_augment
 
 torch.set_num_threads(2)
@@ -313,3 +316,85 @@ def test_level_weights_reach_the_loss(tmp_path):
     weighted = float(loss(logits, labels))
     plain = float(make_loss(config.loss, gamma=config.tv_weight)(logits, labels))
     assert weighted < plain  # the two coarse terms count less
+
+
+def test_distillation_targets_keep_labels_and_take_the_teacher_elsewhere() -> None:
+    teacher = torch.softmax(torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(0)), 1)
+    labels = torch.randint(0, 6, (2, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    labels[:, :, :3] = UNLABELLED
+    one_hot = torch.nn.functional.one_hot(labels.clamp(max=5)[:, 0], 6).permute(0, 3, 1, 2)
+    labelled = (labels != UNLABELLED).expand(-1, 6, -1, -1)
+
+    plain = distillation_targets(labels, teacher, blend=0.0)
+    assert torch.equal(plain[labelled], one_hot.float()[labelled])
+    assert torch.equal(plain[~labelled], teacher[~labelled])
+    half = distillation_targets(labels, teacher, blend=0.5)
+    assert torch.allclose(half[labelled], (0.5 * one_hot + 0.5 * teacher)[labelled])
+    assert torch.allclose(half.sum(1), torch.ones(2, 8, 8))
+    with pytest.raises(ValueError, match="blend"):
+        distillation_targets(labels, teacher, blend=1.5)
+
+
+def test_a_bundle_teaches_where_the_expert_labelled_nothing(dataset: Path, tmp_path: Path) -> None:
+    # the real bundle (DynUNet with its demo weights) teaches a narrow MED-Net
+    config = quick_config(dataset, tmp_path / "run", teacher=default_bundle_dir(), max_epochs=1)
+    teacher = load_teacher(config.teacher, torch.device("cpu"))
+    augment = _batch_augment(config, torch.device("cpu"), seed=0, teacher=teacher)
+    images = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    labels = torch.full((4, 1, 64, 64), UNLABELLED)
+    labels[:, :, :16] = 2
+    inputs, targets = augment(images, labels)
+    assert targets.shape == (4, NUM_CLASSES, 64, 64) and targets.dtype == torch.float32
+    expected = teacher.engine.window_probabilities(inputs)
+    # the rotated-in border is unlabelled too: compare where the augmented labels say "none"
+    _, moved = _batch_augment(config, torch.device("cpu"), seed=0)(images, labels)
+    unlabelled = (moved == UNLABELLED).expand(-1, NUM_CLASSES, -1, -1)
+    assert unlabelled.any() and torch.allclose(targets[unlabelled], expected[unlabelled])
+    assert torch.equal(targets[:, 2][moved[:, 0] == 2], torch.ones(int((moved == 2).sum())))
+
+    # with no label at all, the labels alone give no gradient; the teacher's targets do
+    network = get_network("mednet2", **SMALL)
+    loss = make_loss("mdsc_tv", gamma=0.0)
+    blank = torch.full((4, 1, 64, 64), UNLABELLED)
+    loss(network(inputs), blank).backward()
+    assert all(p.grad is None or not p.grad.any() for p in network.parameters())
+    network.zero_grad()
+    _, taught = teacher(inputs, blank)
+    loss(network(inputs), taught).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in network.parameters())
+
+    result = train(config)
+    assert result.epochs_completed == 1 and result.model_path.is_file()
+    with pytest.raises(InputError, match="teacher_weights needs a teacher bundle"):
+        quick_config(dataset, tmp_path / "x", teacher_weights=tmp_path / "w.pt")
+    with pytest.raises(InputError, match=r"teacher_blend must be in \[0, 1\]"):
+        quick_config(dataset, tmp_path / "x", teacher=default_bundle_dir(), teacher_blend=2)
+    with pytest.raises(InputError, match="bundle folder not found"):
+        train(quick_config(dataset, tmp_path / "x", teacher=tmp_path / "none"))
+
+
+def test_train_model_cli_distils_a_small_network_from_a_bundle(
+    dataset: Path, tmp_path: Path
+) -> None:
+    options = ["--epochs", "1", "--iterations", "1", "--batch-size", "2", "--patch-size", "64"]
+    options += ["--device", "cpu", "--no-progress", "--network", "dynunet_tiny"]
+    bundle = str(default_bundle_dir())
+    taught = CliRunner().invoke(
+        app,
+        ["train", "model", str(dataset), "--out", str(tmp_path / "run"), *options]
+        + ["--teacher", bundle, "--teacher-blend", "0.5"],
+    )
+    assert taught.exit_code == 0, taught.output
+    assert "best validation Dice" in taught.output
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    get_network("dynunet_tiny").load_state_dict(state)  # the student's weights, not the teacher's
+
+    missing = CliRunner().invoke(
+        app,
+        ["train", "model", str(dataset), "--out", str(tmp_path / "x"), *options]
+        + ["--teacher", str(tmp_path / "nowhere")],
+    )
+    assert missing.exit_code == 2
+    assert missing.output.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'nowhere'}: bundle folder not found"
+    )

@@ -91,6 +91,19 @@ def train_model_command(
             help="Also randomise sharpness, tone curve and contrast (beyond the paper; batched)."
         ),
     ] = False,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            help="Distil from this bundle: its probabilities are the targets where the expert "
+            "labelled nothing (e.g. a smaller, faster network learning from the bundle's)."
+        ),
+    ] = None,
+    teacher_weights: Annotated[
+        Path | None, typer.Option(help="The teacher's weights (default: its models/model.pt).")
+    ] = None,
+    teacher_blend: Annotated[
+        float, typer.Option(help="The teacher's weight at labelled pixels, 0-1.")
+    ] = 0.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     amp: Annotated[
         bool, typer.Option(help="Mixed precision: fp16 on CUDA, bf16 on CPUs with native bf16.")
@@ -144,6 +157,9 @@ def train_model_command(
             iterations_per_epoch=iterations,
             augmentation=augmentation,
             augment_appearance=augment_appearance,
+            teacher=teacher,
+            teacher_weights=teacher_weights,
+            teacher_blend=teacher_blend,
             device=device,
             amp=amp,
             num_workers=workers,

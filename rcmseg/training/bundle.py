@@ -33,6 +33,11 @@ RUN_FIELDS = frozenset(
         "stop_after_epochs",
         "progress",
         "num_workers",
+        # A teacher trained on the whole data set has seen every held-out fold: cv and study
+        # train the student's network on the labels alone, or its figures would leak them.
+        "teacher",
+        "teacher_weights",
+        "teacher_blend",
     }
 )
 
@@ -42,7 +47,8 @@ def bundle_train_settings(bundle_dir: str | Path | None = None) -> dict[str, Any
 
     Network, loss, optimiser, schedule, patch sampling, augmentation, AMP and workers, as the
     bundle's ``train_config`` resolves them; run-specific fields (``RUN_FIELDS``) are left out, so
-    ``rcmseg cv`` and ``rcmseg study`` train every fold the way the bundle trains.
+    ``rcmseg cv`` and ``rcmseg study`` train every fold the way the bundle trains (but without a
+    distillation teacher, which would have seen the held-out folds).
     ``bundle_dir=None`` reads the bundled ``rcm_mednet``.
 
     Raises:

@@ -92,6 +92,13 @@ class TrainConfig:
             (:data:`rcmseg.training.augment.APPEARANCE`; beyond the paper, for mosaics from other
             microscopes or settings); ``"batched"`` only.
 
+    Distillation (:mod:`rcmseg.training.distill`):
+        teacher: a bundle folder whose network teaches this run's: its probabilities are the
+            targets at unlabelled pixels (and, with ``teacher_blend``, mixed into the labelled
+            ones); ``None`` (default) trains on the labels alone.
+        teacher_weights: the teacher's weights (default: the bundle's ``models/model.pt``).
+        teacher_blend: the teacher's weight at labelled pixels, in [0, 1].
+
     Validation:
         val_every: validate every this many epochs (the last epoch always validates).
         val_preset: sliding-window preset of :func:`rcmseg.inference.segment_image` used to
@@ -139,6 +146,9 @@ class TrainConfig:
     augmentation: str = "batched"
     zoom: float = 0.1
     augment_appearance: bool = False
+    teacher: Path | str | None = None
+    teacher_weights: Path | str | None = None
+    teacher_blend: float = 0.0
     val_every: int = 1
     val_preset: str = "fast"
     export_path: Path | str | None = None
@@ -154,8 +164,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         self.output_dir = Path(self.output_dir)
-        if self.export_path is not None:
-            self.export_path = Path(self.export_path)
+        for name in ("export_path", "teacher", "teacher_weights"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        if not 0 <= self.teacher_blend <= 1:
+            raise InputError(None, f"teacher_blend must be in [0, 1], not {self.teacher_blend}")
+        if self.teacher is None and self.teacher_weights is not None:
+            raise InputError(None, "teacher_weights needs a teacher bundle")
         self.optimizer = component_dict(self.optimizer, "optimizer")
         if self.lr_scheduler is not None:
             self.lr_scheduler = component_dict(self.lr_scheduler, "lr_scheduler")

@@ -35,6 +35,7 @@ from rcmseg.training.checkpoint import (
 )
 from rcmseg.training.config import TrainConfig, TrainResult, build_component
 from rcmseg.training.data import LoadedCase, epoch_order, load_cases, patch_loader, split_cases
+from rcmseg.training.distill import Teacher, load_teacher
 from rcmseg.training.distributed import (
     rank_and_world,
     sum_across_ranks,
@@ -122,17 +123,25 @@ def _validates_after(epoch: int, config: TrainConfig) -> bool:
     return (epoch + 1) % config.val_every == 0 or epoch + 1 == config.max_epochs
 
 
-def _batch_augment(config: TrainConfig, device: torch.device, seed: int) -> Augment | None:
-    """What turns a loader batch into network input on ``device``: the batched augmentation
-    with its own seeded generator, only the intensity scaling without augmentation, or nothing
-    when the DataLoader's per-patch transforms did both."""
+def _batch_augment(
+    config: TrainConfig, device: torch.device, seed: int, teacher: Teacher | None = None
+) -> Augment | None:
+    """What turns a loader batch into network input and targets on ``device``: the batched
+    augmentation with its own seeded generator, only the intensity scaling without augmentation,
+    or nothing when the DataLoader's per-patch transforms did both; then the ``teacher``'s
+    targets, when distilling."""
+    augment: Augment | None
     if config.augmentation == "per_patch":
-        return None
-    if config.augmentation == "none":
-        return _scale_intensity
-    appearance = APPEARANCE if config.augment_appearance else {}
-    augment = BatchAugment(zoom=config.zoom, **appearance)
-    return functools.partial(augment, generator=torch.Generator(device=device).manual_seed(seed))
+        augment = None
+    elif config.augmentation == "none":
+        augment = _scale_intensity
+    else:
+        appearance = APPEARANCE if config.augment_appearance else {}
+        generator = torch.Generator(device=device).manual_seed(seed)
+        augment = functools.partial(
+            BatchAugment(zoom=config.zoom, **appearance), generator=generator
+        )
+    return augment if teacher is None else teacher.after(augment)
 
 
 def _scale_intensity(
@@ -413,14 +422,19 @@ def train(
         ``torch.load(..., weights_only=True)``.
 
     Raises:
-        InputError: the data set is missing or empty, the split leaves nothing to train on, or
-            the patch size is not a multiple of what the network needs.
+        InputError: the data set is missing or empty, the split leaves nothing to train on,
+            the patch size is not a multiple of what the network needs, or the teacher bundle
+            cannot be loaded.
     """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     amp = config.amp
     rank, world_size = rank_and_world()
+    teacher = None
+    if config.teacher is not None:  # before the data: a bad teacher fails at once
+        teacher = load_teacher(config.teacher, device, config.teacher_weights, config.teacher_blend)
+        logger.info("distilling from %s (%s)", config.teacher, teacher.engine.describe())
     root = Path(config.data_dir)
     train_cases, val_cases = split_cases(
         root,
@@ -488,7 +502,7 @@ def train(
                 device,
                 amp,
                 on_step,
-                _batch_augment(config, device, epoch_seed),
+                _batch_augment(config, device, epoch_seed, teacher),
             )
             seconds = time.perf_counter() - started
             run.scheduler.step()
