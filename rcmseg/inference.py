@@ -524,7 +524,7 @@ class SegmentationEngine:
     def window_probabilities(self, windows: torch.Tensor) -> torch.Tensor:
         """Class probabilities (B, K, h, w) float32 of a batch of windows (B, 1, h, w) in [0, 1]
         on the engine's device, as the sliding window sees them (precision, backend, TTA)."""
-        return self._predictor()(windows).float()
+        return self._predictor()(windows)
 
     def _predictor(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.tta:

@@ -58,7 +58,7 @@ def train_model_command(
             help="dynunet_ds (the bundle's default: DynUNet with deep supervision), dynunet, "
             "mednet (MED-Net, 3 levels), mednet2, mednet1, mednet_legacy, mednet2_legacy, "
             "mednet_deep, mednet_deep_noprior, mednet_unet, mednet_unet_in, mednet_dynunet, "
-            "unet, fcn, segnet or deeplab."
+            "dynunet_tiny (rcm_lite's), unet, fcn, segnet or deeplab."
         ),
     ] = "dynunet_ds",
     loss: Annotated[str, typer.Option(help="mdsc_tv (paper), dice or ce.")] = "mdsc_tv",
