@@ -170,8 +170,15 @@ def child_speed(args: argparse.Namespace) -> dict:
         clock = StageClock()
         options = BatchOptions(preset=args.preset, device=args.device)
         built = time.perf_counter()
-        engine = bundle.engine(args.preset, precision=args.precision, backend=args.backend)
+        engine = bundle.engine(
+            args.preset,
+            precision=args.precision,
+            backend=args.backend,
+            openvino_cache=args.openvino_cache,
+        )
         result.update(backend=args.backend, engine_build_seconds=time.perf_counter() - built)
+        if engine._openvino is not None:
+            result["openvino_cached"] = engine._openvino.cached
         record = Segmenter(bundle, engine, options).segment_mosaic(job, clock)
         result["precision"] = engine.precision
         marks = clock.marks
@@ -205,7 +212,11 @@ def run_folder(args: argparse.Namespace) -> dict:
             make_large_mosaic(folder / f"m{index}.tif", args.size, seed=index)
         started = time.perf_counter()
         options = BatchOptions(
-            device=args.device, precision=args.precision, threads=args.threads, backend=args.backend
+            device=args.device,
+            precision=args.precision,
+            threads=args.threads,
+            backend=args.backend,
+            openvino_cache=args.openvino_cache,
         )
         result = run_batch(folder, Path(workdir) / "out", options=options, show_progress=False)
         wall = time.perf_counter() - started
@@ -232,6 +243,7 @@ def run_speed(args: argparse.Namespace) -> list[dict]:
             started = time.perf_counter()
             make_large_mosaic(mosaic, size)
             print(f"# wrote {size}² test mosaic in {time.perf_counter() - started:.0f} s")
+            cache = ["--openvino-cache", str(args.openvino_cache)] if args.openvino_cache else []
             for preset in args.presets:
                 crop = args.paper_crop if preset == "paper" and args.paper_crop else 0
                 command = [
@@ -239,6 +251,7 @@ def run_speed(args: argparse.Namespace) -> list[dict]:
                     "--mosaic", str(mosaic), "--out-dir", workdir, "--preset", preset,
                     "--device", args.device, "--threads", str(args.threads), "--crop", str(crop),
                     "--precision", args.precision, "--backend", args.backend,
+                    *cache,
                     *(["--stand-in"] if args.stand_in else []),
                     *(["--network", args.network] if args.network else []),
                 ]  # fmt: skip
@@ -415,6 +428,9 @@ def main() -> None:
     for command in (speed, child, folder):
         command.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16")
         command.add_argument("--backend", default="torch", help="torch or openvino")
+        command.add_argument(
+            "--openvino-cache", type=Path, help="keep/reuse the converted OpenVINO network here"
+        )
     for command in (speed, agreement, child, folder):
         command.add_argument("--device", default="auto")
         command.add_argument("--threads", type=int, default=2)

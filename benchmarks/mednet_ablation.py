@@ -253,6 +253,29 @@ VARIANTS.update(
     }
 )
 
+# issue 13 (sixteenth session): the same small DynUNet with batch norms, which fold into the
+# convolutions for inference (the instance norms cost the tiny network as much as its convolutions)
+TINY_DYNUNET_BN: dict[str, Any] = {**TINY_DYNUNET, "norm": "batch"}
+VARIANTS.update(
+    {
+        "dynunet_ds_tiny_bn_kd": Variant(
+            "DynUNet 8-128, batch norm, distilled (teacher at unlabelled pixels)",
+            "distillation",
+            network="dynunet",
+            kwargs=TINY_DYNUNET_BN,
+            teacher="dynunet_ds",
+        ),
+        "dynunet_ds_tiny_bn_kd_blend": Variant(
+            "DynUNet 8-128, batch norm, distilled (teacher everywhere, half at labelled pixels)",
+            "distillation",
+            network="dynunet",
+            kwargs=TINY_DYNUNET_BN,
+            teacher="dynunet_ds",
+            train={"teacher_blend": 0.5},
+        ),
+    }
+)
+
 # the final comparison's networks at three times the budget (do their curves flatten?)
 LONG_RUNS: dict[str, str] = {
     "dynunet_long": "dynunet",
@@ -269,6 +292,9 @@ LONG_RUNS: dict[str, str] = {
     "dynunet_ds_tiny_long": "dynunet_ds_tiny",
     "dynunet_ds_tiny_kd_long": "dynunet_ds_tiny_kd",
     "dynunet_ds_tiny_kd_blend_long": "dynunet_ds_tiny_kd_blend",
+    # ... and with batch norms (sixteenth session)
+    "dynunet_ds_tiny_bn_kd_long": "dynunet_ds_tiny_bn_kd",
+    "dynunet_ds_tiny_bn_kd_blend_long": "dynunet_ds_tiny_bn_kd_blend",
 }
 # ... and at the paper's crop size (batch/4: same px per step). An epoch holds 28 crops of 256 px
 # against 252 of 128 px: the 56-epoch runs see the 128 px runs' pixels (1568 crops of 256²).

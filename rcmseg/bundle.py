@@ -62,6 +62,7 @@ class LoadedBundle:
         precision: str = "auto",
         tta: bool = False,
         backend: str = "torch",
+        openvino_cache: str | Path | None = None,
     ) -> SegmentationEngine:
         """A :class:`~rcmseg.inference.SegmentationEngine` for this bundle's network."""
         return SegmentationEngine(
@@ -72,6 +73,7 @@ class LoadedBundle:
             tta=tta,
             presets=self.presets,
             backend=backend,
+            openvino_cache=openvino_cache,
         )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -325,6 +326,32 @@ def test_monai_runs_the_lite_bundle_from_its_config_alone(tmp_path, small_mosaic
     record = json.loads((tmp_path / "out" / "m.summary.json").read_text())
     weights = LITE / "models" / "model.pt"
     assert record["model"] == f"DynUNet2D@{load_weights(get_network('dynunet_tiny'), weights)}"
+
+
+def test_batch_reuses_the_openvino_network_kept_on_purpose(tmp_path, small_mosaic) -> None:
+    """`rcmseg batch --backend openvino` with $RCMSEG_OPENVINO_CACHE: the first run converts and
+    keeps the network, the second reads it back and writes the same labels."""
+    pytest.importorskip("openvino")
+    import tifffile
+
+    cache = tmp_path / "ov-cache"
+    env = {**os.environ, "RCMSEG_OPENVINO_CACHE": str(cache)}
+    labels = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        done = subprocess.run(
+            [sys.executable, "-m", "rcmseg.cli.main", "batch", str(small_mosaic), "--out", str(out)]
+            + ["--bundle", str(LITE), "--backend", "openvino", "--precision", "fp32"]
+            + ["--device", "cpu", "--no-progress"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        labels.append(tifffile.imread(out / "m.labels.tif"))
+        assert sorted(path.suffix for path in cache.iterdir()) == [".bin", ".xml"]
+    assert (labels[0] == labels[1]).all()
 
 
 def test_lite_metadata_verifies_against_the_bundle_schema() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -295,18 +296,63 @@ def test_openvino_backend_gives_the_torch_labels(conv_net):
 
 def test_openvino_network_pads_and_splits_batches_for_its_static_shape(conv_net):
     """Compiled per window shape with a fixed batch: any number of windows gives the torch
-    logits, and only the last two window shapes stay compiled."""
+    probabilities, and only the last two window shapes stay compiled."""
     from rcmseg.inference import OpenVINONetwork
 
     runtime = OpenVINONetwork(conv_net, "fp32", batch_size=4, window=(64, 64))
     for count in (1, 4, 7):
         windows = torch.rand(count, 1, 64, 64, generator=torch.Generator().manual_seed(count))
         with torch.no_grad():
-            expected = conv_net(windows).numpy()
-        np.testing.assert_allclose(runtime(windows.numpy()), expected, atol=1e-4)
+            expected = torch.softmax(conv_net(windows), dim=1).numpy()
+        np.testing.assert_allclose(runtime(windows.numpy()), expected, atol=1e-5)
     for window in ((64, 96), (96, 64)):
         assert runtime(np.zeros((2, 1, *window), np.float32)).shape == (2, 6, *window)
     assert sorted(runtime._compiled) == [(64, 96), (96, 64)]
+
+
+def test_openvino_runs_instance_norms_as_they_are_with_the_torch_labels():
+    """OpenVINO gets the instance norms themselves (its MVN operation, faster than the group
+    norms torch runs them as), with the labels torch gives."""
+    from rcmseg.networks import get_network
+
+    torch.manual_seed(0)
+    network = get_network("dynunet", filters=(8, 16, 16, 32, 32)).eval()
+    image = random_image(160, 130, seed=9)
+    torch_engine = SegmentationEngine(network, SMALL, precision="fp32")
+    engine = SegmentationEngine(network, SMALL, precision="fp32", backend="openvino")
+    operations = {op.get_type_name() for op in engine._openvino._model.get_ordered_ops()}
+    assert "MVN" in operations and "GroupNormalization" not in operations
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in torch_engine.model.modules())
+    labels = engine.segment(image).labels
+    assert (labels == torch_engine.segment(image).labels).mean() > 0.999
+
+
+def test_openvino_cache_keeps_the_converted_network_only_when_asked(conv_net, tmp_path):
+    """With a cache folder the converted model is written once (IR .xml and .bin, no scratch
+    left) and read back by later runs with equal outputs; other weights get another entry;
+    without one, nothing is written."""
+    from rcmseg.inference import OpenVINONetwork
+
+    windows = np.random.default_rng(3).random((2, 1, 64, 64), dtype=np.float32)
+    cache = tmp_path / "cache"
+    first = OpenVINONetwork(conv_net, "fp32", batch_size=2, window=(64, 64), cache_dir=cache)
+    assert not first.cached
+    entries = sorted(path.suffix for path in cache.iterdir())
+    assert entries == [".bin", ".xml"]
+    again = OpenVINONetwork(conv_net, "fp32", batch_size=2, window=(64, 64), cache_dir=cache)
+    assert again.cached
+    np.testing.assert_array_equal(again(windows), first(windows))
+
+    retrained = copy.deepcopy(conv_net)
+    with torch.no_grad():
+        retrained[0].bias += 0.5
+    other = OpenVINONetwork(retrained, "fp32", batch_size=2, window=(64, 64), cache_dir=cache)
+    assert not other.cached and len(list(cache.glob("*.xml"))) == 2
+    assert not np.array_equal(other(windows), first(windows))
+
+    engine = SegmentationEngine(conv_net, SMALL, precision="fp32", backend="openvino")
+    assert not engine._openvino.cached and len(list(cache.iterdir())) == 4
+    assert not list(tmp_path.glob("*.xml"))
 
 
 def test_unknown_backend_is_one_line(conv_net):

@@ -541,6 +541,32 @@ def test_dynunet_survives_fold_batch_norms() -> None:
         torch.testing.assert_close(fold_batch_norms(network)(x), network(x))
 
 
+def test_batch_norm_tiny_dynunet_folds_every_norm_away_with_equal_logits() -> None:
+    torch.manual_seed(0)
+    network = get_network("dynunet_tiny", norm="batch")
+    assert count_parameters(network) == count_parameters(get_network("dynunet_tiny"))
+    network.train()
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            network(torch.rand(4, 1, 64, 64))
+    network.eval()
+    folded = inference_copy(network)
+    norms = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.InstanceNorm2d)
+    assert not any(isinstance(m, norms) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())  # left alone
+    x = torch.rand(2, 1, 96, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), network(x), rtol=1e-4, atol=1e-4)
+    scripted = torch.jit.script(network)  # what ckpt_export writes: no training heads
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), network(x))
+
+
+def test_dynunet_refuses_an_unknown_norm() -> None:
+    with pytest.raises(ValueError, match="norm"):
+        get_network("dynunet", norm="layer")
+
+
 @pytest.mark.parametrize("name", ["dynunet", "mednet_unet_in", "mednet_dynunet"])
 def test_inference_copy_turns_instance_norms_into_group_norms_with_equal_logits(name: str) -> None:
     from rcmseg.networks.blocks import inference_copy

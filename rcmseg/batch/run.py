@@ -56,6 +56,7 @@ class BatchOptions:
             :func:`rcmseg.inference.resolve_precision`).
         tta: test-time augmentation, the mean over 8 flips/rotations (8x the network time).
         backend: ``torch`` or ``openvino`` (CPU; extra ``rcmseg[openvino]``).
+        openvino_cache: folder to keep the converted OpenVINO model in, reused by later runs.
         fallback_mpp: µm/px of mosaics whose file carries no pixel size.
         probabilities, uncertainty, overlay, geojson: optional outputs.
         resume: skip mosaics whose outputs are complete, valid and made the same way
@@ -71,6 +72,7 @@ class BatchOptions:
     precision: str = "auto"
     tta: bool = False
     backend: str = "torch"
+    openvino_cache: Path | None = None
     fallback_mpp: float = MOSAIC_MPP
     probabilities: bool = False
     uncertainty: bool = False
@@ -380,7 +382,11 @@ def run_batch(
         bundle = load_bundle(bundle_dir, device=device_for_part(options.device))
     if engine is None:
         engine = bundle.engine(
-            options.preset, precision=options.precision, tta=options.tta, backend=options.backend
+            options.preset,
+            precision=options.precision,
+            tta=options.tta,
+            backend=options.backend,
+            openvino_cache=options.openvino_cache,
         )
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -57,6 +57,9 @@ class DynUNet2D(nn.Module):
             main output last, like MED-Net's coarse-to-fine list; eval mode always returns the
             main logits alone.
         deep_supr_num: auxiliary heads when ``deep_supervision``.
+        norm: ``"instance"`` (nnU-Net's: each window's own statistics) or ``"batch"`` (running
+            statistics, folded into the convolutions for inference: no normalisation pass left,
+            for networks so narrow that the norms cost as much as the convolutions).
 
     Shapes: (B, C, H, W) -> (B, K, H, W) (H, W multiples of the product of ``strides``).
     """
@@ -69,8 +72,11 @@ class DynUNet2D(nn.Module):
         strides: Sequence[int] | None = None,
         deep_supervision: bool = False,
         deep_supr_num: int = 2,
+        norm: str = "instance",
     ) -> None:
         super().__init__()
+        if norm not in ("instance", "batch"):
+            raise ValueError(f"norm must be 'instance' or 'batch', not {norm!r}")
         if strides is None:
             strides = (1,) + (2,) * (len(filters) - 1)
         if len(filters) != len(strides):
@@ -78,6 +84,7 @@ class DynUNet2D(nn.Module):
         self.deep_supervision = deep_supervision
         self.upsample_output = strides[0] > 1
         self._arguments = (in_channels, out_channels, tuple(filters), tuple(strides))
+        self._norm = norm
         self.net = DynUNet(
             spatial_dims=2,
             in_channels=in_channels,
@@ -86,7 +93,7 @@ class DynUNet2D(nn.Module):
             strides=list(strides),
             upsample_kernel_size=list(strides[1:]),
             filters=list(filters),
-            norm_name=("instance", {"affine": True}),
+            norm_name=(norm, {"affine": True}),
             act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
             deep_supervision=deep_supervision,
             deep_supr_num=deep_supr_num,
@@ -116,7 +123,7 @@ class DynUNet2D(nn.Module):
         same eval outputs)."""
         if not self.deep_supervision:
             return self
-        plain = DynUNet2D(*self._arguments)
+        plain = DynUNet2D(*self._arguments, norm=self._norm)
         state = {
             key: value
             for key, value in self.state_dict().items()
@@ -138,10 +145,16 @@ def dynunet(
     filters: Sequence[int] = (32, 64, 128, 256, 336),
     deep_supervision: bool = False,
     strides: Sequence[int] | None = None,
+    norm: str = "instance",
 ) -> nn.Module:
     """:class:`DynUNet2D` with nnU-Net's defaults at ~6 M parameters."""
     return DynUNet2D(
-        in_channels, out_channels, filters, strides=strides, deep_supervision=deep_supervision
+        in_channels,
+        out_channels,
+        filters,
+        strides=strides,
+        deep_supervision=deep_supervision,
+        norm=norm,
     )
 
 

@@ -9,7 +9,7 @@ import copy
 from collections.abc import Callable
 
 import torch
-from monai.networks.blocks.dynunet_block import UnetResBlock
+from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -100,19 +100,21 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
 
 
 def fold_batch_norms(network: nn.Module) -> nn.Module:
-    """An inference copy of ``network`` whose residual blocks have each batch norm folded into
-    the convolution before it (one pass over the feature map instead of two).
+    """An inference copy of ``network`` whose residual and plain conv blocks (MONAI's
+    :class:`UnetResBlock`, :class:`UnetBasicBlock`) have each batch norm folded into the
+    convolution before it (one pass over the feature map instead of two).
 
     Logits equal the original's up to float rounding (eval mode: batch norm is an affine map
     with the running statistics). About 1.25x faster MED-Net inference on CPU (docs/benchmarks.md).
-    ``network`` itself is left untouched, so it can still be trained; a network without
-    :class:`UnetResBlock` (e.g. TorchScript) is returned as it is.
+    ``network`` itself is left untouched, so it can still be trained; a network without such
+    blocks (e.g. TorchScript) is returned as it is.
     """
-    if network.training or not any(isinstance(m, UnetResBlock) for m in network.modules()):
+    blocks = (UnetResBlock, UnetBasicBlock)
+    if network.training or not any(isinstance(m, blocks) for m in network.modules()):
         return network
     folded = copy.deepcopy(network)
     for block in folded.modules():
-        if not isinstance(block, UnetResBlock):
+        if not isinstance(block, blocks):
             continue
         pairs = [("conv1", "norm1"), ("conv2", "norm2")]
         if hasattr(block, "conv3"):  # projection shortcut
@@ -206,14 +208,15 @@ def edge_layers_in_float32(
     return replace_modules(network, as_float32)
 
 
-def inference_copy(network: nn.Module) -> nn.Module:
+def inference_copy(network: nn.Module, group_norms: bool = True) -> nn.Module:
     """An eval-mode copy of ``network`` in its fastest equal form: batch norms folded into their
-    convolutions (:func:`fold_batch_norms`) and instance norms as group norms
-    (:func:`instance_norms_as_group_norms`). ``network`` and its train/eval mode are left alone.
+    convolutions (:func:`fold_batch_norms`) and, for torch (``group_norms``), instance norms as
+    group norms (:func:`instance_norms_as_group_norms`); OpenVINO runs instance norms fastest as
+    they are (its MVN operation). ``network`` and its train/eval mode are left alone.
     """
     was_training = network.training
     copied = fold_batch_norms(network.eval())
     if copied is network:
         copied = copy.deepcopy(network)
     network.train(was_training)
-    return instance_norms_as_group_norms(copied).eval()
+    return (instance_norms_as_group_norms(copied) if group_norms else copied).eval()
