@@ -586,6 +586,58 @@ def level_dice(
     return [float(one_vs_rest(m)["mean_dice"]) for m in matrices]
 
 
+def rescore_zoomed(
+    names: Sequence[str], seeds: Sequence[int], zooms: Sequence[float], args: argparse.Namespace
+) -> str:
+    """Other-digitisation Dice of finished runs on test sets whose textures are enlarged by each
+    of ``zooms`` (a scale-matched test: how much of the gap between the digitisations is
+    scale). Datasets go to ``OUT/data_zoom<Z>``, results to each run's ``other_zoom<Z>.json``;
+    returns a Markdown table (mean ± sd over seeds)."""
+    columns = " | ".join(f"other, test zoom {z:g}" for z in (1.0, *zooms))
+    lines = [
+        f"| variant | seeds | {columns} |",
+        "|---|---:|" + "---:|" * (len(zooms) + 1),
+    ]
+    for name in names:
+        variant = VARIANTS[name]
+        per_zoom: list[list[float]] = [[] for _ in (1.0, *zooms)]
+        for seed in seeds:
+            run_dir = args.out / "runs" / (name if seed == args.seed else f"{name}@{seed}")
+            finished = run_dir / "result.json"
+            if not finished.is_file():
+                continue
+            per_zoom[0].append(json.loads(finished.read_text())["other"]["dice"])
+            for column, zoom in enumerate(zooms, start=1):
+                scored = run_dir / f"other_zoom{zoom:g}.json"
+                if not scored.is_file():
+                    data = args.out / f"data_zoom{zoom:g}"
+                    with cpu_lock():
+                        if not (data / "manifest.csv").is_file():
+                            write_texture_dataset(
+                                args.textures,
+                                data,
+                                args.train_mosaics,
+                                args.test_mosaics,
+                                args.size,
+                                args.seed,
+                                shrink=args.shrink,
+                                source=args.source,
+                                test_zoom=zoom,
+                            )
+                        network = get_network(
+                            variant.network, **scaled_kwargs(variant, args.width_scale)
+                        )
+                        last = run_dir / "train" / "checkpoints" / "last.pt"
+                        network.load_state_dict(load_checkpoint(last)["network"])
+                        metrics = evaluate(network, split(data, args.seed)[2], data, args.preset)
+                    scored.write_text(json.dumps(metrics, indent=1) + "\n")
+                per_zoom[column].append(json.loads(scored.read_text())["dice"])
+        if per_zoom[0]:
+            cells = " | ".join(_mean_sd(values) for values in per_zoom)
+            lines.append(f"| `{name}` | {len(per_zoom[0])} | {cells} |")
+    return "\n".join(lines)
+
+
 def _mean_sd(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -720,6 +772,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--png", type=Path, default=None, help="learning curves PNG")
     parser.add_argument("--report-only", action="store_true", help="no training, just report")
     parser.add_argument(
+        "--rescore-zoom",
+        nargs="*",
+        type=float,
+        default=[],
+        help="evaluate the finished runs again on test sets with textures enlarged this much",
+    )
+    parser.add_argument(
         "--level-dice",
         nargs="*",
         default=[],
@@ -750,10 +809,13 @@ def main() -> None:
         for name in args.variants:
             run_name = name if seed == args.seed else f"{name}@{seed}"
             done = args.out / "runs" / run_name / "result.json"
-            if args.report_only and not done.is_file():
+            if (args.report_only or args.rescore_zoom) and not done.is_file():
                 continue
             results[name].append(run_variant(name, VARIANTS[name], seed, args, data))
     results = {name: runs for name, runs in results.items() if runs}
+    if args.rescore_zoom:
+        print(rescore_zoomed(args.variants, seeds, args.rescore_zoom, args))
+        return
     table = write_table(results, args.out / "table.md")
     print(table)
     if args.png is not None and results:

@@ -91,19 +91,25 @@ def _without_dark_bottom(image: np.ndarray, threshold: float = 40.0) -> np.ndarr
 
 
 def load_texture(
-    texture_dir: Path, texture: Texture, digitisation: str, shrink: int = 1
+    texture_dir: Path, texture: Texture, digitisation: str, shrink: int = 1, zoom: float = 1.0
 ) -> np.ndarray:
     """float64 texture at the ``1.1`` scale shrunk ``shrink`` times (area average), normalised
-    to TARGET_MEAN/TARGET_STD: about (512 / shrink) px square."""
+    to TARGET_MEAN/TARGET_STD: about (512 / shrink) px square. ``zoom`` ≠ 1 enlarges it that
+    many times more (box-filtered resampling of the scan, e.g. 1.3 to bring ``1.1`` to the
+    ``1.3`` scans' apparent scale)."""
     usc = Path(texture_dir) / "usc_sipi"
     if digitisation == "1.1":
-        image = _block_mean(_without_dark_bottom(tifffile.imread(usc / texture.file_512)), shrink)
+        scan, factor = _without_dark_bottom(tifffile.imread(usc / texture.file_512)), shrink
     elif digitisation == "1.3":
-        fine = _without_dark_bottom(tifffile.imread(usc / texture.file_1024))
-        image = _block_mean(fine, 2 * shrink)
+        scan = _without_dark_bottom(tifffile.imread(usc / texture.file_1024))
+        factor = 2 * shrink
     else:
         raise ValueError(f"digitisation must be one of {DIGITISATIONS}, not {digitisation!r}")
-    return _normalised(image)
+    if zoom == 1.0:
+        return _normalised(_block_mean(scan, factor))
+    size = [max(1, round(extent / factor * zoom)) for extent in scan.shape[::-1]]
+    resized = Image.fromarray(scan.astype(np.float32)).resize(size, Image.Resampling.BOX)
+    return _normalised(np.asarray(resized))
 
 
 def _normalised(image: np.ndarray) -> np.ndarray:
@@ -233,13 +239,15 @@ def write_texture_dataset(
     train_digitisation: str = "1.3",
     shrink: int = 2,
     source: str = "usc",
+    test_zoom: float = 1.0,
 ) -> list[Case]:
     """Write the benchmark dataset: training mosaics from one digitisation, tests from the other
     (``source="usc"``), or from KTH-TIPS shots 1-6 and 7-9 (``source="kth"``).
 
     ``shrink`` makes the USC textures (and, for both sources, the region scales, which are in px)
     that many times smaller than the ``1.1`` scan, so a small patch holds as much pattern as a
-    large one would; KTH-TIPS shots are used at their own scale.
+    large one would; KTH-TIPS shots are used at their own scale. ``test_zoom`` enlarges the USC
+    test side's textures (:func:`load_texture`'s ``zoom``): a scale-matched test set.
     Returns the cases (also in ``out/manifest.csv``, training side first); ``clinic`` is
     ``usc_<digitisation>`` or ``kth_shots_<shots>``. The complete label maps (no unlabelled
     pixel) go to ``out/labels_full/<name>.png``, outside the manifest: the reference for
@@ -251,7 +259,8 @@ def write_texture_dataset(
     cases = []
     groups = clinic_groups(source, train_digitisation)
     for group, count in zip(groups, (train_mosaics, test_mosaics), strict=True):
-        pools = _texture_pools(texture_dir, source, group, shrink)
+        zoom = test_zoom if group != groups[0] else 1.0
+        pools = _texture_pools(texture_dir, source, group, shrink, zoom)
         for index in range(count):
             # usc_1.3 -> usc13_00, kth_shots_1-6 -> kth16_00
             prefix = "".join(ch for ch in group.replace("_shots", "") if ch.isalnum())
@@ -288,14 +297,16 @@ def clinic_groups(source: str, train_digitisation: str = "1.3") -> tuple[str, st
 
 
 def _texture_pools(
-    texture_dir: Path, source: str, group: str, shrink: int
+    texture_dir: Path, source: str, group: str, shrink: int, zoom: float = 1.0
 ) -> list[list[np.ndarray]]:
     """Per class, the texture images a mosaic of ``group`` may draw its layer from."""
     if source == "kth":
+        if zoom != 1.0:
+            raise ValueError("a test zoom is for the USC digitisations only")
         shots = KTH_SHOTS[group.removeprefix("kth_shots_")]
         return [load_kth_pool(texture_dir, material, shots) for material in KTH_MATERIALS]
     digitisation = group.removeprefix("usc_")
-    return [[load_texture(texture_dir, t, digitisation, shrink)] for t in TEXTURES]
+    return [[load_texture(texture_dir, t, digitisation, shrink, zoom)] for t in TEXTURES]
 
 
 def texture_names(source: str = "usc") -> list[str]:
