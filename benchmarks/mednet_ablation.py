@@ -49,7 +49,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from texture_mosaics import add_benchmark_arguments, write_texture_dataset  # noqa: E402
+from texture_mosaics import add_benchmark_arguments, write_benchmark_dataset  # noqa: E402
 
 from rcmseg.classes import WORKING_MPP  # noqa: E402
 from rcmseg.inference import segment_image  # noqa: E402
@@ -612,18 +612,7 @@ def rescore_zoomed(
                 if not scored.is_file():
                     data = args.out / f"data_zoom{zoom:g}"
                     with cpu_lock():
-                        if not (data / "manifest.csv").is_file():
-                            write_texture_dataset(
-                                args.textures,
-                                data,
-                                args.train_mosaics,
-                                args.test_mosaics,
-                                args.size,
-                                args.seed,
-                                shrink=args.shrink,
-                                source=args.source,
-                                test_zoom=zoom,
-                            )
+                        write_benchmark_dataset(args, data, test_zoom=zoom)
                         network = get_network(
                             variant.network, **scaled_kwargs(variant, args.width_scale)
                         )
@@ -793,16 +782,7 @@ def main() -> None:
     data = args.out / "data"
     if not (data / "manifest.csv").is_file():
         with cpu_lock():
-            write_texture_dataset(
-                args.textures,
-                data,
-                args.train_mosaics,
-                args.test_mosaics,
-                args.size,
-                args.seed,
-                shrink=args.shrink,
-                source=args.source,
-            )
+            write_benchmark_dataset(args, data)
     seeds = args.seeds or [args.seed]
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in args.variants}
     for seed in seeds:  # seed-major: an interrupted study has every network at the first seeds

@@ -28,7 +28,7 @@ from texture_mosaics import (  # noqa: E402
     clinic_groups,
     describe,
     texture_names,
-    write_texture_dataset,
+    write_benchmark_dataset,
 )
 
 from rcmseg.evaluation.cv import SplitSettings, case_id, load_trained_network  # noqa: E402
@@ -133,17 +133,7 @@ def in_domain_table(
 def main() -> None:
     args = parse_args()
     data, study_dir = args.out / "data", args.out / "study"
-    if not (data / "manifest.csv").is_file():
-        write_texture_dataset(
-            args.textures,
-            data,
-            args.train_mosaics,
-            args.test_mosaics,
-            args.size,
-            args.seed,
-            shrink=args.shrink,
-            source=args.source,
-        )
+    write_benchmark_dataset(args, data)
     print(describe(args.source))
     variants = [Variant.parse(v) for v in args.variants]
     test_group = clinic_groups(args.source)[1]

@@ -37,7 +37,7 @@ from PIL import Image
 from scipy import ndimage
 
 from rcmseg.classes import CLASS_NAMES, UNLABELLED, WORKING_MPP
-from rcmseg.io.dataset import Case, write_manifest
+from rcmseg.io.dataset import Case, read_manifest, write_manifest
 
 
 @dataclass(frozen=True)
@@ -324,6 +324,26 @@ def describe(source: str = "usc") -> str:
     return "\n".join(
         f"- {cls}: {t.name} (USC-SIPI {t.file_512} / {t.file_1024})"
         for cls, t in zip(CLASS_NAMES, TEXTURES, strict=True)
+    )
+
+
+def write_benchmark_dataset(
+    args: argparse.Namespace, out: Path, test_zoom: float = 1.0
+) -> list[Case]:
+    """:func:`write_texture_dataset` with the options of :func:`add_benchmark_arguments`, once:
+    an existing ``out/manifest.csv`` is kept (its cases returned)."""
+    if (out / "manifest.csv").is_file():
+        return read_manifest(out)
+    return write_texture_dataset(
+        args.textures,
+        out,
+        args.train_mosaics,
+        args.test_mosaics,
+        args.size,
+        args.seed,
+        shrink=args.shrink,
+        source=args.source,
+        test_zoom=test_zoom,
     )
 
 
