@@ -368,12 +368,17 @@ class OpenVINONetwork:
             self.cached = True
             return self._openvino.Core().read_model(xml)
         model = self._convert(network, window)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".converting-") as scratch:
-            written = Path(scratch) / xml.name
-            self._openvino.save_model(model, written, compress_to_fp16=False)
-            copy_atomic(written.with_suffix(".bin"), xml.with_suffix(".bin"))
-            copy_atomic(written, xml)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".converting-") as scratch:
+                written = Path(scratch) / xml.name
+                self._openvino.save_model(model, written, compress_to_fp16=False)
+                copy_atomic(written.with_suffix(".bin"), xml.with_suffix(".bin"))
+                copy_atomic(written, xml)
+        except OSError as error:
+            raise InputError(
+                cache_dir, f"cannot keep the converted network here: {error.strerror or error}"
+            ) from None
         return model
 
     def compiled(self, window: tuple[int, int]) -> object:
@@ -403,14 +408,15 @@ class OpenVINONetwork:
 
 
 def network_cache_key(network: nn.Module, *versions: str) -> str:
-    """A hex digest naming ``network``'s architecture (its module tree), weights and buffers,
-    and ``versions`` (plus torch's): equal only for networks that compute the same."""
+    """A hex digest of ``network``'s architecture (its module tree), weights and buffers, and
+    ``versions`` (plus torch's): networks that differ in any of them get different keys."""
     digest = hashlib.sha256(repr(network).encode())
     for version in (torch.__version__, *versions):
         digest.update(version.encode())
     for name, tensor in network.state_dict().items():
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # any dtype
+        digest.update(raw.numpy().tobytes())
     return digest.hexdigest()[:32]
 
 

@@ -354,6 +354,20 @@ def test_openvino_cache_keeps_the_converted_network_only_when_asked(conv_net, tm
     assert not engine._openvino.cached and len(list(cache.iterdir())) == 4
     assert not list(tmp_path.glob("*.xml"))
 
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.raises(InputError, match="cannot keep the converted network here"):
+        OpenVINONetwork(conv_net, "fp32", batch_size=2, window=(64, 64), cache_dir=blocked)
+
+
+def test_network_cache_key_follows_weights_of_any_dtype(conv_net):
+    from rcmseg.inference import network_cache_key
+
+    key = network_cache_key(conv_net, "v1")
+    assert key == network_cache_key(copy.deepcopy(conv_net), "v1")
+    assert key != network_cache_key(conv_net, "v2")
+    assert network_cache_key(copy.deepcopy(conv_net).to(torch.bfloat16), "v1") != key
+
 
 def test_unknown_backend_is_one_line(conv_net):
     with pytest.raises(InputError, match="unknown backend 'tensorrt'; choose torch, openvino"):
