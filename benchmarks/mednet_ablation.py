@@ -227,54 +227,38 @@ VARIANTS: dict[str, Variant] = {
 # 64-128: 0.49 M parameters, 1.5 GFLOP per 256² window, 11.5 ms in bf16 against 85 ms), trained
 # on the labels alone or distilled from the bundle's network (teacher: dynunet_ds, same seed)
 TINY_DYNUNET: dict[str, Any] = {"filters": (8, 16, 32, 64, 128), "deep_supervision": True}
-VARIANTS.update(
-    {
-        "dynunet_ds_tiny": Variant(
-            "DynUNet 8-128 with deep supervision (0.49 M, 1.5 GFLOP)",
-            "distillation",
-            network="dynunet",
-            kwargs=TINY_DYNUNET,
-        ),
-        "dynunet_ds_tiny_kd": Variant(
-            "DynUNet 8-128, distilled (teacher at unlabelled pixels)",
-            "distillation",
-            network="dynunet",
-            kwargs=TINY_DYNUNET,
-            teacher="dynunet_ds",
-        ),
-        "dynunet_ds_tiny_kd_blend": Variant(
-            "DynUNet 8-128, distilled (teacher everywhere, half weight at labelled pixels)",
-            "distillation",
-            network="dynunet",
-            kwargs=TINY_DYNUNET,
-            teacher="dynunet_ds",
-            train={"teacher_blend": 0.5},
-        ),
-    }
+VARIANTS["dynunet_ds_tiny"] = Variant(
+    "DynUNet 8-128 with deep supervision (0.49 M, 1.5 GFLOP)",
+    "distillation",
+    network="dynunet",
+    kwargs=TINY_DYNUNET,
 )
 
+
+def distilled_variants(suffix: str, kwargs: dict[str, Any], note: str) -> dict[str, Variant]:
+    """The small DynUNet distilled from dynunet_ds of the same seed: the teacher at unlabelled
+    pixels only (``..._kd``), and also at half weight at labelled ones (``..._kd_blend``)."""
+    recipes = {
+        "": ("teacher at unlabelled pixels", {}),
+        "_blend": ("teacher everywhere, half weight at labelled pixels", {"teacher_blend": 0.5}),
+    }
+    return {
+        f"dynunet_ds_tiny{suffix}_kd{blend}": Variant(
+            f"DynUNet 8-128{note}, distilled ({what})",
+            "distillation",
+            network="dynunet",
+            kwargs=kwargs,
+            teacher="dynunet_ds",
+            train=train,
+        )
+        for blend, (what, train) in recipes.items()
+    }
+
+
+VARIANTS.update(distilled_variants("", TINY_DYNUNET, ""))
 # issue 13 (sixteenth session): the same small DynUNet with batch norms, which fold into the
 # convolutions for inference (the instance norms cost the tiny network as much as its convolutions)
-TINY_DYNUNET_BN: dict[str, Any] = {**TINY_DYNUNET, "norm": "batch"}
-VARIANTS.update(
-    {
-        "dynunet_ds_tiny_bn_kd": Variant(
-            "DynUNet 8-128, batch norm, distilled (teacher at unlabelled pixels)",
-            "distillation",
-            network="dynunet",
-            kwargs=TINY_DYNUNET_BN,
-            teacher="dynunet_ds",
-        ),
-        "dynunet_ds_tiny_bn_kd_blend": Variant(
-            "DynUNet 8-128, batch norm, distilled (teacher everywhere, half at labelled pixels)",
-            "distillation",
-            network="dynunet",
-            kwargs=TINY_DYNUNET_BN,
-            teacher="dynunet_ds",
-            train={"teacher_blend": 0.5},
-        ),
-    }
-)
+VARIANTS.update(distilled_variants("_bn", {**TINY_DYNUNET, "norm": "batch"}, ", batch norm"))
 
 # the final comparison's networks at three times the budget (do their curves flatten?)
 LONG_RUNS: dict[str, str] = {
