@@ -43,6 +43,8 @@ class LoadedBundle:
         working_mpp: µm/px at which the network sees mosaics.
         presets: sliding-window presets (rcmseg's, overridden by ``inference.json`` ``presets``).
         intended_use: the bundle's statement of what its weights are fit for.
+        amp: whether ``precision="auto"`` may run the network in reduced precision
+            (``inference.json`` ``amp``, default true; :func:`rcmseg.inference.resolve_precision`).
     """
 
     root: Path
@@ -55,6 +57,7 @@ class LoadedBundle:
     working_mpp: float
     presets: dict[str, Preset]
     intended_use: str
+    amp: bool = True
 
     def engine(
         self,
@@ -74,6 +77,7 @@ class LoadedBundle:
             presets=self.presets,
             backend=backend,
             openvino_cache=openvino_cache,
+            amp=self.amp,
         )
 
 
@@ -190,6 +194,9 @@ def load_bundle(
         working_mpp = float(inference_config.get("working_mpp", WORKING_MPP))
     if not working_mpp > 0:
         raise InputError(root / INFERENCE_FILE, f"working_mpp {working_mpp} must be above 0")
+    amp = inference_config.get("amp", True)
+    if not isinstance(amp, bool):
+        raise InputError(root / INFERENCE_FILE, f"amp must be true or false, not {amp!r}")
     return LoadedBundle(
         root=root,
         network=network.to(target).eval(),
@@ -201,4 +208,5 @@ def load_bundle(
         working_mpp=float(working_mpp),
         presets=bundle_presets(inference_config),
         intended_use=str(metadata.get("intended_use", "")),
+        amp=amp,
     )

@@ -29,6 +29,7 @@ import hashlib
 import math
 import os
 import tempfile
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from torch import nn
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
 from rcmseg.errors import InputError
 from rcmseg.io.atomic import copy_atomic
-from rcmseg.networks.blocks import edge_layers_in_float32, inference_copy
+from rcmseg.networks.blocks import edge_layers_in_float32, inference_copy, is_edge_convolution
 from rcmseg.transforms import window_starts  # the one window grid (MONAI's)
 
 # Smallest accepted side at the working resolution: 32 px = 64 µm, one stride of MED-Net's finest
@@ -190,20 +191,19 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
-def resolve_precision(precision: str, device: torch.device, backend: str = "torch") -> str:
+def resolve_precision(precision: str, device: torch.device, amp: bool = True) -> str:
     """The precision the network runs in: ``auto`` → bf16 on CUDA GPUs that support it, fp16 on
     older ones, bf16 on CPUs that compute it natively (:func:`cpu_has_native_bf16`), fp32 on
-    other CPUs and always with ``backend="openvino"``; stitching is always float32.
+    other CPUs, and fp32 everywhere for a network whose bundle sets ``"amp": false`` in its
+    ``inference.json`` (``amp``); stitching is always float32.
 
-    ``auto`` picks the fastest precision whose labels stay >= 99.5 % equal to float32's. OpenVINO's
-    CPU plugin runs every layer in bf16, the image-reading and class-scoring convolutions too
-    (torch keeps those in float32, :func:`~rcmseg.networks.blocks.edge_layers_in_float32`), and
-    its bf16 labels were 99.2 % equal to fp32 on real textures (docs/benchmarks.md): it runs bf16
-    only when asked (``--precision bf16``).
-
-    On the development CPU bf16 runs DynUNet 2.1× faster end to end than fp32 at equal mean Dice
-    (within 0.0003) and 99.4-99.7 % of labels equal (docs/benchmarks.md); ``fp32`` is one option
-    away where bit-for-bit float32 labels matter.
+    ``auto`` picks the fastest precision whose labels stay >= 99.5 % equal to float32's. Both
+    backends keep the convolutions that read the image or write the class scores in float32
+    (:func:`~rcmseg.networks.blocks.edge_layers_in_float32`, :func:`edge_convolutions_in_float32`):
+    the default bundle's bf16 labels were then 99.6-99.9 % equal to fp32 with torch and with
+    OpenVINO (docs/benchmarks.md), at equal mean Dice. A narrow network's labels can be more
+    sensitive: ``rcm_lite``'s were 98.4-99.7 % equal, so its bundle sets ``amp`` false and
+    runs bf16 only when asked (``--precision bf16``).
 
     Raises:
         InputError: an unknown precision, or fp16 on a CPU.
@@ -211,9 +211,11 @@ def resolve_precision(precision: str, device: torch.device, backend: str = "torc
     if precision not in PRECISIONS:
         raise InputError(None, f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     if precision == "auto":
+        if not amp:
+            return "fp32"
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_native_bf16() and backend == "torch" else "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise InputError(None, "precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
     return precision
@@ -305,11 +307,14 @@ def windows_per_pixel(preset: str | Preset) -> float:
 class OpenVINONetwork:
     """``network`` converted once to an OpenVINO model, with the softmax over classes in the
     graph, and compiled for the CPU with a static shape per window size: (``batch_size``, 1, h,
-    w) float32 in, class probabilities out.
+    w) float32 in, class probabilities out. Under bf16 the convolutions that read the image or
+    write the class scores stay float32, as under torch's autocast
+    (:func:`edge_convolutions_in_float32`).
 
-    Nothing is written to disk unless ``cache_dir`` is given on purpose: then the converted model
-    is kept there as OpenVINO IR (``<key>.xml``/``.bin``, the key a hash of the network's
-    architecture and weights and of the torch and OpenVINO versions) and later runs read it
+    Nothing is kept on disk unless ``cache_dir`` is given on purpose (the conversion passes
+    through a scratch folder that is removed): then the converted model is kept there as
+    OpenVINO IR (``<key>.xml``/``.bin``, the key a hash of the network's architecture and weights,
+    of the torch and OpenVINO versions and of :data:`OPENVINO_IR_FORMAT`) and later runs read it
     instead of converting again (about 2 s of tracing for ``rcm_lite``'s network).
 
     Static shapes let OpenVINO's CPU plugin plan its activation memory once: with the bundle's
@@ -343,10 +348,8 @@ class OpenVINONetwork:
         # the softmax in the graph runs in OpenVINO's threads: ~0.6 ms less per 256² window
         with_softmax = nn.Sequential(network, nn.Softmax(dim=1))
         self.cached = False
-        if cache_dir is None:
-            self._model = self._convert(with_softmax, window)
-        else:
-            self._model = self._cached_model(with_softmax, window, Path(cache_dir))
+        cache = None if cache_dir is None else Path(cache_dir)
+        self._model = self._load(with_softmax, window, cache)
         self._compiled: dict[tuple[int, int], object] = {}
         # the preset's window now, so that the precision it runs is known at start
         self.precision = openvino_precision(self.compiled(window))
@@ -359,27 +362,38 @@ class OpenVINONetwork:
                 input=[self._openvino.PartialShape([-1, 1, -1, -1])],
             )
 
-    def _cached_model(self, network: nn.Module, window: tuple[int, int], cache_dir: Path) -> object:
-        """The model kept in ``cache_dir`` for this network, converted and kept there first if
-        missing. The ``.bin`` is moved into place before the ``.xml``, so a present ``.xml``
+    def _load(self, network: nn.Module, window: tuple[int, int], cache_dir: Path | None) -> object:
+        """The converted model with its edge convolutions kept float32
+        (:func:`edge_convolutions_in_float32`, a mark only the IR reader takes, so the model goes
+        through IR in a scratch folder). With ``cache_dir`` the IR is kept there and read back by
+        later runs: the ``.bin`` is moved into place before the ``.xml``, so a present ``.xml``
         always has its whole ``.bin`` (two runs filling the cache at once write equal files)."""
-        xml = cache_dir / f"{network_cache_key(network, self._openvino.__version__)}.xml"
-        if xml.is_file():
-            self.cached = True
-            return self._openvino.Core().read_model(xml)
+        core = self._openvino.Core()
+        if cache_dir is not None:
+            key = network_cache_key(network, self._openvino.__version__, OPENVINO_IR_FORMAT)
+            xml = cache_dir / f"{key}.xml"
+            if xml.is_file():
+                self.cached = True
+                return core.read_model(xml)
         model = self._convert(network, window)
+        where = cache_dir if cache_dir is not None else Path(tempfile.gettempdir())
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".converting-") as scratch:
-                written = Path(scratch) / xml.name
+            where.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=where, prefix=".converting-") as scratch:
+                written = Path(scratch) / "network.xml"
                 self._openvino.save_model(model, written, compress_to_fp16=False)
+                marked = edge_convolutions_in_float32(written.read_text(encoding="utf-8"))
+                if cache_dir is None:
+                    weights = written.with_suffix(".bin").read_bytes()
+                    return core.read_model(marked.encode(), weights)
+                written.write_text(marked, encoding="utf-8")
                 copy_atomic(written.with_suffix(".bin"), xml.with_suffix(".bin"))
                 copy_atomic(written, xml)
         except OSError as error:
             raise InputError(
-                cache_dir, f"cannot keep the converted network here: {error.strerror or error}"
+                where, f"cannot keep the converted network here: {error.strerror or error}"
             ) from None
-        return model
+        return core.read_model(xml)
 
     def compiled(self, window: tuple[int, int]) -> object:
         """The model compiled for (``batch_size``, 1, *window*) inputs."""
@@ -405,6 +419,39 @@ class OpenVINONetwork:
                 batch = np.concatenate([batch, padding])
             probabilities.append(np.asarray(compiled(batch)[0], dtype=np.float32)[:count])
         return np.concatenate(probabilities)
+
+
+# The IR runtime attribute that keeps a node in its own precision (float32) when OpenVINO's CPU
+# plugin runs the rest in bf16; its Python API cannot set it, the IR reader does. Bump the format
+# when the marks change, so that kept conversions are made again.
+_KEEP_FLOAT32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
+OPENVINO_IR_FORMAT = "edges-float32-1"
+
+
+def edge_convolutions_in_float32(
+    ir_xml: str, image_channels: int = 1, num_classes: int = NUM_CLASSES
+) -> str:
+    """OpenVINO IR (the ``.xml`` text) with the convolutions that read the image or write the
+    class scores (:func:`~rcmseg.networks.blocks.is_edge_convolution`, by their weights' shape)
+    marked to stay float32 under a bf16 inference precision, as torch's autocast path keeps them
+    (:func:`~rcmseg.networks.blocks.edge_layers_in_float32`). Unmarked, OpenVINO ran them in bf16
+    and the default bundle's labels were 99.2 % equal to float32's on real textures; marked,
+    99.6 % (docs/benchmarks.md). Under float32 the marks change nothing."""
+    root = ElementTree.fromstring(ir_xml)
+    for layer in root.iter("layer"):
+        kind = layer.get("type")
+        if kind not in ("Convolution", "ConvolutionBackpropData"):
+            continue
+        weight_port = layer.find("input").findall("port")[1]
+        dims = [int(dim.text) for dim in weight_port.findall("dim")]
+        # weights are (out, in, kh, kw), a transposed convolution's (in, out, kh, kw)
+        out_channels, in_channels = dims[:2] if kind == "Convolution" else dims[1::-1]
+        if is_edge_convolution(in_channels, out_channels, image_channels, num_classes):
+            rt_info = layer.find("rt_info")
+            if rt_info is None:
+                rt_info = ElementTree.SubElement(layer, "rt_info")
+            ElementTree.SubElement(rt_info, "attribute", _KEEP_FLOAT32)
+    return ElementTree.tostring(root, encoding="unicode")
 
 
 def network_cache_key(network: nn.Module, *versions: str) -> str:
@@ -515,6 +562,8 @@ class SegmentationEngine:
             bf16) by OpenVINO's CPU plugin.
         openvino_cache: a folder to keep the converted OpenVINO model in and reuse on later runs
             (:class:`OpenVINONetwork`); ``None``: convert in memory, write nothing.
+        amp: whether ``precision="auto"`` may pick a reduced precision for this network (a
+            bundle's ``inference.json`` ``amp``; :func:`resolve_precision`).
     """
 
     network: nn.Module
@@ -525,6 +574,7 @@ class SegmentationEngine:
     presets: dict[str, Preset] | None = None
     backend: str = "torch"
     openvino_cache: str | Path | None = None
+    amp: bool = True
     settings: Preset = field(init=False)
     model: nn.Module = field(init=False, repr=False)
     precision_note: str = field(init=False, default="")
@@ -533,7 +583,10 @@ class SegmentationEngine:
         self.settings = get_preset(self.preset, self.presets)
         self.preset_name = self.preset if isinstance(self.preset, str) else self.settings.describe()
         self.device = resolve_device(self.device)
-        self.precision = resolve_precision(self.precision, self.device, self.backend)
+        asked = self.precision
+        self.precision = resolve_precision(asked, self.device, self.amp)
+        if self.precision != resolve_precision(asked, self.device):  # say why auto chose fp32
+            self.precision_note = " (auto: the bundle sets amp false)"
         model = inference_copy(self.network, group_norms=self.backend != "openvino")
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self._openvino: OpenVINONetwork | None = None

@@ -235,8 +235,12 @@ def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, conv_
     engine = SegmentationEngine(conv_net, SMALL, precision="auto")
     assert engine.precision == expected
     assert expected in engine.describe()
-    # OpenVINO's bf16 cannot keep the edge layers in float32: auto never picks it
-    assert inference.resolve_precision("auto", torch.device("cpu"), "openvino") == "fp32"
+    # a bundle that sets amp false runs float32 under auto, and says why where it matters
+    assert inference.resolve_precision("auto", torch.device("cpu"), amp=False) == "fp32"
+    assert inference.resolve_precision("bf16", torch.device("cpu"), amp=False) == "bf16"
+    strict = SegmentationEngine(conv_net, SMALL, precision="auto", amp=False)
+    assert strict.precision == "fp32"
+    assert ("amp false" in strict.describe()) == native
 
 
 def test_an_image_smaller_than_a_window_is_padded_and_segmented(conv_net):
@@ -358,6 +362,44 @@ def test_openvino_cache_keeps_the_converted_network_only_when_asked(conv_net, tm
     blocked.write_text("not a folder")
     with pytest.raises(InputError, match="cannot keep the converted network here"):
         OpenVINONetwork(conv_net, "fp32", batch_size=2, window=(64, 64), cache_dir=blocked)
+
+
+def test_openvino_keeps_the_edge_convolutions_float32_under_bf16(tmp_path):
+    """The convolutions that read the image or write the class scores are marked in the IR (a
+    transposed one by its own weight layout) and, where OpenVINO runs bf16, run float32 while the
+    layers between run bf16, as torch's autocast path keeps them."""
+    from rcmseg.inference import OpenVINONetwork, openvino_precision
+
+    torch.manual_seed(0)
+    network = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(16, 16, 2, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(16, NUM_CLASSES, 1),
+    ).eval()
+    runtime = OpenVINONetwork(network, "bf16", batch_size=2, window=(64, 64), cache_dir=tmp_path)
+    kept = next(tmp_path.glob("*.xml")).read_text(encoding="utf-8")
+    assert kept.count('name="DisablePrecisionConversion"') == 2
+
+    compiled = runtime.compiled((64, 64))
+    ran = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) in ("Convolution", "Deconvolution"):
+            names = info["originalLayersNames"].astype(str)
+            ran[names.split("/")[0]] = info["runtimePrecision"].astype(str)
+    edges = {"__module.0.0", "__module.0.6"}
+    assert edges <= set(ran)
+    if openvino_precision(compiled) == "bf16":
+        assert {name: ran[name] for name in edges} == dict.fromkeys(edges, "f32")
+        assert {ran[name] for name in set(ran) - edges} == {"bf16"}
+    with torch.no_grad():
+        windows = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+        expected = torch.softmax(network(windows), dim=1).numpy()
+    np.testing.assert_allclose(runtime(windows.numpy()), expected, atol=0.02)
 
 
 def test_network_cache_key_follows_weights_of_any_dtype(conv_net):

@@ -31,8 +31,8 @@ def batch(
     precision: Annotated[
         str,
         typer.Option(
-            help="Network precision: auto (bf16/fp16 on CUDA, bf16 on CPUs with native bf16 with "
-            "the torch backend, else fp32), fp32, bf16, fp16. "
+            help="Network precision: auto (bf16/fp16 on CUDA, bf16 on CPUs with native bf16, "
+            "else fp32; fp32 where the bundle sets amp false), fp32, bf16, fp16. "
             "Stitching is always float32."
         ),
     ] = "auto",

@@ -197,15 +197,25 @@ def edge_layers_in_float32(
     1 % of a window's arithmetic (DynUNet: 0.06 of 23.1 GFLOP). TorchScript networks are returned
     as they are.
     """
-    reads_image = {image_channels, image_channels + num_classes}
 
     def as_float32(child: nn.Module) -> nn.Module | None:
-        is_edge = isinstance(child, nn.Conv2d | nn.ConvTranspose2d) and (
-            child.in_channels in reads_image or child.out_channels == num_classes
+        is_edge = isinstance(child, nn.Conv2d | nn.ConvTranspose2d) and is_edge_convolution(
+            child.in_channels, child.out_channels, image_channels, num_classes
         )
         return Float32Output(child) if is_edge else None
 
     return replace_modules(network, as_float32)
+
+
+def is_edge_convolution(
+    in_channels: int, out_channels: int, image_channels: int = 1, num_classes: int = NUM_CLASSES
+) -> bool:
+    """Whether a convolution reads the image (``image_channels`` in, or those plus a coarser
+    MED-Net level's ``num_classes`` prior) or writes the class scores (``num_classes`` out): the
+    layers every reduced-precision path keeps in float32 (:func:`edge_layers_in_float32`, and
+    OpenVINO's :func:`rcmseg.inference.edge_convolutions_in_float32`)."""
+    reads_image = in_channels in (image_channels, image_channels + num_classes)
+    return reads_image or out_channels == num_classes
 
 
 def inference_copy(network: nn.Module, group_norms: bool = True) -> nn.Module:
