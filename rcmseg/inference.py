@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import math
 import os
 import tempfile
@@ -51,6 +52,7 @@ MIN_SIDE_PX: int = 32
 MIN_WINDOW_PX: int = 256  # MED-Net's training patch side (0.5 mm): windows never shrink below it
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 BACKENDS: tuple[str, ...] = ("torch", "openvino")
+OPENVINO_MISSING = "--backend openvino needs the openvino extra: pip install 'rcmseg[openvino]'"
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -236,8 +238,10 @@ def check_settings(
     precision: str = "auto",
     device: str | torch.device = "cpu",
     presets: dict[str, Preset] | None = None,
+    backend: str = "torch",
 ) -> None:
-    """Refuse an unknown preset, precision or device (or fp16 on a CPU) before any work; the
+    """Refuse an unknown preset, precision, device or backend (fp16 on a CPU, OpenVINO on a GPU
+    or not installed: :func:`check_backend`) before any work; the
     bundle configs call it first, through :func:`rcmseg.errors.or_exit`, so that a bad override
     is one line rather than MONAI's traceback from inside a component.
 
@@ -245,7 +249,24 @@ def check_settings(
         InputError: the first bad setting.
     """
     get_preset(preset, presets)
-    resolve_precision(precision, resolve_device(device))
+    target = resolve_device(device)
+    resolve_precision(precision, target)
+    check_backend(backend, target)
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Refuse an unknown backend, and OpenVINO off the CPU or not installed.
+
+    Raises:
+        InputError: the problem, in one line.
+    """
+    if backend not in BACKENDS:
+        raise InputError(None, f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
+    if backend == "openvino":
+        if device.type != "cpu":
+            raise InputError(None, "--backend openvino runs on the CPU; use --device cpu")
+        if importlib.util.find_spec("openvino") is None:
+            raise InputError(None, OPENVINO_MISSING)
 
 
 def preset_inferer(
@@ -339,9 +360,7 @@ class OpenVINONetwork:
         try:
             import openvino
         except ImportError:
-            raise InputError(
-                None, "--backend openvino needs the openvino extra: pip install 'rcmseg[openvino]'"
-            ) from None
+            raise InputError(None, OPENVINO_MISSING) from None
         self._openvino = openvino
         self.batch_size = batch_size
         self._hint = {"fp32": "f32", "bf16": "bf16"}[precision]
@@ -590,13 +609,8 @@ class SegmentationEngine:
         model = inference_copy(self.network, group_norms=self.backend != "openvino")
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self._openvino: OpenVINONetwork | None = None
-        if self.backend not in BACKENDS:
-            raise InputError(
-                None, f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}"
-            )
+        check_backend(self.backend, self.device)
         if self.backend == "openvino":
-            if self.device.type != "cpu":
-                raise InputError(None, "--backend openvino runs on the CPU; use --device cpu")
             window = (self.settings.window_px, self.settings.window_px)
             self._openvino = OpenVINONetwork(
                 self.model,

@@ -248,6 +248,7 @@ def test_bundle_run_honours_ckpt_path_and_fails_in_one_line_without_it(tmp_path,
     [
         (INFER, ("--preset", "bogus"), "error: unknown preset 'bogus'; choose one of"),
         (INFER, ("--precision", "fp8"), "error: unknown precision 'fp8'; choose"),
+        (INFER, ("--backend", "tensorrt"), "error: unknown backend 'tensorrt'; choose"),
         (EVALUATE, ("--dataset_dir", "nowhere"), "error: nowhere"),
         (EVALUATE, ("--precision", "fp8"), "error: unknown precision 'fp8'; choose"),
         (EVALUATE, ("--ckpt_path", "nope.pt"), "error: nope.pt: missing: no such weights file"),
@@ -339,6 +340,26 @@ def test_monai_runs_the_lite_bundle_from_its_config_alone(tmp_path, small_mosaic
     record = json.loads((tmp_path / "out" / "m.summary.json").read_text())
     weights = LITE / "models" / "model.pt"
     assert record["model"] == f"DynUNet2D@{load_weights(get_network('dynunet_tiny'), weights)}"
+
+
+def test_monai_runs_the_bundle_with_openvino_when_its_config_says_so(tmp_path, small_mosaic):
+    """`monai.bundle run --backend openvino --openvino_cache DIR`: the config's backend reaches
+    the engine (the conversion is kept where asked) and the labels are torch's."""
+    pytest.importorskip("openvino")
+    import tifffile
+
+    cache = tmp_path / "ov-cache"
+    labels = {}
+    for backend in ("torch", "openvino"):
+        out = tmp_path / backend
+        overrides = ["--backend", backend, "--openvino_cache", str(cache)]
+        done = _run_inference(tmp_path, small_mosaic, out, *overrides, configs=LITE / "configs")
+        assert done.returncode == 0, done.stderr[-2000:]
+        labels[backend] = tifffile.imread(out / "m.labels.tif")
+        record = json.loads((out / "m.summary.json").read_text())
+        assert record["precision"] == "fp32"  # rcm_lite sets amp false
+    assert sorted(path.suffix for path in cache.iterdir()) == [".bin", ".xml"]
+    assert (labels["openvino"] == labels["torch"]).mean() > 0.999
 
 
 def test_batch_reuses_the_openvino_network_kept_on_purpose(tmp_path, small_mosaic) -> None:

@@ -224,6 +224,23 @@ def test_cli_evaluates_with_the_bundle(crafted: Path, tmp_path: Path) -> None:
     ]
 
 
+def test_cli_evaluates_with_openvino_as_with_torch(crafted: Path, tmp_path: Path) -> None:
+    """`rcmseg evaluate --backend openvino`: the same engine, the same scores as torch."""
+    pytest.importorskip("openvino")
+    pooled = {}
+    for backend in ("torch", "openvino"):
+        out = tmp_path / backend
+        arguments = ["evaluate", str(crafted), "--out", str(out), "--bundle", str(BUNDLE)]
+        arguments += ["--device", "cpu", "--precision", "fp32", "--backend", backend]
+        result = CliRunner().invoke(app, [*arguments, "--overlays", "0"])
+        assert result.exit_code == 0, result.output
+        pooled[backend] = np.array(
+            json.loads((out / "metrics.json").read_text())["pooled_confusion"]
+        )
+    assert pooled["openvino"].sum() == pooled["torch"].sum() == 3 * 1024 + 4096
+    assert np.abs(pooled["openvino"] - pooled["torch"]).sum() <= 0.002 * pooled["torch"].sum()
+
+
 def test_bundle_evaluate_config_runs_through_monai(crafted: Path, tmp_path: Path) -> None:
     """``evaluate.json`` layered on ``inference.json`` (MONAI's list of config files) writes the
     same report, segmenting with inference.json's inferer (an override of it counts)."""

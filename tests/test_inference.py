@@ -416,6 +416,30 @@ def test_unknown_backend_is_one_line(conv_net):
         SegmentationEngine(conv_net, SMALL, backend="tensorrt")
 
 
+def test_backend_settings_are_checked_before_any_work(monkeypatch):
+    """`check_backend` (batch, evaluate, the bundle configs and `rcmseg label serve` call it
+    before loading anything): OpenVINO only on the CPU, and only when installed."""
+    import importlib.util
+
+    import rcmseg.inference as inference
+
+    inference.check_backend("torch", torch.device("cuda"))
+    with pytest.raises(InputError, match="unknown backend 'onnx'"):
+        inference.check_settings("fast", "auto", "cpu", backend="onnx")
+    with pytest.raises(InputError, match="runs on the CPU; use --device cpu"):
+        inference.check_backend("openvino", torch.device("cuda"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "openvino" else real_find_spec(name, *args),
+    )
+    with pytest.raises(
+        InputError, match=r"needs the openvino extra: pip install 'rcmseg\[openvino\]'"
+    ):
+        inference.check_backend("openvino", torch.device("cpu"))
+
+
 def test_openvino_records_the_precision_it_really_runs(conv_net):
     """OpenVINO takes a bf16 hint on a CPU without bf16 and runs float32: the engine (and so
     mosaics.csv and the label TIFF) must say float32 then, and why."""

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from rcmseg.classes import MOSAIC_MPP
-from rcmseg.cli.common import user_errors
+from rcmseg.cli.common import BackendOption, OpenVINOCacheOption, PrecisionOption, user_errors
 
 
 def batch(
@@ -28,29 +28,9 @@ def batch(
         ),
     ] = "fast",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    precision: Annotated[
-        str,
-        typer.Option(
-            help="Network precision: auto (bf16/fp16 on CUDA, bf16 on CPUs with native bf16, "
-            "else fp32; fp32 where the bundle sets amp false), fp32, bf16, fp16. "
-            "Stitching is always float32."
-        ),
-    ] = "auto",
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="Network runtime: torch, or openvino (CPU, extra rcmseg[openvino]; converted "
-            "once per run in memory)."
-        ),
-    ] = "torch",
-    openvino_cache: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="RCMSEG_OPENVINO_CACHE",
-            help="Keep the network converted for --backend openvino in this folder and reuse it "
-            "in later runs (saves ~2 s per run).",
-        ),
-    ] = None,
+    precision: PrecisionOption = "auto",
+    backend: BackendOption = "torch",
+    openvino_cache: OpenVINOCacheOption = None,
     tta: Annotated[
         bool,
         typer.Option(

@@ -1,9 +1,12 @@
-"""Helpers shared by CLI commands: one-line errors for bad input."""
+"""Helpers shared by CLI commands: one-line errors for bad input, and the options that choose
+how the network runs (the same on every command that segments)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,3 +25,28 @@ def user_errors() -> Iterator[None]:
     except InputError as error:
         console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
+
+
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
+        help="Network precision: auto (bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else "
+        "fp32; fp32 where the bundle sets amp false), fp32, bf16, fp16. "
+        "Stitching is always float32."
+    ),
+]
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        help="Network runtime: torch, or openvino (CPU, extra rcmseg[openvino]; converted "
+        "once per run in memory)."
+    ),
+]
+OpenVINOCacheOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="RCMSEG_OPENVINO_CACHE",
+        help="Keep the network converted for --backend openvino in this folder and reuse it "
+        "in later runs (saves ~2 s per run).",
+    ),
+]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rcmseg.cli.common import user_errors
+from rcmseg.cli.common import BackendOption, OpenVINOCacheOption, PrecisionOption, user_errors
 
 
 def evaluate_command(
@@ -21,9 +21,9 @@ def evaluate_command(
     ] = None,
     preset: Annotated[str, typer.Option(help="Sliding-window preset: fast or paper.")] = "fast",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    precision: Annotated[
-        str, typer.Option(help="Network precision: auto, fp32, bf16 or fp16 (CUDA).")
-    ] = "auto",
+    precision: PrecisionOption = "auto",
+    backend: BackendOption = "torch",
+    openvino_cache: OpenVINOCacheOption = None,
     tta: Annotated[
         bool, typer.Option("--tta", help="Test-time augmentation: 8 flips/rotations (8x slower).")
     ] = False,
@@ -57,6 +57,8 @@ def evaluate_command(
             overlays=overlays,
             precision=precision,
             tta=tta,
+            backend=backend,
+            openvino_cache=openvino_cache,
         )
         pooled = evaluation.pooled()
         typer.echo(

@@ -12,7 +12,13 @@ from typing import Annotated
 
 import typer
 
-from rcmseg.cli.common import console, user_errors
+from rcmseg.cli.common import (
+    BackendOption,
+    OpenVINOCacheOption,
+    PrecisionOption,
+    console,
+    user_errors,
+)
 from rcmseg.errors import InputError
 
 label_app = typer.Typer(
@@ -114,9 +120,9 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     preset: Annotated[str, typer.Option(help="Sliding-window preset: fast or paper.")] = "fast",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    precision: Annotated[
-        str, typer.Option(help="Network precision: auto, fp32, bf16 or fp16 (CUDA).")
-    ] = "auto",
+    precision: PrecisionOption = "auto",
+    backend: BackendOption = "torch",
+    openvino_cache: OpenVINOCacheOption = None,
     epochs: Annotated[
         int | None, typer.Option(help="Fine-tuning epochs (default: the bundle's train.json).")
     ] = None,
@@ -129,9 +135,14 @@ def serve(
         if bundle is not None and not bundle.is_dir():
             raise InputError(bundle, "bundle folder not found")
         check_port_free(host, port)
+        from rcmseg.inference import check_backend, resolve_device
+
+        check_backend(backend, resolve_device(device))
         studies = studies.resolve()
         app_dir = prepare_app_dir(studies, bundle.resolve() if bundle else None)
-        conf = {"preset": preset, "device": device, "precision": precision}
+        conf = {"preset": preset, "device": device, "precision": precision, "backend": backend}
+        if openvino_cache is not None:
+            conf["openvino_cache"] = str(openvino_cache.resolve())
         if epochs is not None:
             conf["epochs"] = str(epochs)
         if bundle is not None:

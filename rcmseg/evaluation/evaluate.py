@@ -194,11 +194,16 @@ def evaluate_bundle(
     precision: str = "auto",
     tta: bool = False,
     ckpt_path: str | Path | None = None,
+    backend: str = "torch",
+    openvino_cache: str | Path | None = None,
 ) -> Evaluation:
     """Load a bundle's model (weights from ``ckpt_path`` when given) and evaluate it on a
-    dataset in the rcmseg layout (``rcmseg evaluate``); see :func:`evaluate_loaded`."""
+    dataset in the rcmseg layout (``rcmseg evaluate``), with the network run by ``backend``
+    (:class:`~rcmseg.inference.SegmentationEngine`); see :func:`evaluate_loaded`."""
     bundle = load_bundle(Path(bundle_dir), device, ckpt_path=ckpt_path)
-    engine = bundle.engine(preset, precision=precision, tta=tta)
+    engine = bundle.engine(
+        preset, precision=precision, tta=tta, backend=backend, openvino_cache=openvino_cache
+    )
     return evaluate_loaded(bundle, engine, dataset_dir, output_dir, remap, overlays, progress)
 
 

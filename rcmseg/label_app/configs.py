@@ -6,6 +6,8 @@ App options come from MONAI Label's ``--conf KEY VALUE`` (``rcmseg label serve``
     preset   sliding-window preset for inference and entropy (default ``fast``)
     device   ``auto`` (CUDA when present), ``cpu``, ``cuda:1``, ... (default ``auto``)
     precision ``auto``, ``fp32``, ``bf16`` or ``fp16`` (default ``auto``)
+    backend  ``torch`` or ``openvino`` (CPU, extra ``rcmseg[openvino]``; default ``torch``)
+    openvino_cache  a folder to keep the network converted for OpenVINO in (default: none)
     epochs   fine-tuning epochs (default: the bundle's ``train.json``)
 """
 
@@ -22,7 +24,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from rcmseg.bundle import default_bundle_dir
 from rcmseg.classes import CLASS_NAMES
-from rcmseg.label_app.infer import MEDNetInfer, whole_mosaic_entropy
+from rcmseg.label_app.infer import MEDNetInfer, Runtime, whole_mosaic_entropy
 from rcmseg.label_app.strategy import (
     EntropyCache,
     EntropyScoring,
@@ -47,15 +49,17 @@ class MEDNetTaskConfig(TaskConfig):
         self.path = str(self.workspace.model_path)
         self.preset = conf.get("preset", "fast")
         self.device = conf.get("device", "auto")
-        self.precision = conf.get("precision", "auto")
+        self.runtime = Runtime(
+            precision=conf.get("precision", "auto"),
+            backend=conf.get("backend", "torch"),
+            openvino_cache=conf.get("openvino_cache") or None,
+        )
         self.served = ServedModel(self.workspace.bundle_dir, self.device)
         self.cache = EntropyCache(self.workspace.entropy_path)
         self.entropy = MosaicEntropy(
             self.served,
             self.cache,
-            lambda mosaic, bundle: whole_mosaic_entropy(
-                mosaic, bundle, self.preset, self.precision
-            ),
+            lambda mosaic, bundle: whole_mosaic_entropy(mosaic, bundle, self.preset, self.runtime),
         )
 
     def infer(self) -> InferTask:
@@ -63,7 +67,7 @@ class MEDNetTaskConfig(TaskConfig):
             self.served,
             preset=self.preset,
             on_whole_mosaic=self.cache.put,
-            precision=self.precision,
+            runtime=self.runtime,
         )
 
     def trainer(self) -> TrainTask:

@@ -125,13 +125,23 @@ class Segmentation:
     mean_entropy: float
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """How the served network runs (the app options ``precision``, ``backend`` and
+    ``openvino_cache``; :class:`~rcmseg.inference.SegmentationEngine`)."""
+
+    precision: str = "auto"
+    backend: str = "torch"
+    openvino_cache: str | None = None
+
+
 def segment_region(
     image: np.ndarray,
     info: MosaicInfo,
     region: Region,
     bundle: LoadedBundle,
     preset: str,
-    precision: str = "auto",
+    runtime: Runtime = Runtime(),
 ) -> Segmentation:
     """Segment ``region`` as a whole-mosaic run would; labels at the mosaic grid.
 
@@ -154,7 +164,7 @@ def segment_region(
     rows = working_index(region.y, region.height, scale, height)
     cols = working_index(region.x, region.width, scale, width)
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    engine = engine_for(bundle, preset, precision)
+    engine = engine_for(bundle, preset, runtime)
     maps = engine.segment(image, (r0, r1), (c0, c1), entropy=True)
     labels = maps.labels[(rows - r0)[:, None], (cols - c0)[None, :]]
     assert maps.entropy is not None  # asked for with entropy=True
@@ -162,9 +172,17 @@ def segment_region(
 
 
 @functools.lru_cache(maxsize=4)
-def engine_for(bundle: LoadedBundle, preset: str, precision: str = "auto") -> SegmentationEngine:
-    """The served bundle's engine for a preset, built once (batch norms folded once)."""
-    return bundle.engine(preset, precision=precision)
+def engine_for(
+    bundle: LoadedBundle, preset: str, runtime: Runtime = Runtime()
+) -> SegmentationEngine:
+    """The served bundle's engine for a preset, built once (batch norms folded once, the
+    network converted once for OpenVINO)."""
+    return bundle.engine(
+        preset,
+        precision=runtime.precision,
+        backend=runtime.backend,
+        openvino_cache=runtime.openvino_cache,
+    )
 
 
 def class_polygons(labels: np.ndarray, region: Region, min_poly_area: float) -> dict[str, Any]:
@@ -226,7 +244,7 @@ class MEDNetInfer(InferTask):
         preset: sliding-window preset name (``fast`` or ``paper``).
         on_whole_mosaic: called with ``(path, model, mean entropy)`` after a whole mosaic is
             segmented (the active-learning cache takes it for free).
-        precision: network precision (:func:`rcmseg.inference.resolve_precision`).
+        runtime: how the network runs (precision, backend, OpenVINO cache).
     """
 
     def __init__(
@@ -234,18 +252,18 @@ class MEDNetInfer(InferTask):
         served: ServedModel,
         preset: str = "fast",
         on_whole_mosaic: Any = None,
-        precision: str = "auto",
+        runtime: Runtime = Runtime(),
     ) -> None:
         super().__init__(
             type=InferType.SEGMENTATION,
             labels={name: index for index, name in enumerate(CLASS_NAMES)},
             dimension=2,
             description="The bundle's network: RCM mosaics into six cellular patterns",
-            config={"preset": preset, "precision": precision},
+            config={"preset": preset, "precision": runtime.precision, "backend": runtime.backend},
         )
         self.served = served
         self.preset = preset
-        self.precision = precision
+        self.runtime = runtime
         self.on_whole_mosaic = on_whole_mosaic
 
     def is_valid(self) -> bool:
@@ -273,7 +291,7 @@ class MEDNetInfer(InferTask):
         region = Region.from_request(request, info)
         read_done = time.perf_counter()
 
-        result = segment_region(image, info, region, bundle, preset, self.precision)
+        result = segment_region(image, info, region, bundle, preset, self.runtime)
         if region.is_whole(info) and self.on_whole_mosaic is not None:
             self.on_whole_mosaic(path, bundle.model, result.mean_entropy)
         infer_done = time.perf_counter()
@@ -319,9 +337,9 @@ def latencies(started: float, read_done: float, infer_done: float, post_done: fl
 
 
 def whole_mosaic_entropy(
-    path: Path, bundle: LoadedBundle, preset: str, precision: str = "auto"
+    path: Path, bundle: LoadedBundle, preset: str, runtime: Runtime = Runtime()
 ) -> float:
     """Mean per-pixel entropy of a whole mosaic in nats (0 = certain, ln K = uniform)."""
     image, info = read_working_image(path)
     region = Region(0, 0, info.width_px, info.height_px)
-    return segment_region(image, info, region, bundle, preset, precision).mean_entropy
+    return segment_region(image, info, region, bundle, preset, runtime).mean_entropy

@@ -18,7 +18,7 @@ from rcmseg.classes import CLASS_NAMES  # noqa: E402
 from rcmseg.errors import InputError  # noqa: E402
 from rcmseg.inference import Preset  # noqa: E402
 from rcmseg.io.mosaics import MosaicInfo  # noqa: E402
-from rcmseg.label_app.infer import Region, segment_region, working_index  # noqa: E402
+from rcmseg.label_app.infer import Region, Runtime, segment_region, working_index  # noqa: E402
 from rcmseg.label_app.main import datastore_patterns  # noqa: E402
 from rcmseg.label_app.strategy import EntropyCache  # noqa: E402
 from rcmseg.label_app.train import should_replace, split_ids  # noqa: E402
@@ -138,6 +138,22 @@ def test_regions_come_out_exactly_as_in_the_whole_mosaic():
             part.labels,
             whole.labels[region.y : region.y + region.height, region.x : region.x + region.width],
         )
+
+
+def test_regions_with_openvino_give_the_torch_labels(tmp_path: Path):
+    """`rcmseg label serve --backend openvino`: the app's runtime reaches the one engine; a
+    region is segmented as torch segments it, and the conversion is kept where asked."""
+    pytest.importorskip("openvino")
+    rng = np.random.default_rng(1)
+    image = (rng.random((150, 210)) * 255).astype(np.float32)
+    info = MosaicInfo(Path("m.tif"), 840, 600, 0.5, "file", "uint8")
+    bundle = tiny_bundle()
+    region = Region(301, 157, 250, 190)
+    torch_labels = segment_region(image, info, region, bundle, "small", Runtime("fp32")).labels
+    runtime = Runtime("fp32", "openvino", str(tmp_path / "ov"))
+    labels = segment_region(image, info, region, bundle, "small", runtime).labels
+    assert (labels == torch_labels).mean() > 0.999
+    assert sorted(path.suffix for path in (tmp_path / "ov").iterdir()) == [".bin", ".xml"]
 
 
 def test_entropy_cache_is_per_model_and_per_file_version(tmp_path: Path):
