@@ -12,6 +12,8 @@ mosaic (the app caches the working-resolution image per file for later region re
 Needs the ``rcmseg[label]`` extra. Example::
 
     python benchmarks/bench_label.py --size 12000 --device cpu
+    python benchmarks/bench_label.py --size 12000 --device cpu --backend openvino \
+        --openvino-cache /tmp/ov-cache
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def bundle_with_weights(work: Path) -> tuple[Path, str]:
 class Server:
     """``rcmseg label serve`` in its own process group, stopped with it."""
 
-    def __init__(self, studies: Path, bundle: Path, preset: str, device: str, log: Path):
+    def __init__(
+        self, studies: Path, bundle: Path, preset: str, device: str, log: Path, runtime: list[str]
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
@@ -78,6 +82,7 @@ class Server:
             preset,
             "--device",
             device,
+            *runtime,
         ]
         env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
         with log.open("a") as sink:
@@ -147,6 +152,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--skip-whole", action="store_true", help="time the region request only")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--backend", default="torch", help="torch or openvino")
+    parser.add_argument("--openvino-cache", type=Path, help="keep/reuse the OpenVINO conversion")
     args = parser.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-label-"))
@@ -167,13 +175,18 @@ def main() -> None:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
+        "precision": args.precision,
+        "backend": args.backend,
     }
+    runtime = ["--precision", args.precision, "--backend", args.backend]
+    if args.openvino_cache:
+        runtime += ["--openvino-cache", str(args.openvino_cache)]
     requests_to_time = [
         ("whole_mosaic", lambda s: time_whole_mosaic(s, mosaic.stem, work / "labels.tif")),
         ("region", lambda s: time_region(s, mosaic.stem, args.size, args.region)),
     ]
     for name, measure in requests_to_time[1:] if args.skip_whole else requests_to_time:
-        server = Server(studies, bundle, args.preset, args.device, log)
+        server = Server(studies, bundle, args.preset, args.device, log, runtime)
         try:
             results[name] = measure(server)
         finally:
