@@ -409,9 +409,8 @@ class OpenVINONetwork:
                 copy_atomic(written.with_suffix(".bin"), xml.with_suffix(".bin"))
                 copy_atomic(written, xml)
         except OSError as error:
-            raise InputError(
-                where, f"cannot keep the converted network here: {error.strerror or error}"
-            ) from None
+            what = "keep the converted network" if cache_dir else "convert the network (scratch)"
+            raise InputError(where, f"cannot {what} here: {error.strerror or error}") from None
         return core.read_model(xml)
 
     def compiled(self, window: tuple[int, int]) -> object:
@@ -463,6 +462,8 @@ def edge_convolutions_in_float32(
             continue
         weight_port = layer.find("input").findall("port")[1]
         dims = [int(dim.text) for dim in weight_port.findall("dim")]
+        if len(dims) < 2:
+            continue
         # weights are (out, in, kh, kw), a transposed convolution's (in, out, kh, kw)
         out_channels, in_channels = dims[:2] if kind == "Convolution" else dims[1::-1]
         if is_edge_convolution(in_channels, out_channels, image_channels, num_classes):
