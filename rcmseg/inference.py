@@ -414,15 +414,20 @@ class OpenVINONetwork:
         return core.read_model(xml)
 
     def compiled(self, window: tuple[int, int]) -> object:
-        """The model compiled for (``batch_size``, 1, *window*) inputs."""
+        """The model compiled for (``batch_size``, 1, *window*) inputs, on as many threads as
+        torch has (:func:`configure_threads`)."""
         window = (int(window[0]), int(window[1]))
         if window not in self._compiled:
             if len(self._compiled) >= self.MAX_SHAPES:
                 self._compiled.pop(next(iter(self._compiled)))
             self._model.reshape([self.batch_size, 1, *window])
-            self._compiled[window] = self._openvino.compile_model(
-                self._model, "CPU", {"INFERENCE_PRECISION_HINT": self._hint}
-            )
+            # as many threads as torch was given (configure_threads: the usable cores, or
+            # --threads); left alone, OpenVINO takes every core of the machine
+            settings = {
+                "INFERENCE_PRECISION_HINT": self._hint,
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            }
+            self._compiled[window] = self._openvino.compile_model(self._model, "CPU", settings)
         return self._compiled[window]
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:

@@ -402,6 +402,20 @@ def test_openvino_keeps_the_edge_convolutions_float32_under_bf16(tmp_path):
     np.testing.assert_allclose(runtime(windows.numpy()), expected, atol=0.02)
 
 
+def test_openvino_runs_on_the_threads_torch_was_given(conv_net):
+    """`--threads N` (configure_threads) holds for OpenVINO too: its compiled model runs on as
+    many threads as torch has, not on every core of the machine."""
+    from rcmseg.inference import OpenVINONetwork
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        runtime = OpenVINONetwork(conv_net, "fp32", batch_size=2, window=(64, 64))
+        assert runtime.compiled((64, 64)).get_property("INFERENCE_NUM_THREADS") == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_network_cache_key_follows_weights_of_any_dtype(conv_net):
     from rcmseg.inference import network_cache_key
 
