@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_threads.py --batches 20
+    python benchmarks/bench_threads.py --batches 10 --policies PASSIVE --backend openvino
 
 Times ``--batches`` forward passes of 8 windows of 256² through the bundled network
 (:class:`rcmseg.inference.SegmentationEngine`, fp32, threads from
@@ -22,14 +23,14 @@ import sys
 import time
 
 
-def child(batches: int) -> float:
+def child(batches: int, backend: str) -> float:
     import torch
 
     from rcmseg.bundle import load_bundle
     from rcmseg.inference import configure_threads
 
     configure_threads()
-    engine = load_bundle(device="cpu").engine("fast", precision="fp32")
+    engine = load_bundle(device="cpu").engine("fast", precision="fp32", backend=backend)
     windows = torch.rand(8, 1, 256, 256)
     with torch.inference_mode():
         engine._predict(windows)
@@ -39,7 +40,7 @@ def child(batches: int) -> float:
     return (time.perf_counter() - started) / batches
 
 
-def run(batches: int, policy: str | None, busy: bool) -> float:
+def run(batches: int, policy: str | None, busy: bool, backend: str) -> float:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
     env.pop("GOMP_SPINCOUNT", None)
@@ -47,7 +48,7 @@ def run(batches: int, policy: str | None, busy: bool) -> float:
         env["GOMP_SPINCOUNT"] = policy.removeprefix("SPIN=")
     elif policy:
         env["OMP_WAIT_POLICY"] = policy
-    command = [sys.executable, __file__, "--child", "--batches", str(batches)]
+    command = [sys.executable, __file__, "--child", "--backend", backend, "--batches", str(batches)]
     competitor = None
     if busy:  # the same work, endlessly, until we are done
         competitor = subprocess.Popen(
@@ -69,19 +70,21 @@ def main() -> None:
     parser.add_argument(
         "--policies", nargs="+", default=["default", "PASSIVE"], help="or SPIN=N (GOMP_SPINCOUNT)"
     )
+    parser.add_argument("--backend", default="torch", help="torch or openvino")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(child(args.batches))
+        print(child(args.batches, args.backend))
         return
     rows = []
     for policy in args.policies:
         chosen = None if policy == "default" else policy
-        alone = run(args.batches, chosen, busy=False)
-        shared = run(args.batches, chosen, busy=True)
+        alone = run(args.batches, chosen, busy=False, backend=args.backend)
+        shared = run(args.batches, chosen, busy=True, backend=args.backend)
         rows.append(
             {
                 "omp_wait_policy": policy,
+                "backend": args.backend,
                 "s_per_batch_alone": alone,
                 "s_per_batch_beside_busy": shared,
                 "slowdown": shared / alone,
