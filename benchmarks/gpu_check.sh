@@ -29,14 +29,8 @@ fi
 
 OUT=${1:-gpu_check}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    SITE=$(mktemp -d /tmp/rcmseg-site.XXXX)
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl
-    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1
+# shellcheck source=benchmarks/gpu_env.sh
+. benchmarks/gpu_env.sh
 
 if [ -n "${RCMSEG_GPU_CHECK_SMOKE:-}" ]; then
     DEVICE=cpu SIZE=1024 PRECISIONS="fp32 bf16" TRAIN="--batch-size 2 --steps 1 --threads 2"
