@@ -49,6 +49,7 @@ def mosaics(tmp_path_factory) -> Path:
         (["--preset", "bogus"], "unknown preset 'bogus'; choose one of paper, fast"),
         (["--precision", "fp8"], "unknown precision 'fp8'"),
         (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+        (["--backend", "tensorrt"], "unknown backend 'tensorrt'; choose torch, openvino"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_2_before_any_work(mosaics, tmp_path, options, message):
@@ -82,6 +83,28 @@ def test_missing_input_and_non_mosaic_file_are_one_line(tmp_path):
     text.write_text("hello")
     result = rcmseg("batch", str(text), "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and "not a mosaic file" in one_error_line(result)
+
+
+def test_a_data_set_folder_gives_its_mosaics_not_its_label_maps(tmp_path):
+    """`rcmseg batch DATA` on a data set folder (rcmseg synth, labels import): the files its
+    manifest lists as label maps are not segmented as mosaics; named on purpose, one is."""
+    from rcmseg.batch import plan_jobs
+
+    (tmp_path / "mosaics").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "mosaics" / "m.png")
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "labels" / "m.png")
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "loose.png")
+    (tmp_path / "manifest.csv").write_text(
+        "mosaic,labels,patient,lesion,clinic\nmosaics/m.png,labels/m.png,P1,L7,C\n"
+    )
+    jobs = plan_jobs(tmp_path, tmp_path / "out")
+    assert [(job.relative, job.lesion) for job in jobs] == [
+        ("loose.png", "loose"),
+        ("mosaics/m.png", "L7"),
+    ]
+    named = plan_jobs(tmp_path / "labels" / "m.png", tmp_path / "out")
+    assert [job.relative for job in named] == ["m.png"]
 
 
 def test_a_single_mosaic_file_is_segmented(mosaics, tmp_path):

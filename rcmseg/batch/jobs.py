@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rcmseg.errors import InputError
-from rcmseg.io.dataset import MANIFEST_NAME, read_manifest
+from rcmseg.io.dataset import MANIFEST_NAME, Case, read_manifest
 from rcmseg.io.mosaics import MOSAIC_SUFFIXES, mosaic_suffix
 
 LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON, SUMMARY = (
@@ -56,8 +56,8 @@ def find_mosaics(in_dir: Path, exclude: Path | None = None) -> list[Path]:
     ]
 
 
-def manifest_lesions(in_dir: Path) -> dict[Path, str]:
-    """Lesion id of each mosaic listed in a ``manifest.csv`` under ``in_dir`` (or next to it).
+def manifest_cases(in_dir: Path) -> list[Case]:
+    """The cases of every ``manifest.csv`` under ``in_dir`` (or next to it).
 
     Manifests follow the data set layout (:mod:`rcmseg.io.dataset`); when the tree holds none,
     ``in_dir/../manifest.csv`` is used, so that ``rcmseg batch DATA/mosaics`` finds
@@ -66,20 +66,17 @@ def manifest_lesions(in_dir: Path) -> dict[Path, str]:
     manifests = sorted(in_dir.rglob(MANIFEST_NAME))
     if not manifests and (in_dir.parent / MANIFEST_NAME).is_file():
         manifests = [in_dir.parent / MANIFEST_NAME]
-    lesions = {}
-    for manifest in manifests:
-        for case in read_manifest(manifest):
-            if case.lesion:
-                lesions[case.mosaic.resolve()] = case.lesion
-    return lesions
+    return [case for manifest in manifests for case in read_manifest(manifest)]
 
 
 def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
     """Every mosaic under the folder ``source`` (or the one mosaic file ``source``) with its
     output stem and lesion id, sorted by path.
 
-    The lesion id comes from a manifest when one lists the mosaic, else the file name. Two
-    mosaics that differ only by suffix (``a.tif``, ``a.png``) keep the suffix in their stems.
+    The lesion id comes from a manifest when one lists the mosaic, else the file name. Files a
+    manifest lists as label maps are not mosaics (``rcmseg batch DATA`` on a data set folder
+    segments its mosaics, not its ``labels/``). Two mosaics that differ only by suffix
+    (``a.tif``, ``a.png``) keep the suffix in their stems.
 
     Raises:
         InputError: ``source`` does not exist or is a file of another type.
@@ -92,7 +89,11 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
         root, mosaics = source, find_mosaics(source, exclude=out_dir)
     else:
         raise InputError(source, "no such mosaic file or folder")
-    lesions = manifest_lesions(root)
+    cases = manifest_cases(root)
+    lesions = {case.mosaic.resolve(): case.lesion for case in cases if case.lesion}
+    if source.is_dir():  # a file named on purpose is segmented whatever a manifest says
+        label_maps = {case.labels.resolve() for case in cases if case.labels is not None}
+        mosaics = [path for path in mosaics if path.resolve() not in label_maps]
     stems = [path.relative_to(root).as_posix()[: -len(mosaic_suffix(path))] for path in mosaics]
     jobs = []
     for path, stem in zip(mosaics, stems, strict=True):
