@@ -221,6 +221,20 @@ VARIANTS: dict[str, Variant] = {
         network="dynunet",
         kwargs={"deep_supervision": True},
     ),
+    # seventeenth session: anti-aliased downsampling (a binomial blur before every strided
+    # convolution), a candidate for carrying networks across digitisations
+    "dynunet_ds_aa": Variant(
+        "DynUNet with deep supervision, anti-aliased downsampling",
+        "networks",
+        network="dynunet",
+        kwargs={"deep_supervision": True, "anti_alias": True},
+    ),
+    "dynunet_aa": Variant(
+        "DynUNet, anti-aliased downsampling",
+        "networks",
+        network="dynunet",
+        kwargs={"anti_alias": True},
+    ),
 }
 
 # issue 13 (fifteenth session): a DynUNet small enough for "fast" <= 10 s on two cores (8-16-32-

@@ -501,6 +501,43 @@ def test_dynunet_with_a_stride_2_first_stage_runs_at_half_resolution() -> None:
     assert all(o.shape == (2, 6, 64, 64) for o in _forward_backward(supervised, 64))
 
 
+def test_blurred_stride_stops_a_fine_pattern_aliasing_into_a_coarse_one() -> None:
+    """A ±1 checkerboard (the finest pattern a grid holds) through a stride-2 sampler: plain, it
+    aliases to a constant +1; blurred first (BlurredStride), it is gone (0 inside, where reflect
+    padding plays no part)."""
+    from rcmseg.networks.blocks import BlurredStride
+
+    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    checkerboard = (1 - 2 * ((rows + cols) % 2)).float()[None, None]
+    sampler = torch.nn.Conv2d(1, 1, 1, stride=2, bias=False)
+    torch.nn.init.ones_(sampler.weight)
+    with torch.no_grad():
+        aliased = sampler(checkerboard)
+        blurred = BlurredStride(sampler)(checkerboard)
+    assert torch.equal(aliased, torch.ones(1, 1, 8, 8))
+    assert blurred[..., 1:-1, 1:-1].abs().max() < 1e-6
+
+
+def test_anti_aliased_dynunet_blurs_every_downsampling_and_keeps_its_contract() -> None:
+    """`anti_alias=True`: the same parameters, a blur before each of the four strided
+    convolutions (none before transposed ones), and it scripts and copies for inference with
+    equal outputs, its training heads dropped as usual."""
+    from rcmseg.networks.blocks import BlurredStride
+
+    network = get_network(
+        "dynunet", filters=(8, 16, 16, 32, 32), deep_supervision=True, anti_alias=True
+    )
+    plain = get_network("dynunet", filters=(8, 16, 16, 32, 32), deep_supervision=True)
+    assert count_parameters(network) == count_parameters(plain)
+    assert sum(isinstance(m, BlurredStride) for m in network.modules()) == 4
+    _forward_backward(network, 64)
+    image = torch.rand(1, 1, 64, 96)
+    with torch.no_grad():
+        expected = network.eval()(image)
+        torch.testing.assert_close(torch.jit.script(network)(image), expected)
+        torch.testing.assert_close(inference_copy(network)(image), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_dynunet_stages_follow_its_filters() -> None:
     # one stride per stage by default: six filters give six stages, five downsamplings
     network = get_network("dynunet", filters=(8, 8, 16, 16, 32, 32)).eval()

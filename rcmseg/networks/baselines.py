@@ -18,7 +18,7 @@ from monai.networks.nets import BasicUNet, DynUNet
 from torch import Tensor, nn
 
 from rcmseg.classes import NUM_CLASSES
-from rcmseg.networks.blocks import he_normal_init
+from rcmseg.networks.blocks import blur_strided_convolutions, he_normal_init
 
 
 def unet(
@@ -60,6 +60,9 @@ class DynUNet2D(nn.Module):
         norm: ``"instance"`` (nnU-Net's: each window's own statistics) or ``"batch"`` (running
             statistics, folded into the convolutions for inference: no normalisation pass left,
             for networks so narrow that the norms cost as much as the convolutions).
+        anti_alias: blur the input of every strided convolution with a 3×3 binomial filter
+            (:class:`~rcmseg.networks.blocks.BlurredStride`), so that downsampling does not alias
+            fine texture (same parameters, one depthwise pass more per downsampling).
 
     Shapes: (B, C, H, W) -> (B, K, H, W) (H, W multiples of the product of ``strides``).
     """
@@ -73,6 +76,7 @@ class DynUNet2D(nn.Module):
         deep_supervision: bool = False,
         deep_supr_num: int = 2,
         norm: str = "instance",
+        anti_alias: bool = False,
     ) -> None:
         super().__init__()
         if norm not in ("instance", "batch"):
@@ -85,6 +89,7 @@ class DynUNet2D(nn.Module):
         self.upsample_output = strides[0] > 1
         self._arguments = (in_channels, out_channels, tuple(filters), tuple(strides))
         self._norm = norm
+        self._anti_alias = anti_alias
         self.net = DynUNet(
             spatial_dims=2,
             in_channels=in_channels,
@@ -99,6 +104,8 @@ class DynUNet2D(nn.Module):
             deep_supr_num=deep_supr_num,
             res_block=False,
         )
+        if anti_alias:
+            blur_strided_convolutions(self.net)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         out = self.net(x)
@@ -123,7 +130,7 @@ class DynUNet2D(nn.Module):
         same eval outputs)."""
         if not self.deep_supervision:
             return self
-        plain = DynUNet2D(*self._arguments, norm=self._norm)
+        plain = DynUNet2D(*self._arguments, norm=self._norm, anti_alias=self._anti_alias)
         state = {
             key: value
             for key, value in self.state_dict().items()
@@ -146,6 +153,7 @@ def dynunet(
     deep_supervision: bool = False,
     strides: Sequence[int] | None = None,
     norm: str = "instance",
+    anti_alias: bool = False,
 ) -> nn.Module:
     """:class:`DynUNet2D` with nnU-Net's defaults at ~6 M parameters."""
     return DynUNet2D(
@@ -155,6 +163,7 @@ def dynunet(
         strides=strides,
         deep_supervision=deep_supervision,
         norm=norm,
+        anti_alias=anti_alias,
     )
 
 

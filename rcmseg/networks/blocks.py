@@ -9,6 +9,7 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -141,6 +142,39 @@ def replace_modules(
             if new is not None:
                 setattr(parent, name, new)
     return network
+
+
+class BlurredStride(nn.Module):
+    """A strided convolution that sees its input low-passed first by a 3×3 binomial blur
+    (reflect padding), so that subsampling no longer aliases fine texture into coarse features
+    (anti-aliased downsampling, Zhang 2019, "Making convolutional networks shift-invariant
+    again"). Blur and convolution commute, so this equals blurring the convolution's output
+    before subsampling it, at the cost of one depthwise 3×3 pass.
+
+    Shapes: those of ``conv``.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (torch.outer(taps, taps) / 16).expand(conv.in_channels, 1, 3, 3).clone()
+        self.register_buffer("kernel", kernel, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        blurred = F.conv2d(padded, self.kernel.to(x.dtype), groups=self.conv.in_channels)
+        return self.conv(blurred)
+
+
+def blur_strided_convolutions(network: nn.Module) -> nn.Module:
+    """Wraps, in place, every strided (not transposed) convolution in :class:`BlurredStride`."""
+
+    def blurred(child: nn.Module) -> nn.Module | None:
+        strided = isinstance(child, nn.Conv2d) and tuple(child.stride) != (1, 1)
+        return BlurredStride(child) if strided else None
+
+    return replace_modules(network, blurred)
 
 
 def instance_norms_as_group_norms(network: nn.Module) -> nn.Module:
