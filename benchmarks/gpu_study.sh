@@ -18,18 +18,22 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 SEEDS=${SEEDS:-0 1 2}
 VARIANTS=${VARIANTS:-mednet mednet1 mednet_unet_in unet deeplab dynunet dynunet_ds}
-DATA_ARGS=(--train-mosaics 32 --test-mosaics 12 --size 512 --shrink 2)
+# the CPU tables' data set: 32 training and 12 test mosaics of 512 px, textures shrunk 2x
+TRAIN_MOSAICS=32 TEST_MOSAICS=12 SIZE=512 SHRINK=2
+DATA_ARGS=(--train-mosaics "$TRAIN_MOSAICS" --test-mosaics "$TEST_MOSAICS" --size "$SIZE" --shrink "$SHRINK")
 
 if [ "${1:-}" = "--prepare" ]; then
     # one data set for every seed, as the CPU tables (mednet_ablation.py) use
-    "$PY" - "${2:-../shared/data/textures}" gpu_study/data <<'PY'
+    "$PY" - "${2:-../shared/data/textures}" gpu_study/data \
+        "$TRAIN_MOSAICS" "$TEST_MOSAICS" "$SIZE" "$SHRINK" <<'PY'
 import sys
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from texture_mosaics import write_texture_dataset
 textures, out = Path(sys.argv[1]), Path(sys.argv[2])
+train, test, size, shrink = (int(value) for value in sys.argv[3:])
 if not (out / "manifest.csv").is_file():
-    write_texture_dataset(textures, out, 32, 12, 512, 0, shrink=2)
+    write_texture_dataset(textures, out, train, test, size, 0, shrink=shrink)
 print(out, "ready")
 PY
     du -sh gpu_study
