@@ -58,7 +58,11 @@ from rcmseg.losses import make_loss  # noqa: E402
 from rcmseg.metrics import confusion_matrix, fragmentation, one_vs_rest  # noqa: E402
 from rcmseg.networks import WIDTH_TABLES, count_parameters, get_network  # noqa: E402
 from rcmseg.training import TrainConfig, train  # noqa: E402
-from rcmseg.training.checkpoint import export_weights, load_checkpoint  # noqa: E402
+from rcmseg.training.checkpoint import (  # noqa: E402
+    export_weights,
+    inference_weights,
+    load_checkpoint,
+)
 
 LOCK = Path("/tmp/rcmseg-cpu.lock")
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "rcm_mednet"
@@ -340,6 +344,10 @@ RECIPE_RUNS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     ),
     "dynunet_ds_zoom": ("dynunet_ds", "zoom 0.7-1.3", "zoom", {"zoom": 0.3}),
     "dynunet_zoom": ("dynunet", "zoom 0.7-1.3", "zoom", {"zoom": 0.3}),
+    # eighteenth session: validate and evaluate a moving average of the weights (EMA, decay 0.99
+    # per step: about the last 100 of the 400 steps at 1x weigh most)
+    "dynunet_ds_ema": ("dynunet_ds", "weights averaged (EMA 0.99)", "ema", {"ema_decay": 0.99}),
+    "dynunet_ema": ("dynunet", "weights averaged (EMA 0.99)", "ema", {"ema_decay": 0.99}),
 }
 RECIPE_RUNS.update(
     {long: (base, "3x budget", "3x budget", {"max_epochs": 75}) for long, base in LONG_RUNS.items()}
@@ -495,7 +503,7 @@ def run_variant(
         result = train(config, loss_function=loss)
         trained = time.perf_counter() - started
         network = get_network(variant.network, **kwargs)
-        network.load_state_dict(load_checkpoint(result.last_checkpoint)["network"])
+        network.load_state_dict(inference_weights(load_checkpoint(result.last_checkpoint)))
         in_domain = evaluate(network, val_cases, data, args.preset)
         other = evaluate(network, test_cases, data, args.preset)
         seconds = time.perf_counter() - started
@@ -546,7 +554,7 @@ def teacher_of(
     last = args.out / "runs" / run_name / "train" / "checkpoints" / "last.pt"
     weights = run_dir / "teacher.pt"
     if not weights.is_file():
-        state = load_checkpoint(last)["network"]
+        state = inference_weights(load_checkpoint(last))
         bundle_network.load_state_dict(state)  # fails loudly if the teacher is not the bundle's
         weights.parent.mkdir(parents=True, exist_ok=True)
         export_weights(state, weights)
@@ -562,7 +570,7 @@ def level_dice(
     variant = VARIANTS[name]
     network = get_network(variant.network, **scaled_kwargs(variant, args.width_scale))
     checkpoint = args.out / "runs" / name / "train" / "checkpoints" / "last.pt"
-    network.load_state_dict(load_checkpoint(checkpoint)["network"])
+    network.load_state_dict(inference_weights(load_checkpoint(checkpoint)))
     network.train()
     for module in network.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -615,7 +623,7 @@ def rescore_zoomed(
                             variant.network, **scaled_kwargs(variant, args.width_scale)
                         )
                         last = run_dir / "train" / "checkpoints" / "last.pt"
-                        network.load_state_dict(load_checkpoint(last)["network"])
+                        network.load_state_dict(inference_weights(load_checkpoint(last)))
                         metrics = evaluate(network, split(data, args.seed)[2], data, args.preset)
                     scored.write_text(json.dumps(metrics, indent=1) + "\n")
                 per_zoom[column].append(json.loads(scored.read_text())["dice"])

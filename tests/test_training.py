@@ -131,6 +131,35 @@ def test_resume_after_interruption_gives_the_same_weights(dataset: Path, tmp_pat
     assert torch.load(resumed.model_path, weights_only=True).keys() == a["network"].keys()
 
 
+def test_weight_average_validates_exports_and_resumes(dataset: Path, tmp_path: Path) -> None:
+    straight = train(quick_config(dataset, tmp_path / "straight", ema_decay=0.9))
+    best = torch.load(straight.best_checkpoint, weights_only=True)
+    exported = torch.load(straight.model_path, weights_only=True)
+    assert best["ema_steps"] == 2 * best["epochs_done"]  # one update per optimiser step
+    assert all(torch.equal(exported[key], best["ema_network"][key]) for key in exported)
+    assert any(not torch.equal(exported[key], best["network"][key]) for key in exported)
+
+    # The validation Dice is the averaged weights' Dice.
+    network = get_network("mednet2", **SMALL)
+    network.load_state_dict(exported)
+    held_out = next(c for c in read_manifest(dataset) if c.mosaic.stem == "synth_0004")
+    image, labels = load_case(held_out)
+    prediction = SegmentationEngine(network, "fast", "cpu").labels(image)
+    dice = one_vs_rest(confusion_matrix(prediction, labels))["mean_dice"]
+    assert dice == pytest.approx(straight.best_val_dice, abs=1e-9)
+
+    interrupted = quick_config(dataset, tmp_path / "resumed", ema_decay=0.9, stop_after_epochs=1)
+    train(interrupted)
+    resumed = train(quick_config(dataset, tmp_path / "resumed", ema_decay=0.9, resume=True))
+    a = torch.load(straight.last_checkpoint, weights_only=True)
+    b = torch.load(resumed.last_checkpoint, weights_only=True)
+    assert a["ema_steps"] == b["ema_steps"] == 6
+    assert all(torch.equal(a["ema_network"][k], b["ema_network"][k]) for k in a["ema_network"])
+
+    with pytest.raises(InputError, match="ema_decay"):
+        quick_config(dataset, tmp_path / "bad", ema_decay=1.0)
+
+
 def test_different_seeds_give_different_weights(dataset: Path, tmp_path: Path) -> None:
     one = train(quick_config(dataset, tmp_path / "a", max_epochs=1, val_cases=[]))
     two = train(quick_config(dataset, tmp_path / "b", max_epochs=1, val_cases=[], seed=1))

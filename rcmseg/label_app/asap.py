@@ -3,11 +3,12 @@
 QuPath's "Submit Label" sends every classified annotation as an ``<Annotation Name="<class>">``
 polygon with ``<Coordinate X= Y=>`` points in full-resolution pixels of the image the label is
 saved for (a whole mosaic, or the patch it uploads with the label for an ROI; the ``<Annotations
-X= Y=>`` attributes only record where that patch came from). Pixels inside a polygon
-take the class named by ``Name``; every other pixel is unlabelled (255), which is what makes the
-labels partial. Later polygons paint over earlier ones. Holes inside a polygon are not
-represented in this format (QuPath sends the outline points only): draw the inner pattern as its
-own annotation on top.
+X= Y=>`` attributes only record where that patch came from). Pixels whose centre lies inside a
+polygon take the class named by ``Name`` (the GeoJSON import's rule,
+:func:`rcmseg.io.geojson.polygon_strips`: coordinates are pixel edges, so the square 0-1 is
+pixel 0); every other pixel is unlabelled (255), which is what makes the labels partial. Later
+polygons paint over earlier ones. Holes inside a polygon are not represented in this format
+(QuPath sends the outline points only): draw the inner pattern as its own annotation on top.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from rcmseg.classes import CLASS_NAMES, UNLABELLED
 from rcmseg.errors import InputError
+from rcmseg.io.geojson import polygon_strips
 
 ASAP_SUFFIX = ".xml"
 
@@ -57,11 +59,12 @@ def asap_label_map(path: Path, width: int, height: int) -> np.ndarray:
     polygons = read_asap_polygons(path)
     if not polygons:
         raise InputError(path, "no classified polygon annotations: nothing is labelled")
-    canvas = Image.new("L", (width, height), color=UNLABELLED)
-    draw = ImageDraw.Draw(canvas)
+    labels = np.full((height, width), UNLABELLED, dtype=np.uint8)
     for index, points in polygons:
-        draw.polygon(points, fill=index)
-    return np.asarray(canvas, dtype=np.uint8)
+        ring = np.asarray([*points, points[0]], dtype=np.float64)  # QuPath leaves rings open
+        for rows, cols, inside in polygon_strips([ring], labels.shape):
+            labels[rows, cols][inside] = index
+    return labels
 
 
 def rasterize_asap_labels(xml_path: Path, mosaic: Path, out_path: Path) -> Path:

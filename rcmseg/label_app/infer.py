@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-from monailabel.transform.post import FindContoursd
 from monailabel.utils.others.pathology import (
     create_asap_annotations_xml,
     create_dsa_annotations_json,
@@ -41,6 +40,7 @@ from rcmseg.bundle import LoadedBundle
 from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES
 from rcmseg.errors import InputError
 from rcmseg.inference import SegmentationEngine
+from rcmseg.io.geojson import region_polygons, signed_area
 from rcmseg.io.mosaics import MosaicInfo, read_mosaic
 from rcmseg.label_app.workspace import ServedModel
 
@@ -119,10 +119,19 @@ def working_index(start: int, count: int, scale: float, limit: int) -> np.ndarra
 
 @dataclass(frozen=True)
 class Segmentation:
-    """Labels of a region at the mosaic grid, and the region's mean per-pixel entropy (nats)."""
+    """Labels of a region at the mosaic grid, and the region's mean per-pixel entropy (nats).
+
+    ``outline_grid`` holds the same labels on the coarser of the two grids (the working grid's
+    pixels that the region's pixels take, or the mosaic grid itself), and ``edges_x`` /
+    ``edges_y`` the mosaic-pixel coordinate of each of its pixel edges (lengths W + 1, H + 1):
+    outlines traced on it and mapped through the edges are those of ``labels``.
+    """
 
     labels: np.ndarray
     mean_entropy: float
+    outline_grid: np.ndarray
+    edges_x: np.ndarray
+    edges_y: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -168,7 +177,24 @@ def segment_region(
     maps = engine.segment(image, (r0, r1), (c0, c1), entropy=True)
     labels = maps.labels[(rows - r0)[:, None], (cols - c0)[None, :]]
     assert maps.entropy is not None  # asked for with entropy=True
-    return Segmentation(labels=labels, mean_entropy=float(maps.entropy.mean()))
+    if scale < 1:  # every working pixel of the block is taken by some mosaic pixel
+        grid, edges_y, edges_x = maps.labels, _edges(rows, region.y), _edges(cols, region.x)
+    else:
+        grid = labels
+        edges_y = region.y + np.arange(region.height + 1)
+        edges_x = region.x + np.arange(region.width + 1)
+    return Segmentation(labels, float(maps.entropy.mean()), grid, edges_x, edges_y)
+
+
+def _edges(index: np.ndarray, start: int) -> np.ndarray:
+    """Mosaic-pixel coordinate of each working-pixel edge of the block ``index`` reaches.
+
+    ``index`` is :func:`working_index` of the region's mosaic pixels along one axis (non-
+    decreasing); working edge ``e`` lies before the first mosaic pixel that takes a working pixel
+    at or past ``e``, so the region's own edges bound the first and last working pixels.
+    """
+    first = int(index[0])
+    return start + np.searchsorted(index, np.arange(first, int(index[-1]) + 2))
 
 
 @functools.lru_cache(maxsize=4)
@@ -185,30 +211,36 @@ def engine_for(
     )
 
 
-def class_polygons(labels: np.ndarray, region: Region, min_poly_area: float) -> dict[str, Any]:
+def class_polygons(segmentation: Segmentation, region: Region, min_poly_area: float) -> dict:
     """Class outlines in MONAI Label's annotation format (mosaic pixel coordinates).
 
-    MONAI Label's :class:`FindContoursd` skips label value 0, which is a real class here
-    (background), so class ``k`` is traced as ``k + 1`` and named back. A one-pixel frame of 0
-    closes the outlines of regions that touch the region's edge (without OpenCV, MONAI Label
-    traces with scikit-image, which leaves those open); outlines may lie up to 1 px outside.
+    Each 4-connected region of a class is traced along pixel edges of the segmentation's coarser
+    grid (:func:`rcmseg.io.geojson.region_polygons`, as for ``rcmseg batch --geojson``) and
+    mapped to the mosaic grid, so the outlines follow the label map's pixel edges exactly and lie
+    inside the region. Viewer polygons carry no holes, so each region is its exterior outline,
+    one element each, largest first: painted in that order (as QuPath submits them back and
+    :func:`rcmseg.label_app.asap.asap_label_map` reads them, later over earlier), the regions
+    inside a hole paint over the one around it and the region's labels come back pixel for
+    pixel. Outlines enclosing less than ``min_poly_area`` mosaic pixels are dropped.
     """
-    colours = zip(CLASS_NAMES, CLASS_COLOURS, strict=True)
-    contours = FindContoursd(
-        keys="pred",
-        min_positive=1,
-        labels={name: index + 1 for index, name in enumerate(CLASS_NAMES)},
-        colormap={name: list(colour) for name, colour in colours},
-    )
-    framed = np.pad(labels.astype(np.int32) + 1, 1)
-    data = {
-        "pred": framed.T,  # FindContoursd expects (x, y) axis order
-        "location": [region.x - 1, region.y - 1],
+    found: list[tuple[float, int, list]] = []
+    for index in range(len(CLASS_NAMES)):
+        for rings, _pixels in region_polygons(segmentation.outline_grid == index):
+            exterior = rings[0]
+            mapped = np.stack(
+                [segmentation.edges_x[exterior[:, 0]], segmentation.edges_y[exterior[:, 1]]], axis=1
+            )
+            area = abs(signed_area(mapped))
+            if area >= min_poly_area:
+                found.append((area, index, mapped.tolist()))
+    found.sort(key=lambda item: -item[0])  # stable: equal areas keep class order
+    classes = sorted({index for _area, index, _ring in found})
+    return {
+        "location": [region.x, region.y],
         "size": [region.width, region.height],
-        "min_poly_area": min_poly_area,
+        "elements": [{"label": CLASS_NAMES[k], "contours": [ring]} for _a, k, ring in found],
+        "labels": {CLASS_NAMES[k]: list(CLASS_COLOURS[k]) for k in classes},
     }
-    found = contours(data).get("result", {}).get("annotation") or {"elements": [], "labels": {}}
-    return {**found, "location": [region.x, region.y], "size": [region.width, region.height]}
 
 
 def write_viewer_file(output: str, result: dict[str, Any], model: str) -> str:
@@ -308,8 +340,8 @@ class MEDNetInfer(InferTask):
             "mean_entropy": result.mean_entropy,
         }
         if wants_polygons:
-            min_area = float(request.get("min_poly_area") or MIN_POLY_AREA_PX)
-            reply["annotation"] = class_polygons(result.labels, region, min_area)
+            min_area = min_poly_area(request.get("min_poly_area"), path)
+            reply["annotation"] = class_polygons(result, region, min_area)
         post_done = time.perf_counter()
 
         file: str | None = None
@@ -322,6 +354,16 @@ class MEDNetInfer(InferTask):
         reply["latencies"] = latencies(started, read_done, infer_done, post_done)
         logger.info("%s %s: %s", path.name, region, reply["latencies"])
         return file, reply
+
+
+def min_poly_area(value: Any, path: Path) -> float:
+    """The request's ``min_poly_area`` in mosaic pixels (none: MONAI Label's default, 80)."""
+    if value is None:
+        return MIN_POLY_AREA_PX
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(path, f"min_poly_area must be a number, not {value!r}") from None
 
 
 def latencies(started: float, read_done: float, infer_done: float, post_done: float) -> dict:

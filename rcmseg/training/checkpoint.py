@@ -1,9 +1,9 @@
 """Checkpoints that resume a run exactly, and the weights-only export.
 
-A checkpoint holds the network, optimiser, scheduler and gradient-scaler states, the epoch, the
-best validation Dice so far, the history and the random-number states of torch, numpy and
-Python. Everything in it is a tensor or a plain value, so ``torch.load(weights_only=True)`` reads
-it and nothing in it runs code.
+A checkpoint holds the network (and, with ``ema_decay``, the moving average of its weights),
+optimiser, scheduler and gradient-scaler states, the epoch, the best validation Dice so far, the
+history and the random-number states of torch, numpy and Python. Everything in it is a tensor
+or a plain value, so ``torch.load(weights_only=True)`` reads it and nothing in it runs code.
 """
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ def save_atomic(obj: Any, path: Path) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_atomic` (tensors and plain values only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def inference_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint validates and exports with: the moving average of the weights
+    when the run kept one (``ema_decay``), else the weights as trained."""
+    return checkpoint.get("ema_network") or checkpoint["network"]
 
 
 def export_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:

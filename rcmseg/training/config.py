@@ -78,6 +78,10 @@ class TrainConfig:
         max_epochs, batch_size: epochs and patches per optimiser step (per process under DDP).
         iterations_per_epoch: cap on optimiser steps per epoch, for quick runs (``None``: all of
             the epoch's patches).
+        ema_decay: keep an exponential moving average of the weights, updated after every
+            optimiser step with this decay (0.99: the last ~100 steps weigh most); validation,
+            the best checkpoint and the exported ``model.pt`` then use the averaged weights.
+            ``None`` (default) validates and exports the weights as trained.
 
     Patches (px at the working resolution, 2 µm/px):
         patch_size, window, window_overlap: the paper's per-epoch sampling, one ``patch_size``
@@ -140,6 +144,7 @@ class TrainConfig:
     max_epochs: int = 200
     batch_size: int = 48
     iterations_per_epoch: int | None = None
+    ema_decay: float | None = None
     patch_size: int = 256
     window: int = 512
     window_overlap: float = 0.5
@@ -182,6 +187,8 @@ class TrainConfig:
             raise InputError(
                 None, f"augmentation must be one of {AUGMENTATIONS}, not {self.augmentation!r}"
             )
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise InputError(None, f"ema_decay must be in (0, 1), not {self.ema_decay}")
         if not 0 <= self.zoom < 1:
             raise InputError(None, f"zoom must be in [0, 1), not {self.zoom}")
         if self.augment_appearance and self.augmentation != "batched":

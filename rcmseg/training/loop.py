@@ -18,6 +18,7 @@ import torch
 from monai.utils import convert_to_tensor
 from torch import nn
 from torch.optim.lr_scheduler import ExponentialLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
 from rcmseg.errors import InputError
@@ -28,6 +29,7 @@ from rcmseg.networks import get_network, side_multiple
 from rcmseg.training.augment import APPEARANCE, BatchAugment
 from rcmseg.training.checkpoint import (
     export_weights,
+    inference_weights,
     load_checkpoint,
     rng_states,
     save_atomic,
@@ -223,12 +225,14 @@ def train_epoch(
     amp: bool,
     on_step: Callable[[float, float], None] | None = None,
     augment: Augment | None = None,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the patch-weighted means of the loss and its terms over
     all processes, and the number of patches they saw.
 
     ``augment`` maps each batch, once on ``device``, to network input (batched augmentation and
-    scaling to [0, 1]); without it the loader's batches must be network input already.
+    scaling to [0, 1]); without it the loader's batches must be network input already. ``ema``
+    (the moving average of the weights) is updated after every optimiser step.
     """
     network.train()
     totals = {"loss": 0.0, "dice_term": 0.0, "tv_term": 0.0}
@@ -242,6 +246,8 @@ def train_epoch(
         if augment is not None:
             images, labels = augment(images, labels)
         loss = train_step(network, images, labels, loss_function, optimizer, scaler, dtype)
+        if ema is not None:
+            ema.update_parameters(unwrap(network))
         count = images.shape[0]
         dice, tv = _loss_terms(loss_function)
         for key, value in (("loss", loss.item()), ("dice_term", dice), ("tv_term", tv)):
@@ -292,8 +298,20 @@ class Run:
     scaler: torch.amp.GradScaler
     state: RunState
     paths: RunPaths
+    ema: AveragedModel | None = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The network that validates and is exported: the weights' moving average if kept."""
+        return unwrap(self.network) if self.ema is None else self.ema.module
 
     def checkpoint(self) -> dict[str, Any]:
+        averaged = {}
+        if self.ema is not None:
+            averaged = {
+                "ema_network": self.ema.module.state_dict(),
+                "ema_steps": int(self.ema.n_averaged.item()),
+            }
         return {
             "epochs_done": self.state.epochs_done,
             "best_val_dice": self.state.best_val_dice,
@@ -305,6 +323,7 @@ class Run:
             "scaler": self.scaler.state_dict(),
             "rng": rng_states(),
             "config": self.config.to_dict(),
+            **averaged,
         }
 
     def restore(self, path: Path) -> None:
@@ -314,6 +333,9 @@ class Run:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         set_rng_states(checkpoint["rng"])
+        if self.ema is not None and "ema_network" in checkpoint:
+            self.ema.module.load_state_dict(checkpoint["ema_network"])
+            self.ema.n_averaged.fill_(checkpoint["ema_steps"])
         self.state = RunState(
             epochs_done=checkpoint["epochs_done"],
             best_val_dice=checkpoint["best_val_dice"],
@@ -327,7 +349,7 @@ class Run:
         save_atomic(checkpoint, self.paths.last)
         if improved:
             save_atomic(checkpoint, self.paths.best)
-            weights = unwrap(self.network).state_dict()
+            weights = self.evaluated.state_dict()
             export_weights(weights, self.paths.model)
             if self.config.export_path is not None:
                 export_weights(weights, Path(self.config.export_path))
@@ -341,7 +363,7 @@ class Run:
             targets.append(Path(self.config.export_path))
         missing = [path for path in targets if not path.is_file()]
         if missing and self.paths.best.is_file():
-            weights = load_checkpoint(self.paths.best)["network"]
+            weights = inference_weights(load_checkpoint(self.paths.best))
             for path in missing:
                 export_weights(weights, path)
 
@@ -371,6 +393,13 @@ def check_patch_size(network: nn.Module, name: str, patch_size: int) -> None:
         )
 
 
+def moving_average(network: nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of ``network``'s weights (and buffers), or ``None``."""
+    if decay is None:
+        return None
+    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def _start_run(
     config: TrainConfig,
     network: nn.Module | None,
@@ -394,6 +423,7 @@ def _start_run(
         scaler=grad_scaler(device, amp),
         state=RunState(),
         paths=RunPaths(Path(config.output_dir)),
+        ema=moving_average(network, config.ema_decay),
     )
     if config.resume and run.paths.last.is_file():
         run.restore(run.paths.last)
@@ -503,6 +533,7 @@ def train(
                 amp,
                 on_step,
                 _batch_augment(config, device, epoch_seed, teacher),
+                run.ema,
             )
             seconds = time.perf_counter() - started
             run.scheduler.step()
@@ -510,7 +541,7 @@ def train(
 
             val_dice = math.nan
             if val_cases and _validates_after(epoch, config):
-                val_dice = validate(run.network, val_data, device, config.val_preset)
+                val_dice = validate(run.evaluated, val_data, device, config.val_preset)
             run.state.history.append(
                 {
                     "epoch": epoch + 1,

@@ -49,6 +49,9 @@ def test_polygons_become_classes_and_the_rest_stays_unlabelled(tmp_path: Path):
     assert labels[25, 15] == 2 and labels[5, 70] == 4 and labels[25, 40] == 3
     assert labels[55, 5] == UNLABELLED and labels[30, 70] == UNLABELLED
     assert set(np.unique(labels).tolist()) == {2, 3, 4, UNLABELLED}
+    # Coordinates are pixel edges (QuPath's): the square 60-79 × 0-19 is 19 × 19 pixels.
+    assert np.count_nonzero(labels == 4) == 19 * 19
+    assert np.count_nonzero(labels == 3) == 15 * 15
 
 
 def test_rasterized_labels_have_the_mosaic_size(tmp_path: Path):

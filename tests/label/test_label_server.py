@@ -37,6 +37,7 @@ from rcmseg.bundle import build_network, default_bundle_dir, load_bundle  # noqa
 from rcmseg.classes import CLASS_NAMES, UNLABELLED  # noqa: E402
 from rcmseg.inference import pixel_entropy, segment_image  # noqa: E402
 from rcmseg.io.mosaics import probe_mosaic, read_mosaic  # noqa: E402
+from rcmseg.label_app.asap import asap_label_map  # noqa: E402
 from rcmseg.synth import make_mosaic, write_mosaic_tiff  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -210,7 +211,9 @@ def test_whole_mosaic_labels_at_mosaic_grid_match_rcmseg_batch(
     assert np.mean(whole_m1[::4, ::4] == batch_labels) > 0.999
 
 
-def test_region_requests_give_the_same_labels_and_viewer_polygons(server: Server, whole_m1):
+def test_region_requests_give_the_same_labels_and_viewer_polygons(
+    server: Server, whole_m1, tmp_path: Path
+):
     params = {"location": [300, 200], "size": [400, 256]}
     response = server.post(
         "/infer/mednet?image=m1&output=image", data={"params": json.dumps(params)}
@@ -228,9 +231,9 @@ def test_region_requests_give_the_same_labels_and_viewer_polygons(server: Server
     assert len(reply["annotations"]) == 1  # tiles of at least 4096 px: one here
     assert elements and {e["label"] for e in elements} <= expected
     points = np.array([p for e in elements for c in e["contours"] for p in c])
-    # Outlines run along pixel edges: up to 1 px outside the region.
-    assert points[:, 0].min() >= 255 and points[:, 0].max() <= 769
-    assert points[:, 1].min() >= 255 and points[:, 1].max() <= 513
+    # Outlines run along the region's pixel edges, inside it.
+    assert points[:, 0].min() >= 256 and points[:, 0].max() <= 768
+    assert points[:, 1].min() >= 256 and points[:, 1].max() <= 512
 
     # Striped TIFF (OpenSlide cannot open it): the app segments the region in one go.
     wsi = {"location": [0, 0], "size": [512, 512], "min_poly_area": 0}
@@ -240,7 +243,13 @@ def test_region_requests_give_the_same_labels_and_viewer_polygons(server: Server
     annotations = list(ElementTree.fromstring(xml).iter("Annotation"))
     assert annotations and {a.get("Name") for a in annotations} <= set(CLASS_NAMES)
     xs = [float(c.get("X")) for c in ElementTree.fromstring(xml).iter("Coordinate")]
-    assert -1 <= min(xs) and max(xs) <= 513
+    assert 0 <= min(xs) and max(xs) <= 512
+    # Submitted back unchanged, the suggestions are the region's labels, pixel for pixel.
+    suggestions = tmp_path / "m2.xml"
+    suggestions.write_text(xml)
+    response = server.post("/infer/mednet?image=m2&output=image")
+    whole_m2 = tifffile.imread(io.BytesIO(response.content), level=0)
+    np.testing.assert_array_equal(asap_label_map(suggestions, 512, 512), whole_m2[:512, :512])
 
 
 def partial_label_the_served_model_misses(server: Server) -> np.ndarray:

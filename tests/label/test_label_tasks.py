@@ -17,8 +17,16 @@ from rcmseg.bundle import LoadedBundle  # noqa: E402
 from rcmseg.classes import CLASS_NAMES  # noqa: E402
 from rcmseg.errors import InputError  # noqa: E402
 from rcmseg.inference import Preset  # noqa: E402
+from rcmseg.io.geojson import polygon_strips  # noqa: E402
 from rcmseg.io.mosaics import MosaicInfo  # noqa: E402
-from rcmseg.label_app.infer import Region, Runtime, segment_region, working_index  # noqa: E402
+from rcmseg.label_app.infer import (  # noqa: E402
+    Region,
+    Runtime,
+    class_polygons,
+    min_poly_area,
+    segment_region,
+    working_index,
+)
 from rcmseg.label_app.main import datastore_patterns  # noqa: E402
 from rcmseg.label_app.strategy import EntropyCache  # noqa: E402
 from rcmseg.label_app.train import should_replace, split_ids  # noqa: E402
@@ -138,6 +146,63 @@ def test_regions_come_out_exactly_as_in_the_whole_mosaic():
             part.labels,
             whole.labels[region.y : region.y + region.height, region.x : region.x + region.width],
         )
+
+
+def painted(elements: list, region: Region) -> np.ndarray:
+    """The region's pixels painted by each element's contour in turn, later over earlier, by
+    the pixel-centre rule (as a submitted label is read back); 255 where none reaches."""
+    labels = np.full((region.height, region.width), 255, dtype=np.uint8)
+    for element in elements:
+        (contour,) = element["contours"]
+        ring = np.asarray(contour, dtype=float) - [region.x, region.y]
+        for rows, cols, inside in polygon_strips([ring], labels.shape):
+            labels[rows, cols][inside] = CLASS_NAMES.index(element["label"])
+    return labels
+
+
+def ring_area(contour: list) -> float:
+    x, y = np.asarray(contour, dtype=float).T
+    return abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])) / 2
+
+
+@pytest.mark.parametrize("mosaic_mpp", [0.5, 0.47, 2.0, 3.0])
+def test_region_polygons_paint_back_exactly_the_region_labels(mosaic_mpp: float):
+    """Traced on the coarser grid, the outlines (one per region, no holes, largest first), painted
+    in reply order, give back the region's labels pixel for pixel; every vertex lies inside the
+    region; outlines under the minimum area are dropped."""
+    rng = np.random.default_rng(2)
+    image = (rng.random((150, 210)) * 255).astype(np.float32)
+    scale = mosaic_mpp / 2.0  # working pixels per mosaic pixel
+    width, height = round(210 / scale), round(150 / scale)
+    info = MosaicInfo(Path("m.tif"), width, height, mosaic_mpp, "file", "uint8")
+    bundle = tiny_bundle()
+    for region in (
+        Region(0, 0, width, height),
+        Region(width // 3 + 1, height // 4 + 3, width // 3, height // 2),
+    ):
+        part = segment_region(image, info, region, bundle, "small")
+        assert len(np.unique(part.labels)) > 1
+        annotation = class_polygons(part, region, min_poly_area=0)
+        assert annotation["location"] == [region.x, region.y]
+        elements = annotation["elements"]
+        assert {e["label"] for e in elements} == {CLASS_NAMES[k] for k in np.unique(part.labels)}
+        assert set(annotation["labels"]) == {e["label"] for e in elements}
+        areas = [ring_area(e["contours"][0]) for e in elements]
+        assert areas == sorted(areas, reverse=True)
+        np.testing.assert_array_equal(painted(elements, region), part.labels)
+        points = np.array([p for e in elements for c in e["contours"] for p in c])
+        assert points[:, 0].min() >= region.x and points[:, 0].max() <= region.x + region.width
+        assert points[:, 1].min() >= region.y and points[:, 1].max() <= region.y + region.height
+        kept = class_polygons(part, region, min_poly_area=200)["elements"]
+        assert 0 < len(kept) < len(elements)
+        assert min(ring_area(e["contours"][0]) for e in kept) >= 200
+
+
+def test_min_poly_area_defaults_to_monai_labels_and_refuses_words():
+    assert min_poly_area(None, Path("m.tif")) == 80
+    assert min_poly_area(0, Path("m.tif")) == 0.0  # 0 keeps every outline
+    with pytest.raises(InputError, match="m.tif.*min_poly_area must be a number"):
+        min_poly_area("large", Path("m.tif"))
 
 
 def test_regions_with_openvino_give_the_torch_labels(tmp_path: Path):
