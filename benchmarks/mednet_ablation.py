@@ -225,6 +225,15 @@ VARIANTS: dict[str, Variant] = {
         network="dynunet",
         kwargs={"deep_supervision": True},
     ),
+    # eighteenth session: nnU-Net's own deep-supervision weights (halved per level: main 1,
+    # 1/2 scale 0.5, 1/4 scale 0.25) instead of equal weights
+    "dynunet_ds_halved": Variant(
+        "DynUNet with deep supervision, nnU-Net's weights 0.25/0.5/1",
+        "networks",
+        network="dynunet",
+        kwargs={"deep_supervision": True},
+        level_weights=(0.25, 0.5, 1.0),
+    ),
     # seventeenth session: anti-aliased downsampling (a binomial blur before every strided
     # convolution), a candidate for carrying networks across digitisations
     "dynunet_ds_aa": Variant(
