@@ -251,6 +251,15 @@ def test_region_requests_give_the_same_labels_and_viewer_polygons(
     whole_m2 = tifffile.imread(io.BytesIO(response.content), level=0)
     np.testing.assert_array_equal(asap_label_map(suggestions, 512, 512), whole_m2[:512, :512])
 
+    # DSA (HistomicsTK) JSON: the same outlines, as closed polylines.
+    dsa = server.post(
+        "/infer/wsi_v2/mednet?image=m2&output=dsa", data={"wsi": json.dumps(wsi)}
+    ).json()
+    polylines = [e for e in dsa["elements"] if e["type"] == "polyline"]
+    assert len(polylines) == len(annotations) and all(e["closed"] for e in polylines)
+    points = np.array([p for e in polylines for p in e["points"]])
+    assert points[:, :2].min() >= 0 and points[:, :2].max() <= 512
+
 
 def partial_label_the_served_model_misses(server: Server) -> np.ndarray:
     """A partial label map of m0 that the served model gets wholly wrong.
