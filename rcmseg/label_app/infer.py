@@ -218,9 +218,9 @@ def class_polygons(segmentation: Segmentation, region: Region, min_poly_area: fl
     grid (:func:`rcmseg.io.geojson.region_polygons`, as for ``rcmseg batch --geojson``) and
     mapped to the mosaic grid, so the outlines follow the label map's pixel edges exactly and lie
     inside the region. Viewer polygons carry no holes, so each region is its exterior outline,
-    one element each, largest first: painted in that order (as QuPath submits them back and
-    :func:`rcmseg.label_app.asap.asap_label_map` reads them, later over earlier), the regions
-    inside a hole paint over the one around it and the region's labels come back pixel for
+    one element each, largest first: painted in that order, later over earlier (as
+    :func:`rcmseg.label_app.asap.asap_label_map` reads a submitted label), the regions inside a
+    hole paint over the one around it and the region's labels come back pixel for
     pixel. Outlines enclosing less than ``min_poly_area`` mosaic pixels are dropped.
     """
     found: list[tuple[float, int, list]] = []
