@@ -151,12 +151,13 @@ def _scaled(ring: np.ndarray, scale: float) -> list[list[float]]:
 
 
 def region_polygons(
-    mask: np.ndarray, min_area_px: int = 1, simplify_px: float = 0.0
+    mask: np.ndarray, min_area_px: int = 1, simplify_px: float = 0.0, holes: bool = True
 ) -> Iterator[tuple[list[np.ndarray], int]]:
     """Polygons of the 4-connected regions of a boolean mask.
 
-    Yields ``(rings, area_px)``: ``rings[0]`` the exterior and the rest the holes, each an (N, 2)
-    int array of (x, y) pixel-corner coordinates, closed (first == last); exteriors
+    Yields ``(rings, area_px)``: ``rings[0]`` the exterior and the rest the holes (none traced
+    when ``holes`` is false, for formats without them), each an (N, 2) int array of (x, y)
+    pixel-corner coordinates, closed (first == last); exteriors
     counter-clockwise and holes clockwise in (x, y) (RFC 7946's rule, read with y pointing up).
     ``area_px`` = pixels of the region (holes excluded).
     """
@@ -176,7 +177,7 @@ def region_polygons(
         # holes. Filling with 4-connected background leaves no pinch vertex on the outline.
         rest, pieces = ndimage.label(~framed, structure=_FOUR_CONNECTED)
         rings = [_oriented(_trace_outline(rest != 1) + origin, exterior=True)]
-        if pieces > 1:
+        if holes and pieces > 1:
             for hole, hole_box in enumerate(ndimage.find_objects(rest)[1:], start=2):
                 hole_origin = origin + [hole_box[1].start, hole_box[0].start]
                 outline = _trace_outline(rest[hole_box] == hole) + hole_origin

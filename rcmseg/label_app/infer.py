@@ -225,8 +225,9 @@ def class_polygons(segmentation: Segmentation, region: Region, min_poly_area: fl
     """
     found: list[tuple[float, int, list]] = []
     for index in range(len(CLASS_NAMES)):
-        for rings, _pixels in region_polygons(segmentation.outline_grid == index):
-            exterior = rings[0]
+        for (exterior,), _pixels in region_polygons(
+            segmentation.outline_grid == index, holes=False
+        ):
             mapped = np.stack(
                 [segmentation.edges_x[exterior[:, 0]], segmentation.edges_y[exterior[:, 1]]], axis=1
             )
