@@ -321,13 +321,18 @@ CROP256_RUNS: dict[str, tuple[str, dict[str, int]]] = {
     "mednet_dynunet_crop256_px": ("mednet_dynunet", {"patch_size": 256, "max_epochs": 56}),
     # the bundle 0.5.0 default at the paper's crop size (eleventh session)
     "dynunet_ds_crop256_px": ("dynunet_ds", {"patch_size": 256, "max_epochs": 56}),
+    # ... and against DynUNet at the 3x budget where the 128 px curves flattened, both trained in
+    # bf16 on one CPU (nineteenth session; DynUNet's 1x rows above trained in float32)
+    "dynunet_ds_crop256_long": ("dynunet_ds", {"patch_size": 256, "max_epochs": 3 * 56}),
+    "dynunet_crop256_long": ("dynunet", {"patch_size": 256, "max_epochs": 3 * 56}),
 }
 VARIANTS.update(
     {
         name: replace(
             VARIANTS[base],
             label=f"{VARIANTS[base].label}, 256 px crops"
-            + (", equal pixels" if "max_epochs" in train else ""),
+            + (", equal pixels" if "max_epochs" in train else "")
+            + (", 3x budget" if train.get("max_epochs") == 3 * 56 else ""),
             group="crop 256",
             train=train,
         )
