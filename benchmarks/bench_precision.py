@@ -51,9 +51,11 @@ def texture_images(texture_dir: Path, count: int) -> list[tuple[str, np.ndarray,
 
     from rcmseg.io.dataset import load_case
 
-    out = Path(tempfile.mkdtemp(prefix="rcmseg-precision-"))
-    cases = write_texture_dataset(texture_dir, out, train_mosaics=0, test_mosaics=count, size=768)
-    return [(f"texture {case.mosaic.stem}", *load_case(case)) for case in cases]
+    with tempfile.TemporaryDirectory(prefix="rcmseg-precision-") as scratch:
+        cases = write_texture_dataset(
+            texture_dir, Path(scratch), train_mosaics=0, test_mosaics=count, size=768
+        )
+        return [(f"texture {case.mosaic.stem}", *load_case(case)) for case in cases]
 
 
 def ms_per_window(engine: SegmentationEngine, repeats: int = 5) -> float:

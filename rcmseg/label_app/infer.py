@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -261,12 +262,18 @@ def write_viewer_file(output: str, result: dict[str, Any], model: str) -> str:
 
 
 def write_label_map(labels: np.ndarray, mosaic_mpp: float) -> str:
-    """The label map as a tiled uint8 TIFF (rcmseg's label writer) in a temporary file."""
+    """The label map as a tiled uint8 TIFF (rcmseg's label writer) in a temporary file, which
+    MONAI Label's endpoint deletes once sent (a file of its own, not a folder it would leave)."""
     from rcmseg.io.writers import write_label_tiff
 
-    path = Path(tempfile.mkdtemp(prefix="rcmseg-infer-")) / "labels.tif"
-    write_label_tiff(path, labels, mosaic_mpp)
-    return str(path)
+    handle, path = tempfile.mkstemp(prefix="rcmseg-labels-", suffix=".tif")
+    os.close(handle)
+    try:
+        write_label_tiff(path, labels, mosaic_mpp)
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+    return path
 
 
 class MEDNetInfer(InferTask):

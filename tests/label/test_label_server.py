@@ -55,6 +55,7 @@ class Server:
     studies: Path
     bundle: Path
     log: Path
+    scratch: Path  # the server's TMPDIR
 
     def get(self, route: str, **kwargs) -> requests.Response:
         response = requests.get(self.url + route, timeout=REQUEST_TIMEOUT_S, **kwargs)
@@ -155,8 +156,12 @@ def server(tmp_path_factory) -> Server:
         "cpu",
     ]
     # No background scoring: it would compete for the CPU with the requests under test.
+    # The server's own temporary folder, so that what its answers leave behind can be seen.
+    scratch = root / "tmp"
+    scratch.mkdir()
     env = {
         **os.environ,
+        "TMPDIR": str(scratch),
         "OMP_NUM_THREADS": "2",
         "PYTHONUNBUFFERED": "1",
         "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
@@ -168,7 +173,7 @@ def server(tmp_path_factory) -> Server:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, process, log)
-        yield Server(url=url, studies=studies, bundle=bundle, log=log)
+        yield Server(url=url, studies=studies, bundle=bundle, log=log, scratch=scratch)
     finally:
         stop(process)
 
@@ -259,6 +264,18 @@ def test_region_requests_give_the_same_labels_and_viewer_polygons(
     assert len(polylines) == len(annotations) and all(e["closed"] for e in polylines)
     points = np.array([p for e in polylines for p in e["points"]])
     assert points[:, :2].min() >= 0 and points[:, :2].max() <= 512
+
+
+def test_answered_requests_leave_no_temporary_files(server: Server):
+    # Label maps and viewer files are written to temporary files that MONAI Label deletes after
+    # sending them (in a background task, so give it a moment).
+    server.post("/infer/mednet?image=m2&output=image")
+    wsi = {"location": [0, 0], "size": [256, 256]}
+    server.post("/infer/wsi_v2/mednet?image=m2&output=asap", data={"wsi": json.dumps(wsi)})
+    deadline = time.monotonic() + 10
+    while any(server.scratch.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sorted(p.name for p in server.scratch.iterdir()) == []
 
 
 def partial_label_the_served_model_misses(server: Server) -> np.ndarray:
