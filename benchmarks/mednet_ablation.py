@@ -309,22 +309,29 @@ LONG_RUNS: dict[str, str] = {
 }
 # ... and at the paper's crop size (batch/4: same px per step). An epoch holds 28 crops of 256 px
 # against 252 of 128 px: the 56-epoch runs see the 128 px runs' pixels (1568 crops of 256²).
+EQUAL_PX_EPOCHS = 56
 CROP256_RUNS: dict[str, tuple[str, dict[str, int]]] = {
     "dynunet_crop256": ("dynunet", {"patch_size": 256}),
     "mednet_unet_in_crop256": ("unet_levels_noprior_instance", {"patch_size": 256}),
-    "dynunet_crop256_px": ("dynunet", {"patch_size": 256, "max_epochs": 56}),
+    "dynunet_crop256_px": ("dynunet", {"patch_size": 256, "max_epochs": EQUAL_PX_EPOCHS}),
     "mednet_unet_in_crop256_px": (
         "unet_levels_noprior_instance",
-        {"patch_size": 256, "max_epochs": 56},
+        {"patch_size": 256, "max_epochs": EQUAL_PX_EPOCHS},
     ),
     # does the nesting pay once its coarsest level sees 64 px instead of 32? (ninth session)
-    "mednet_dynunet_crop256_px": ("mednet_dynunet", {"patch_size": 256, "max_epochs": 56}),
+    "mednet_dynunet_crop256_px": (
+        "mednet_dynunet",
+        {"patch_size": 256, "max_epochs": EQUAL_PX_EPOCHS},
+    ),
     # the bundle 0.5.0 default at the paper's crop size (eleventh session)
-    "dynunet_ds_crop256_px": ("dynunet_ds", {"patch_size": 256, "max_epochs": 56}),
+    "dynunet_ds_crop256_px": ("dynunet_ds", {"patch_size": 256, "max_epochs": EQUAL_PX_EPOCHS}),
     # ... and against DynUNet at the 3x budget where the 128 px curves flattened, both trained in
     # bf16 on one CPU (nineteenth session; DynUNet's 1x rows above trained in float32)
-    "dynunet_ds_crop256_long": ("dynunet_ds", {"patch_size": 256, "max_epochs": 3 * 56}),
-    "dynunet_crop256_long": ("dynunet", {"patch_size": 256, "max_epochs": 3 * 56}),
+    "dynunet_ds_crop256_long": (
+        "dynunet_ds",
+        {"patch_size": 256, "max_epochs": 3 * EQUAL_PX_EPOCHS},
+    ),
+    "dynunet_crop256_long": ("dynunet", {"patch_size": 256, "max_epochs": 3 * EQUAL_PX_EPOCHS}),
 }
 VARIANTS.update(
     {
@@ -332,7 +339,7 @@ VARIANTS.update(
             VARIANTS[base],
             label=f"{VARIANTS[base].label}, 256 px crops"
             + (", equal pixels" if "max_epochs" in train else "")
-            + (", 3x budget" if train.get("max_epochs") == 3 * 56 else ""),
+            + (", 3x budget" if train.get("max_epochs") == 3 * EQUAL_PX_EPOCHS else ""),
             group="crop 256",
             train=train,
         )

@@ -155,10 +155,10 @@ def server(tmp_path_factory) -> Server:
         "--device",
         "cpu",
     ]
-    # No background scoring: it would compete for the CPU with the requests under test.
     # The server's own temporary folder, so that what its answers leave behind can be seen.
     scratch = root / "tmp"
     scratch.mkdir()
+    # No background scoring: it would compete for the CPU with the requests under test.
     env = {
         **os.environ,
         "TMPDIR": str(scratch),
@@ -270,14 +270,17 @@ def test_answered_requests_leave_no_temporary_files(server: Server):
     # Label maps and viewer files are written to temporary files that MONAI Label deletes after
     # sending them (in a background task, so give it a moment). MONAI Label keeps its logging
     # config there from the start, so compare with what was there before.
-    before = {p.name for p in server.scratch.iterdir()}
+    def names() -> set[str]:
+        return {p.name for p in server.scratch.iterdir()}
+
+    before = names()
     server.post("/infer/mednet?image=m2&output=image")
     wsi = {"location": [0, 0], "size": [256, 256]}
     server.post("/infer/wsi_v2/mednet?image=m2&output=asap", data={"wsi": json.dumps(wsi)})
     deadline = time.monotonic() + 10
-    while {p.name for p in server.scratch.iterdir()} != before and time.monotonic() < deadline:
+    while names() != before and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert sorted({p.name for p in server.scratch.iterdir()} - before) == []
+    assert sorted(names() - before) == []
 
 
 def partial_label_the_served_model_misses(server: Server) -> np.ndarray:
