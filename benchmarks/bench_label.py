@@ -19,6 +19,7 @@ Needs the ``rcmseg[label]`` extra. Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -58,6 +59,11 @@ def bundle_with_weights(work: Path) -> tuple[Path, str]:
     return target, "random weights (no trained weights in the default bundle)"
 
 
+def log_tail(log: Path, lines: int = 20) -> str:
+    """The last lines of the server log, kept in the error because a temporary workdir goes."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
 class Server:
     """``rcmseg label serve`` in its own process group, stopped with it."""
 
@@ -92,21 +98,34 @@ class Server:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited; see {log}")
+                raise RuntimeError(f"server exited:\n{log_tail(log)}")
             try:
                 if requests.get(self.url + "/info/", timeout=5).status_code == 200:
                     return
             except requests.ConnectionError:
                 time.sleep(1)
-        raise RuntimeError(f"server not ready; see {log}")
+        self.stop()
+        raise RuntimeError(f"server not ready after 300 s:\n{log_tail(log)}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        """Stop the whole process group: the server's children write to the workdir too."""
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + 30
+        while group_alive(self.process.pid):
+            if time.monotonic() > deadline:
                 os.killpg(self.process.pid, signal.SIGKILL)
+                deadline = float("inf")
+            self.process.poll()  # reap the leader so the group can empty
+            time.sleep(0.2)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def time_whole_mosaic(server: Server, image_id: str, out: Path) -> dict:
@@ -156,8 +175,15 @@ def main() -> None:
     parser.add_argument("--backend", default="torch", help="torch or openvino")
     parser.add_argument("--openvino-cache", type=Path, help="keep/reuse the OpenVINO conversion")
     args = parser.parse_args()
+    if args.workdir:
+        run(args, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-label-") as work:
+            run(args, Path(work))
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-label-"))
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    """Write the mosaic and bundle under ``work``, then time each request on a fresh server."""
     studies = work / "studies"
     studies.mkdir(parents=True, exist_ok=True)
     mosaic = studies / f"mosaic{args.size}.tif"
