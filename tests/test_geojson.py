@@ -84,6 +84,41 @@ def test_island_in_a_hole_and_diagonal_neighbours_are_separate_regions():
     assert len(frame) == 2
 
 
+def test_diagonal_contacts_split_rings_by_region_and_never_pinch():
+    """Where two pixels of one region touch only diagonally, the pixels they enclose are a
+    hole touching the exterior at that corner; of two regions, each gets its own ring."""
+    closed_by_a_corner = np.zeros((6, 6), bool)
+    closed_by_a_corner[1, 1:4] = closed_by_a_corner[1:4, 1] = closed_by_a_corner[3, 1:3] = True
+    closed_by_a_corner[2, 3] = True  # one region; (2, 2) enclosed, (3, 3) outside
+    ((exterior, hole), area) = list(region_polygons(closed_by_a_corner))[0]
+    assert area == 7 and signed_area(exterior) == 8 and signed_area(hole) == -1
+    assert hole[:-1].tolist() == [[2, 2], [2, 3], [3, 3], [3, 2]]  # top-left vertex first
+    checkerboard = np.indices((5, 7)).sum(axis=0) % 2 == 0
+    polygons = list(region_polygons(checkerboard))
+    assert len(polygons) == 18 and all(len(rings) == 1 and area == 1 for rings, area in polygons)
+    assert all(signed_area(rings[0]) == 1 for rings, _area in polygons)
+    assert [rings[0][0].tolist() for rings, _area in polygons[:3]] == [[0, 0], [2, 0], [4, 0]]
+
+
+def test_long_outlines_of_a_fragmented_map_round_trip():
+    """Two interleaved combs (outlines of 40+ vertices) among speckle: every region, traced
+    together, paints back exactly its own pixels."""
+    mask = np.zeros((41, 41), bool)
+    mask[0, :] = mask[0:38, 0:41:2] = True  # teeth hanging from the top row
+    mask[40, :] = True
+    mask[40:2:-1, 1:40:4] = True  # teeth rising from the bottom row, between them
+    rng = np.random.default_rng(1)
+    mask[rng.random(mask.shape) < 0.05] ^= True
+    painted = np.zeros(mask.shape, np.int64)
+    polygons = list(region_polygons(mask))
+    for rings, area in polygons:
+        region = inside([ring.tolist() for ring in rings], *mask.shape)
+        assert region.sum() == area and mask[region].all()
+        painted += region
+    np.testing.assert_array_equal(painted, mask)
+    assert max(len(rings[0]) for rings, _area in polygons) > 40
+
+
 def test_features_rasterise_back_to_the_label_map():
     labels = blocky_labels(60, 50, seed=3)
     rng = np.random.default_rng(4)
