@@ -59,6 +59,7 @@ __all__ = [
     "RasterCounts",
     "class_table",
     "label_features",
+    "label_polygons",
     "parse_annotations",
     "rasterise",
     "read_annotations",
@@ -125,24 +126,26 @@ def label_features(
     simplify_px: float = 0.0,
 ) -> list[dict]:
     """GeoJSON features (QuPath annotations) of :func:`write_geojson`, as Python objects."""
-    labels = np.asarray(labels)
-    features = []
-    for index in range(len(class_names)) if classes is None else classes:
-        classification = {"name": class_names[index], "color": list(class_colours[index])}
-        for rings, area_px in region_polygons(labels == index, min_area_px, simplify_px):
-            coordinates = [_scaled(ring, scale_to_mosaic) for ring in rings]
-            features.append(
-                {
-                    "type": "Feature",
-                    "geometry": {"type": "Polygon", "coordinates": coordinates},
-                    "properties": {
-                        "objectType": "annotation",
-                        "classification": classification,
-                        "measurements": {"Area µm^2": round(area_px * mpp * mpp, 3)},
-                    },
-                }
-            )
-    return features
+    classes = range(len(class_names)) if classes is None else classes
+    classifications = {
+        index: {"name": class_names[index], "color": list(class_colours[index])}
+        for index in classes
+    }
+    return [
+        {
+            "type": "Feature",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [_scaled(ring, scale_to_mosaic) for ring in rings],
+            },
+            "properties": {
+                "objectType": "annotation",
+                "classification": classifications[index],
+                "measurements": {"Area µm^2": round(area_px * mpp * mpp, 3)},
+            },
+        }
+        for index, rings, area_px in label_polygons(labels, classes, min_area_px, simplify_px)
+    ]
 
 
 def _scaled(ring: np.ndarray, scale: float) -> list[list[float]]:
@@ -154,43 +157,66 @@ def _scaled(ring: np.ndarray, scale: float) -> list[list[float]]:
 def region_polygons(
     mask: np.ndarray, min_area_px: int = 1, simplify_px: float = 0.0, holes: bool = True
 ) -> Iterator[tuple[list[np.ndarray], int]]:
-    """Polygons of the 4-connected regions of a boolean mask, in raster order of the regions.
+    """:func:`label_polygons` of a boolean mask: ``(rings, area_px)`` per region."""
+    for _index, rings, area_px in label_polygons(
+        np.asarray(mask, dtype=bool).view(np.uint8), [1], min_area_px, simplify_px, holes
+    ):
+        yield rings, area_px
 
-    Yields ``(rings, area_px)``: ``rings[0]`` the exterior and the rest the holes (left out
-    when ``holes`` is false, for formats without them), each an (N, 2) int array of (x, y)
-    pixel-corner coordinates, closed (first == last), starting at its top-left vertex; exteriors
-    counter-clockwise and holes clockwise in (x, y) (RFC 7946's rule, read with y pointing up).
-    A hole is a 4-connected piece of the rest that the region encloses, so no ring touches
-    itself. ``area_px`` = pixels of the region (holes excluded).
+
+def label_polygons(
+    labels: np.ndarray,
+    classes: Sequence[int],
+    min_area_px: int = 1,
+    simplify_px: float = 0.0,
+    holes: bool = True,
+) -> Iterator[tuple[int, list[np.ndarray], int]]:
+    """Polygons of the 4-connected regions of each class of a label map, class by class in the
+    order of ``classes``, and each class's regions in raster order.
+
+    Yields ``(class_index, rings, area_px)``: ``rings[0]`` the exterior and the rest the holes
+    (left out when ``holes`` is false, for formats without them), each an (N, 2) int array of
+    (x, y) pixel-corner coordinates, closed (first == last), starting at its top-left vertex;
+    exteriors counter-clockwise and holes clockwise in (x, y) (RFC 7946's rule, read with y
+    pointing up). A hole is a 4-connected piece of the rest that the region encloses, so no ring
+    touches itself. ``area_px`` = pixels of the region (holes excluded); smaller than
+    ``min_area_px`` is skipped; ``simplify_px`` > 0 applies Douglas-Peucker to each ring.
     """
-    regions, count = ndimage.label(mask, structure=_FOUR_CONNECTED)
-    if count == 0:
+    labels = np.asarray(labels)
+    regions = np.zeros(labels.shape, np.int64)
+    region_class = [0]
+    for index in classes:
+        found, count = ndimage.label(labels == index, structure=_FOUR_CONNECTED)
+        np.add(found, len(region_class) - 1, out=regions, where=found > 0)
+        region_class += [index] * count
+    if len(region_class) == 1:
         return
-    area_px = np.bincount(regions.ravel(), minlength=count + 1)
+    areas = np.bincount(regions.ravel(), minlength=len(region_class)).tolist()
     points, ring_region, ring_starts = _region_rings(regions)
-    areas = area_px.tolist()
     bounds = np.append(ring_starts, len(points)).tolist()  # ring k: bounds[k]:bounds[k + 1]
     # Region r's rings are first_ring[r - 1] .. first_ring[r] - 1, its exterior first.
-    first_ring = np.searchsorted(ring_region, np.arange(1, count + 2)).tolist()
-    for region in (np.flatnonzero(area_px[1:] >= min_area_px) + 1).tolist():
-        ring_range = range(
-            first_ring[region - 1], first_ring[region] if holes else first_ring[region - 1] + 1
-        )
-        rings = [points[bounds[k] : bounds[k + 1]] for k in ring_range]
+    first_ring = np.searchsorted(ring_region, np.arange(1, len(region_class) + 1)).tolist()
+    for region in range(1, len(region_class)):
+        if areas[region] < min_area_px:
+            continue
+        last_ring = first_ring[region] if holes else first_ring[region - 1] + 1
+        rings = [
+            points[bounds[k] : bounds[k + 1]] for k in range(first_ring[region - 1], last_ring)
+        ]
         if simplify_px > 0:
             rings = [_simplified(ring, simplify_px) for ring in rings]
-        yield rings, areas[region]
+        yield region_class[region], rings, areas[region]
 
 
 def _region_rings(regions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every ring of every region of a 4-connected label image, traced along pixel edges at once.
+    """Every ring of every region of a region map (0: none), traced along pixel edges at once.
 
-    Each pixel edge between a region and the rest becomes a directed edge going clockwise round
-    its pixel (image view). At most vertices one edge leaves; where two leave (two region pixels
-    touching only diagonally), the walk stays with its pixel when they are different regions and
-    switches pixel when they are one region. So each cycle of edges is one ring of one region and
-    touches itself nowhere. The cycles are found and put in order with array operations rather
-    than a loop per region (a fragmented 3000² map has 10⁵ regions).
+    Each pixel edge between a region and anything else becomes a directed edge going clockwise
+    round its pixel (image view); a ring is a cycle of one region's edges. At a vertex where
+    two pixels of one region touch only diagonally, two of its edges leave; the walk switches
+    to the other pixel, which keeps the pixels they enclose out of the region's exterior (a hole
+    of their own) and no ring touches itself. Cycles are found and put in order with array
+    operations rather than a loop per region (a fragmented 3000² map has 10⁵ regions).
 
     Returns ``(points, ring_region, ring_starts)``: ``points`` (P, 2) int64 (x, y) of all closed
     rings one after another, by region number, each region's exterior first and then its holes
@@ -198,9 +224,9 @@ def _region_rings(regions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     where each ring begins in ``points``.
     """
     height, width = regions.shape
-    columns = width + 1
+    columns, corners = width + 1, (height + 1) * (width + 1)
     padded = np.pad(regions, 1)
-    inside = padded[1:-1, 1:-1] > 0
+    centre = padded[1:-1, 1:-1]
     # (neighbour on that side, start corner, end corner) of each pixel edge, by side
     sides = (
         (padded[:-2, 1:-1], (0, 0), (0, 1)),  # top: left → right
@@ -210,50 +236,43 @@ def _region_rings(regions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     )
     keys, ends, pixels = [], [], []
     for side, (neighbour, (start_dr, start_dc), (end_dr, end_dc)) in enumerate(sides):
-        rows, cols = np.nonzero(inside & (neighbour == 0))
-        start = (rows + start_dr) * columns + cols + start_dc
-        keys.append(start * 4 + side)  # unique per edge, and sorts edges by start vertex
-        ends.append((rows + end_dr) * columns + cols + end_dc)
+        rows, cols = np.nonzero((centre > 0) & (neighbour != centre))
+        region = centre[rows, cols]
+        # Unique per edge; sorts the edges by region, then start vertex.
+        keys.append((region * corners + (rows + start_dr) * columns + cols + start_dc) * 4 + side)
+        ends.append(region * corners + (rows + end_dr) * columns + cols + end_dc)
         pixels.append(rows * width + cols)
     order = np.argsort(np.concatenate(keys))
-    key = np.concatenate(keys)[order]
-    end = np.concatenate(ends)[order]
-    pixel = np.concatenate(pixels)[order]
-    region = regions.ravel()[pixel]
-    start = key // 4
-
-    next_edge = _next_edges(start, end, pixel, region)
-    count = len(key)
+    origin = np.concatenate(keys)[order] // 4  # region * corners + start vertex
+    next_edge = _next_edges(origin, np.concatenate(ends)[order], np.concatenate(pixels)[order])
+    count = len(origin)
     _cycles, cycle = connected_components(
         coo_matrix((np.ones(count, np.int8), (np.arange(count), next_edge)), shape=(count, count)),
         directed=True,
         connection="weak",
     )
-    # Edges are sorted by key, so a cycle's first edge in that order starts at its top-left vertex.
+    # In edge order a cycle's first edge leaves its top-left vertex, and a region's first cycle
+    # is its exterior (its top-left pixel's top edge faces the outside).
     _labels, first_of_cycle = np.unique(cycle, return_index=True)
     cycle_first = first_of_cycle[cycle]
-    to_end = _steps_to_cycle_end(next_edge, first_of_cycle)
-    walk = np.lexsort((-to_end, cycle_first, region))  # region, then ring, then walking order
-    ring_of = cycle_first[walk]
-    starts = np.flatnonzero(np.diff(ring_of, prepend=-1))
-    xy = np.stack([start[walk] % columns, start[walk] // columns], axis=1)
-
-    ring_region = region[walk][starts]
-    xy, starts = _corners_only(xy, starts)
-    exterior = np.diff(ring_region, prepend=0) != 0  # a region's first ring in key order
-    xy = _reoriented(xy, starts, exterior)
-    points, ring_starts = _closed_rings(xy, starts)
+    walk = np.lexsort((-_steps_to_cycle_end(next_edge, first_of_cycle), cycle_first))
+    starts = np.flatnonzero(np.diff(cycle_first[walk], prepend=-1))
+    region, vertex = np.divmod(origin[walk], corners)
+    ring_region = region[starts]
+    xy, starts = _corners_only(np.stack([vertex % columns, vertex // columns], axis=1), starts)
+    exterior = np.diff(ring_region, prepend=0) != 0
+    points, ring_starts = _closed_rings(_reoriented(xy, starts, exterior), starts)
     return points, ring_region, ring_starts
 
 
-def _next_edges(start: np.ndarray, end: np.ndarray, pixel: np.ndarray, region: np.ndarray):
-    """The edge that follows each edge (edges sorted by start vertex)."""
-    following = np.searchsorted(start, end)
-    second = np.minimum(following + 1, len(start) - 1)
-    fork = start[second] == end  # two edges leave this vertex
-    one_region = region[following] == region[second]
-    switch = np.where(one_region, pixel[following] == pixel, region[following] != region)
-    return np.where(fork & switch, second, following)
+def _next_edges(origin: np.ndarray, target: np.ndarray, pixel: np.ndarray) -> np.ndarray:
+    """The edge that follows each edge: the one of its region leaving its end vertex, or of two
+    such (diagonal pixels), the other pixel's. ``origin``/``target``: region * corners + start
+    / end vertex, edges sorted by ``origin``."""
+    following = np.searchsorted(origin, target)
+    second = np.minimum(following + 1, len(origin) - 1)
+    switch = (origin[second] == target) & (pixel[following] == pixel)
+    return np.where(switch, second, following)
 
 
 def _steps_to_cycle_end(next_edge: np.ndarray, first_of_cycle: np.ndarray) -> np.ndarray:
@@ -325,10 +344,6 @@ def signed_area(ring: np.ndarray) -> float:
     """Shoelace area of a closed ring of (x, y) points; positive when counter-clockwise."""
     x, y = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
     return float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]) / 2)
-
-
-def _oriented(ring: np.ndarray, exterior: bool) -> np.ndarray:
-    return ring if (signed_area(ring) > 0) == exterior else ring[::-1]
 
 
 def _simplified(ring: np.ndarray, tolerance: float) -> np.ndarray:

@@ -41,7 +41,7 @@ from rcmseg.bundle import LoadedBundle
 from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES
 from rcmseg.errors import InputError
 from rcmseg.inference import SegmentationEngine
-from rcmseg.io.geojson import region_polygons, signed_area
+from rcmseg.io.geojson import label_polygons, signed_area
 from rcmseg.io.mosaics import MosaicInfo, read_mosaic
 from rcmseg.label_app.workspace import ServedModel
 
@@ -216,7 +216,7 @@ def class_polygons(segmentation: Segmentation, region: Region, min_poly_area: fl
     """Class outlines in MONAI Label's annotation format (mosaic pixel coordinates).
 
     Each 4-connected region of a class is traced along pixel edges of the segmentation's coarser
-    grid (:func:`rcmseg.io.geojson.region_polygons`, as for ``rcmseg batch --geojson``) and
+    grid (:func:`rcmseg.io.geojson.label_polygons`, as for ``rcmseg batch --geojson``) and
     mapped to the mosaic grid, so the outlines follow the label map's pixel edges exactly and lie
     inside the region. Viewer polygons carry no holes, so each region is its exterior outline,
     one element each, largest first: painted in that order, later over earlier (as
@@ -225,16 +225,15 @@ def class_polygons(segmentation: Segmentation, region: Region, min_poly_area: fl
     pixel. Outlines enclosing less than ``min_poly_area`` mosaic pixels are dropped.
     """
     found: list[tuple[float, int, list]] = []
-    for index in range(len(CLASS_NAMES)):
-        for (exterior,), _pixels in region_polygons(
-            segmentation.outline_grid == index, holes=False
-        ):
-            mapped = np.stack(
-                [segmentation.edges_x[exterior[:, 0]], segmentation.edges_y[exterior[:, 1]]], axis=1
-            )
-            area = abs(signed_area(mapped))
-            if area >= min_poly_area:
-                found.append((area, index, mapped.tolist()))
+    for index, (exterior,), _pixels in label_polygons(
+        segmentation.outline_grid, range(len(CLASS_NAMES)), holes=False
+    ):
+        mapped = np.stack(
+            [segmentation.edges_x[exterior[:, 0]], segmentation.edges_y[exterior[:, 1]]], axis=1
+        )
+        area = abs(signed_area(mapped))
+        if area >= min_poly_area:
+            found.append((area, index, mapped.tolist()))
     found.sort(key=lambda item: -item[0])  # stable: equal areas keep class order
     classes = sorted({index for _area, index, _ring in found})
     return {
