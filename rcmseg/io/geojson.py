@@ -183,51 +183,52 @@ def label_polygons(
     ``min_area_px`` is skipped; ``simplify_px`` > 0 applies Douglas-Peucker to each ring.
     """
     labels = np.asarray(labels)
-    regions = np.zeros(labels.shape, np.int64)
+    regions = np.zeros(labels.shape, np.int32)
     region_class = [0]
     for index in classes:
         found, count = ndimage.label(labels == index, structure=_FOUR_CONNECTED)
         np.add(found, len(region_class) - 1, out=regions, where=found > 0)
         region_class += [index] * count
-    if len(region_class) == 1:
-        return
     areas = np.bincount(regions.ravel(), minlength=len(region_class)).tolist()
-    points, ring_region, ring_starts = _region_rings(regions)
-    bounds = np.append(ring_starts, len(points)).tolist()  # ring k: bounds[k]:bounds[k + 1]
-    # Region r's rings are first_ring[r - 1] .. first_ring[r] - 1, its exterior first.
-    first_ring = np.searchsorted(ring_region, np.arange(1, len(region_class) + 1)).tolist()
-    for region in range(1, len(region_class)):
-        if areas[region] < min_area_px:
-            continue
-        last_ring = first_ring[region] if holes else first_ring[region - 1] + 1
-        rings = [
-            points[bounds[k] : bounds[k + 1]] for k in range(first_ring[region - 1], last_ring)
-        ]
-        if simplify_px > 0:
-            rings = [_simplified(ring, simplify_px) for ring in rings]
-        yield region_class[region], rings, areas[region]
+    for points, ring_region, ring_starts in _region_rings(regions):
+        bounds = np.append(ring_starts, len(points)).tolist()  # ring k: bounds[k]:bounds[k + 1]
+        # Region first + j's rings are first_ring[j] .. first_ring[j + 1] - 1, exterior first.
+        first = int(ring_region[0])
+        first_ring = np.searchsorted(ring_region, np.arange(first, ring_region[-1] + 2)).tolist()
+        for j, region in enumerate(range(first, int(ring_region[-1]) + 1)):
+            if areas[region] < min_area_px:
+                continue
+            last_ring = first_ring[j + 1] if holes else first_ring[j] + 1
+            rings = [points[bounds[k] : bounds[k + 1]] for k in range(first_ring[j], last_ring)]
+            if simplify_px > 0:
+                rings = [_simplified(ring, simplify_px) for ring in rings]
+            yield region_class[region], rings, areas[region]
 
 
-def _region_rings(regions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every ring of every region of a region map (0: none), traced along pixel edges at once.
+def _region_rings(
+    regions: np.ndarray, edges_per_part: int = 1 << 21
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every ring of every region of a region map (0: none), traced along pixel edges.
 
     Each pixel edge between a region and anything else becomes a directed edge going clockwise
     round its pixel (image view); a ring is a cycle of one region's edges. At a vertex where
     two pixels of one region touch only diagonally, two of its edges leave; the walk switches
     to the other pixel, which keeps the pixels they enclose out of the region's exterior (a hole
     of their own) and no ring touches itself. Cycles are found and put in order with array
-    operations rather than a loop per region (a fragmented 3000² map has 10⁵ regions).
+    operations rather than a loop per region (a fragmented 3000² map has 10⁵ regions), in parts
+    of about ``edges_per_part`` edges (whole regions) to bound the memory.
 
-    Returns ``(points, ring_region, ring_starts)``: ``points`` (P, 2) int64 (x, y) of all closed
-    rings one after another, by region number, each region's exterior first and then its holes
-    by their top-left vertex; ``ring_region`` (R,) the region of each ring; ``ring_starts`` (R,)
-    where each ring begins in ``points``.
+    Yields, part by part in region order, ``(points, ring_region, ring_starts)``: ``points``
+    (P, 2) int64 (x, y) of closed rings one after another, by region number, each region's
+    exterior first and then its holes by their top-left vertex; ``ring_region`` (R,) the region
+    of each ring; ``ring_starts`` (R,) where each ring begins in ``points``.
     """
     height, width = regions.shape
     columns, corners = width + 1, (height + 1) * (width + 1)
     padded = np.pad(regions, 1)
     centre = padded[1:-1, 1:-1]
-    # (neighbour on that side, start corner, end corner) of each pixel edge, by side
+    # (neighbour on that side, start corner, end corner) of each pixel edge, by side; the sides
+    # are numbered by the direction the edge goes, so a ring turns where the side changes.
     sides = (
         (padded[:-2, 1:-1], (0, 0), (0, 1)),  # top: left → right
         (padded[1:-1, 2:], (0, 1), (1, 1)),  # right: top → bottom
@@ -237,31 +238,55 @@ def _region_rings(regions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     keys, ends, pixels = [], [], []
     for side, (neighbour, (start_dr, start_dc), (end_dr, end_dc)) in enumerate(sides):
         rows, cols = np.nonzero((centre > 0) & (neighbour != centre))
-        region = centre[rows, cols]
+        region = centre[rows, cols].astype(np.int64)
         # Unique per edge; sorts the edges by region, then start vertex.
         keys.append((region * corners + (rows + start_dr) * columns + cols + start_dc) * 4 + side)
         ends.append(region * corners + (rows + end_dr) * columns + cols + end_dc)
         pixels.append(rows * width + cols)
     order = np.argsort(np.concatenate(keys))
-    origin = np.concatenate(keys)[order] // 4  # region * corners + start vertex
-    next_edge = _next_edges(origin, np.concatenate(ends)[order], np.concatenate(pixels)[order])
-    count = len(origin)
+    key = np.concatenate(keys)[order]
+    end = np.concatenate(ends)[order]
+    pixel = np.concatenate(pixels)[order]
+    del keys, ends, pixels, order
+    low = 0
+    while low < len(key):
+        high = min(low + edges_per_part, len(key))
+        if high < len(key):  # end the part with a whole region
+            high = int(np.searchsorted(key, (key[high - 1] // (4 * corners) + 1) * 4 * corners))
+        yield _part_rings(key[low:high], end[low:high], pixel[low:high], corners, columns)
+        low = high
+
+
+def _part_rings(
+    key: np.ndarray, end: np.ndarray, pixel: np.ndarray, corners: int, columns: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rings of the edges of whole regions (sorted by ``key``); see :func:`_region_rings`."""
+    origin, side = np.divmod(key, 4)  # origin: region * corners + start vertex
+    next_edge = _next_edges(origin, end, pixel)
+    count = len(key)
     _cycles, cycle = connected_components(
         coo_matrix((np.ones(count, np.int8), (np.arange(count), next_edge)), shape=(count, count)),
         directed=True,
         connection="weak",
     )
-    # In edge order a cycle's first edge leaves its top-left vertex, and a region's first cycle
+    # In key order a cycle's first edge leaves its top-left vertex, and a region's first cycle
     # is its exterior (its top-left pixel's top edge faces the outside).
     _labels, first_of_cycle = np.unique(cycle, return_index=True)
     cycle_first = first_of_cycle[cycle]
     walk = np.lexsort((-_steps_to_cycle_end(next_edge, first_of_cycle), cycle_first))
     starts = np.flatnonzero(np.diff(cycle_first[walk], prepend=-1))
     region, vertex = np.divmod(origin[walk], corners)
+    side = side[walk]
+    turns = side != np.roll(side, 1)
+    turns[starts] = side[starts] != side[np.append(starts[1:], count) - 1]  # wrap in each ring
+    ring = np.repeat(np.arange(len(starts)), np.diff(starts, append=count))
+    kept = np.bincount(ring[turns], minlength=len(starts))
+    starts_kept = np.concatenate([[0], np.cumsum(kept)[:-1]])
+    vertex = vertex[turns]
+    xy = np.stack([vertex % columns, vertex // columns], axis=1)
     ring_region = region[starts]
-    xy, starts = _corners_only(np.stack([vertex % columns, vertex // columns], axis=1), starts)
     exterior = np.diff(ring_region, prepend=0) != 0
-    points, ring_starts = _closed_rings(_reoriented(xy, starts, exterior), starts)
+    points, ring_starts = _closed_rings(_reoriented(xy, starts_kept, exterior), starts_kept)
     return points, ring_region, ring_starts
 
 
@@ -303,17 +328,6 @@ def _ring_layout(starts: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray
     lengths = np.diff(starts, append=count)
     ring = np.repeat(np.arange(len(starts)), lengths)
     return ring, np.arange(count) - starts[ring], lengths[ring]
-
-
-def _corners_only(xy: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Drop the vertices where a ring goes straight on (open rings packed from ``starts``)."""
-    ring, position, length = _ring_layout(starts, len(xy))
-    index = np.arange(len(xy))
-    before = np.where(position == 0, index + length - 1, index - 1)
-    after = np.where(position == length - 1, index - position, index + 1)
-    keep = np.any(xy - xy[before] != xy[after] - xy, axis=1)
-    kept = np.bincount(ring[keep], minlength=len(starts))
-    return xy[keep], np.concatenate([[0], np.cumsum(kept)[:-1]])
 
 
 def _reoriented(xy: np.ndarray, starts: np.ndarray, exterior: np.ndarray) -> np.ndarray:
