@@ -227,42 +227,41 @@ def _region_rings(
     columns, corners = width + 1, (height + 1) * (width + 1)
     padded = np.pad(regions, 1)
     centre = padded[1:-1, 1:-1]
-    # (neighbour on that side, start corner, end corner) of each pixel edge, by side; the sides
-    # are numbered by the direction the edge goes, so a ring turns where the side changes.
+    # (neighbour on that side, start corner) of each pixel edge, by side; the sides are numbered
+    # by the direction the edge goes, so a ring turns where the side changes.
     sides = (
-        (padded[:-2, 1:-1], (0, 0), (0, 1)),  # top: left → right
-        (padded[1:-1, 2:], (0, 1), (1, 1)),  # right: top → bottom
-        (padded[2:, 1:-1], (1, 1), (1, 0)),  # bottom: right → left
-        (padded[1:-1, :-2], (1, 0), (0, 0)),  # left: bottom → top
+        (padded[:-2, 1:-1], 0),  # top: left → right
+        (padded[1:-1, 2:], 1),  # right: top → bottom
+        (padded[2:, 1:-1], columns + 1),  # bottom: right → left
+        (padded[1:-1, :-2], columns),  # left: bottom → top
     )
-    keys, ends, pixels = [], [], []
-    for side, (neighbour, (start_dr, start_dc), (end_dr, end_dc)) in enumerate(sides):
+    keys = []
+    for side, (neighbour, start_offset) in enumerate(sides):
         rows, cols = np.nonzero((centre > 0) & (neighbour != centre))
         region = centre[rows, cols].astype(np.int64)
         # Unique per edge; sorts the edges by region, then start vertex.
-        keys.append((region * corners + (rows + start_dr) * columns + cols + start_dc) * 4 + side)
-        ends.append(region * corners + (rows + end_dr) * columns + cols + end_dc)
-        pixels.append(rows * width + cols)
-    order = np.argsort(np.concatenate(keys))
-    key = np.concatenate(keys)[order]
-    end = np.concatenate(ends)[order]
-    pixel = np.concatenate(pixels)[order]
-    del keys, ends, pixels, order
+        keys.append((region * corners + rows * columns + cols + start_offset) * 4 + side)
+    key = np.concatenate(keys)
+    del keys
+    key.sort()
     low = 0
     while low < len(key):
         high = min(low + edges_per_part, len(key))
         if high < len(key):  # end the part with a whole region
             high = int(np.searchsorted(key, (key[high - 1] // (4 * corners) + 1) * 4 * corners))
-        yield _part_rings(key[low:high], end[low:high], pixel[low:high], corners, columns)
+        yield _part_rings(key[low:high], corners, columns)
         low = high
 
 
 def _part_rings(
-    key: np.ndarray, end: np.ndarray, pixel: np.ndarray, corners: int, columns: int
+    key: np.ndarray, corners: int, columns: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The rings of the edges of whole regions (sorted by ``key``); see :func:`_region_rings`."""
+    """The rings of the edges of whole regions (sorted ``key``); see :func:`_region_rings`."""
     origin, side = np.divmod(key, 4)  # origin: region * corners + start vertex
-    next_edge = _next_edges(origin, end, pixel)
+    step = np.array([1, columns, -1, -columns])[side]  # to the end vertex
+    to_pixel = np.array([0, 1, columns + 1, columns])[side]  # to the pixel's top-left corner
+    next_edge = _next_edges(origin, origin + step, origin - to_pixel)
+    del step, to_pixel
     count = len(key)
     _cycles, cycle = connected_components(
         coo_matrix((np.ones(count, np.int8), (np.arange(count), next_edge)), shape=(count, count)),
@@ -293,7 +292,7 @@ def _part_rings(
 def _next_edges(origin: np.ndarray, target: np.ndarray, pixel: np.ndarray) -> np.ndarray:
     """The edge that follows each edge: the one of its region leaving its end vertex, or of two
     such (diagonal pixels), the other pixel's. ``origin``/``target``: region * corners + start
-    / end vertex, edges sorted by ``origin``."""
+    / end vertex, edges sorted by ``origin``; ``pixel``: any number unique to the edge's pixel."""
     following = np.searchsorted(origin, target)
     second = np.minimum(following + 1, len(origin) - 1)
     switch = (origin[second] == target) & (pixel[following] == pixel)
