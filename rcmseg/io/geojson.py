@@ -206,7 +206,7 @@ def label_polygons(
 
 
 def _region_rings(
-    regions: np.ndarray, edges_per_part: int = 1 << 21
+    regions: np.ndarray, edges_per_part: int = 1 << 19
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Every ring of every region of a region map (0: none), traced along pixel edges.
 
