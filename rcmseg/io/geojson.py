@@ -278,7 +278,7 @@ def _part_rings(
     side = side[walk]
     turns = side != np.roll(side, 1)
     turns[starts] = side[starts] != side[np.append(starts[1:], count) - 1]  # wrap in each ring
-    ring = np.repeat(np.arange(len(starts)), np.diff(starts, append=count))
+    ring, _position, _length = _ring_layout(starts, count)
     kept = np.bincount(ring[turns], minlength=len(starts))
     starts_kept = np.concatenate([[0], np.cumsum(kept)[:-1]])
     vertex = vertex[turns]
