@@ -19,14 +19,9 @@ Needs the ``rcmseg[label]`` extra. Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,13 +32,11 @@ import torch
 from requests_toolbelt.multipart import decoder
 
 from rcmseg.bundle import WEIGHTS_FILE, build_network, default_bundle_dir
+from rcmseg.label_app.local_server import LocalServer
 from rcmseg.synth import make_mosaic, write_mosaic_tiff
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# background scoring would compete for the CPU with the timed request
+NO_SCORING = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
 
 
 def bundle_with_weights(work: Path) -> tuple[Path, str]:
@@ -59,76 +52,7 @@ def bundle_with_weights(work: Path) -> tuple[Path, str]:
     return target, "random weights (no trained weights in the default bundle)"
 
 
-def log_tail(log: Path, lines: int = 20) -> str:
-    """The last lines of the server log, kept in the error because a temporary workdir goes."""
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
-class Server:
-    """``rcmseg label serve`` in its own process group, stopped with it."""
-
-    def __init__(
-        self, studies: Path, bundle: Path, preset: str, device: str, log: Path, runtime: list[str]
-    ):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "rcmseg.cli.main",
-            "label",
-            "serve",
-            "--studies",
-            str(studies),
-            "--bundle",
-            str(bundle),
-            "--port",
-            str(self.port),
-            "--preset",
-            preset,
-            "--device",
-            device,
-            *runtime,
-        ]
-        env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
-        with log.open("a") as sink:
-            self.process = subprocess.Popen(
-                command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log_tail(log)}")
-            try:
-                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server not ready after 300 s:\n{log_tail(log)}")
-
-    def stop(self) -> None:
-        """Stop the whole process group: the server's children write to the workdir too."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while group_alive(self.process.pid):
-            if time.monotonic() > deadline:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                deadline = float("inf")
-            self.process.poll()  # reap the leader so the group can empty
-            time.sleep(0.2)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def time_whole_mosaic(server: Server, image_id: str, out: Path) -> dict:
+def time_whole_mosaic(server: LocalServer, image_id: str, out: Path) -> dict:
     started = time.perf_counter()
     response = requests.post(f"{server.url}/infer/mednet?image={image_id}", timeout=7200)
     seconds = time.perf_counter() - started
@@ -144,7 +68,7 @@ def time_whole_mosaic(server: Server, image_id: str, out: Path) -> dict:
     }
 
 
-def time_region(server: Server, image_id: str, size: int, side: int) -> dict:
+def time_region(server: LocalServer, image_id: str, size: int, side: int) -> dict:
     corner = (size - side) // 2
     wsi = {"location": [corner, corner], "size": [side, side], "tile_size": [1024, 1024]}
     started = time.perf_counter()
@@ -212,11 +136,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
         ("region", lambda s: time_region(s, mosaic.stem, args.size, args.region)),
     ]
     for name, measure in requests_to_time[1:] if args.skip_whole else requests_to_time:
-        server = Server(studies, bundle, args.preset, args.device, log, runtime)
-        try:
+        options = ["--bundle", str(bundle), "--preset", args.preset, "--device", args.device]
+        with LocalServer(studies, log, options + runtime, env=NO_SCORING) as server:
             results[name] = measure(server)
-        finally:
-            server.stop()
         print(name, json.dumps(results[name]), flush=True)
     print(json.dumps(results, indent=1))
     if args.json:

@@ -332,14 +332,26 @@ CROP256_RUNS: dict[str, tuple[str, dict[str, int]]] = {
         {"patch_size": 256, "max_epochs": 3 * EQUAL_PX_EPOCHS},
     ),
     "dynunet_crop256_long": ("dynunet", {"patch_size": 256, "max_epochs": 3 * EQUAL_PX_EPOCHS}),
+    # ... and at 5x, where the 3x curves still rose over their last third (twenty-first session)
+    "dynunet_ds_crop256_5x": ("dynunet_ds", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
+    "dynunet_crop256_5x": ("dynunet", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
 }
+
+
+def budget_suffix(max_epochs: int | None) -> str:
+    """The label's budget, as a multiple of the 128 px runs' pixels (empty at 1x)."""
+    if max_epochs is None or max_epochs == EQUAL_PX_EPOCHS:
+        return ""
+    return f", {max_epochs // EQUAL_PX_EPOCHS}x budget"
+
+
 VARIANTS.update(
     {
         name: replace(
             VARIANTS[base],
             label=f"{VARIANTS[base].label}, 256 px crops"
             + (", equal pixels" if "max_epochs" in train else "")
-            + (", 3x budget" if train.get("max_epochs") == 3 * EQUAL_PX_EPOCHS else ""),
+            + budget_suffix(train.get("max_epochs")),
             group="crop 256",
             train=train,
         )

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from rcmseg.label_app.local_server import LocalServer
+
 HAS_MONAILABEL = importlib.util.find_spec("monailabel") is not None
 
 
@@ -55,3 +57,14 @@ def test_serve_refuses_a_port_in_use(tmp_path: Path):
         port = taken.getsockname()[1]
         result = serve("--studies", str(tmp_path), "--port", str(port))
     assert_one_line_error(result, f"127.0.0.1:{port}")
+
+
+def test_local_server_that_cannot_start_raises_with_the_log_tail(tmp_path: Path):
+    # Without the label extra serve refuses the extra; with it, the missing studies folder.
+    log = tmp_path / "server.log"
+    with pytest.raises(RuntimeError) as raised:
+        LocalServer(tmp_path / "nope", log, start_timeout_s=120)
+    message = str(raised.value)
+    assert message.startswith("server exited (2):")
+    assert "error:" in message
+    assert ("not a folder" if HAS_MONAILABEL else "rcmseg[label]") in message

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
@@ -38,6 +33,7 @@ from rcmseg.classes import CLASS_NAMES, UNLABELLED  # noqa: E402
 from rcmseg.inference import pixel_entropy, segment_image  # noqa: E402
 from rcmseg.io.mosaics import probe_mosaic, read_mosaic  # noqa: E402
 from rcmseg.label_app.asap import asap_label_map  # noqa: E402
+from rcmseg.label_app.local_server import LocalServer  # noqa: E402
 from rcmseg.synth import make_mosaic, write_mosaic_tiff  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -67,12 +63,6 @@ class Server:
             f"{route}: {response.status_code} {response.text}\n{self.log.read_text()[-3000:]}"
         )
         return response
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def make_bundle(target: Path) -> Path:
@@ -105,77 +95,26 @@ def make_studies(studies: Path) -> None:
     Image.fromarray(image).save(studies / "m3.png")
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url + "/info/", timeout=5).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"server not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """End the server's whole process group (training and scoring subprocesses too)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
     root = tmp_path_factory.mktemp("label")
     bundle = make_bundle(root / "bundle")
     studies = root / "studies"
     make_studies(studies)
-    port = free_port()
     log = root / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "rcmseg.cli.main",
-        "label",
-        "serve",
-        "--studies",
-        str(studies),
-        "--bundle",
-        str(bundle),
-        "--port",
-        str(port),
-        "--preset",
-        PRESET,
-        "--device",
-        "cpu",
-    ]
+    options = ["--bundle", str(bundle), "--preset", PRESET, "--device", "cpu"]
     # The server's own temporary folder, so that what its answers leave behind can be seen.
     scratch = root / "tmp"
     scratch.mkdir()
     # No background scoring: it would compete for the CPU with the requests under test.
     env = {
-        **os.environ,
         "TMPDIR": str(scratch),
         "OMP_NUM_THREADS": "2",
         "PYTHONUNBUFFERED": "1",
         "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
     }
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url, process, log)
-        yield Server(url=url, studies=studies, bundle=bundle, log=log, scratch=scratch)
-    finally:
-        stop(process)
+    with LocalServer(studies, log, options, env=env, start_timeout_s=START_TIMEOUT_S) as running:
+        yield Server(url=running.url, studies=studies, bundle=bundle, log=log, scratch=scratch)
 
 
 @pytest.fixture(scope="module")
