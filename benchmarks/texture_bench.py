@@ -153,14 +153,10 @@ def main() -> None:
         "threads": args.threads,
         "seed": args.seed,
     }
-    timings_file = study_dir / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    for variant in variants:
-        if variant.name in timings:
-            continue
-        start = time.perf_counter()
+
+    def study(chosen: list[Variant]) -> None:
         run_study(
-            [variant],
+            chosen,
             data,
             study_dir,
             split,
@@ -170,20 +166,18 @@ def main() -> None:
             progress=False,
             title="Real-texture benchmark",
         )
+
+    timings_file = study_dir / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    for variant in variants:  # one at a time, to time each
+        if variant.name in timings:
+            continue
+        start = time.perf_counter()
+        study([variant])
         timings[variant.name] = round(time.perf_counter() - start, 1)
         timings_file.write_text(json.dumps(timings, indent=1) + "\n")
         print(f"{variant.name}: {timings[variant.name]} s", flush=True)
-    run_study(
-        variants,
-        data,
-        study_dir,
-        split,
-        budget,
-        device=args.device,
-        preset=args.preset,
-        progress=False,
-        title="Real-texture benchmark",
-    )
+    study(variants)  # all finished: this writes the comparison of them all
     print((study_dir / "comparison.md").read_text())
     in_domain = in_domain_table(variants, data, study_dir, args.preset, args.device, args.source)
     (study_dir / "in_domain.md").write_text(in_domain)

@@ -177,7 +177,32 @@ class FeatureGate(nn.Module):
         return x * gate
 
 
-class MEDNetLevel(nn.Module):
+class GatedLevel(nn.Module):
+    """What the levels share: ``encoders`` (stride-2 stages), the ``gate`` that lets the coarser
+    bottleneck gate the input of encoder ``gate_index``, and ``decoders`` (each subclass builds
+    them)."""
+
+    def encode(self, x: Tensor, gate: Tensor | None) -> list[Tensor]:
+        """Every encoder's output for input x, the last being the level's bottleneck."""
+        outputs: list[Tensor] = []
+        features = x
+        for index, encoder in enumerate(self.encoders):
+            if index == self.gate_index and gate is not None:
+                features = self.gate(features, gate)
+            features = encoder(features)
+            outputs.append(features)
+        return outputs
+
+    def decode(self, skips: list[Tensor]) -> Tensor:
+        """Decode from ``skips[-1]`` (the bottleneck): decoder j, deepest first, upsamples and
+        takes ``skips[-2 - j]``, the skip of the size it upsamples to."""
+        features = skips[-1]
+        for index, decoder in enumerate(self.decoders):
+            features = decoder(features, skips[-2 - index])
+        return features
+
+
+class MEDNetLevel(GatedLevel):
     """One encoder-decoder level of MED-Net, FCN-32 like (no skips inside the level).
 
     Args:
@@ -220,12 +245,7 @@ class MEDNetLevel(nn.Module):
         self.gate = _make_gate(gate, gate_channels, widths)
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        features = x
-        for index, encoder in enumerate(self.encoders):
-            if index == self.gate_index and gate is not None:
-                features = self.gate(features, gate)
-            features = encoder(features)
-        bottleneck = features
+        bottleneck = self.encode(x, gate)[-1]
         return self.head(self.decoders(bottleneck)), bottleneck
 
 
@@ -252,7 +272,7 @@ class SkipDecoderBlock(nn.Module):
         return self.block(torch.cat([x, skip], dim=1))
 
 
-class MEDNetUNetLevel(nn.Module):
+class MEDNetUNetLevel(GatedLevel):
     """One U-Net-like level: the encoder of :class:`MEDNetLevel`, decoder blocks with skips.
 
     Decoder block j (deepest first) upsamples 2x and concatenates the encoder output of that size;
@@ -285,22 +305,12 @@ class MEDNetUNetLevel(nn.Module):
         self.gate = _make_gate(gate, gate_channels, widths)
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        features = x
-        skips: list[Tensor] = [x]
-        for index, encoder in enumerate(self.encoders):
-            if index == self.gate_index and gate is not None:
-                features = self.gate(features, gate)
-            features = encoder(features)
-            skips.append(features)
-        bottleneck = features
-        # skips: [input, enc1 ... enc_n]; decoder j takes skip n - 1 - j
-        count = len(skips)
-        for index, decoder in enumerate(self.decoders):
-            features = decoder(features, skips[count - 2 - index])
-        return self.head(features), bottleneck
+        # the level's input is the last decoder's skip
+        skips = [x] + self.encode(x, gate)
+        return self.head(self.decode(skips)), skips[-1]
 
 
-class MEDNetDynUNetLevel(nn.Module):
+class MEDNetDynUNetLevel(GatedLevel):
     """One nnU-Net-like level, built from MONAI's DynUNet blocks: stage k is two plain
     conv3x3-norm-LeakyReLU (:class:`~monai.networks.blocks.dynunet_block.UnetBasicBlock`),
     stride 1 for the first stage (which keeps the level's input size) and 2 for the others;
@@ -341,18 +351,8 @@ class MEDNetDynUNetLevel(nn.Module):
         self.gate = _make_gate(gate, gate_channels, widths)
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        features = x
-        skips: list[Tensor] = []
-        for index, encoder in enumerate(self.encoders):
-            if index == self.gate_index and gate is not None:
-                features = self.gate(features, gate)
-            features = encoder(features)
-            skips.append(features)
-        bottleneck = features
-        count = len(skips)
-        for index, decoder in enumerate(self.decoders):
-            features = decoder(features, skips[count - 2 - index])
-        return self.head(features), bottleneck
+        skips = self.encode(x, gate)
+        return self.head(self.decode(skips)), skips[-1]
 
 
 class NoGate(nn.Module):
