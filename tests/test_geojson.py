@@ -3,6 +3,7 @@ stated rules (pixel centres, holes, smaller-wins overlaps, clipping, ignored obj
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from rcmseg.cli.main import app
 from rcmseg.errors import InputError
 from rcmseg.io.geojson import (
     class_table,
+    collector_paused,
     label_features,
     parse_annotations,
     rasterise,
@@ -216,6 +218,25 @@ def test_scaled_outlines_cover_whole_blocks_of_the_mosaic_grid():
     expected = np.full((123, 166), UNLABELLED, np.uint8)
     expected[:120, :164] = np.repeat(np.repeat(labels, 4, axis=0), 4, axis=1)
     np.testing.assert_array_equal(painted, expected)
+
+
+def test_the_collector_is_paused_only_inside_the_block_and_left_as_it_was():
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ZeroDivisionError), collector_paused():
+        1 / 0  # noqa: B018 - an error inside the block must not leave the collector off
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # a caller that turned it off keeps it off
+    finally:
+        gc.enable()
+    label_features(blocky_labels(30, 41), 4.0)
+    assert gc.isenabled()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from rcmseg.bundle import LoadedBundle
 from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES
 from rcmseg.errors import InputError
 from rcmseg.inference import SegmentationEngine
-from rcmseg.io.geojson import label_polygons, signed_area
+from rcmseg.io.geojson import collector_paused, label_polygons, signed_area
 from rcmseg.io.mosaics import MosaicInfo, read_mosaic
 from rcmseg.label_app.workspace import ServedModel
 
@@ -225,15 +225,17 @@ def class_polygons(segmentation: Segmentation, region: Region, min_poly_area: fl
     pixel. Outlines enclosing less than ``min_poly_area`` mosaic pixels are dropped.
     """
     found: list[tuple[float, int, list]] = []
-    for index, (exterior,), _pixels in label_polygons(
-        segmentation.outline_grid, range(len(CLASS_NAMES)), holes=False
-    ):
-        mapped = np.stack(
-            [segmentation.edges_x[exterior[:, 0]], segmentation.edges_y[exterior[:, 1]]], axis=1
-        )
-        area = abs(signed_area(mapped))
-        if area >= min_poly_area:
-            found.append((area, index, mapped.tolist()))
+    with collector_paused():
+        for index, (exterior,), _pixels in label_polygons(
+            segmentation.outline_grid, range(len(CLASS_NAMES)), holes=False
+        ):
+            mapped = np.stack(
+                [segmentation.edges_x[exterior[:, 0]], segmentation.edges_y[exterior[:, 1]]],
+                axis=1,
+            )
+            area = abs(signed_area(mapped))
+            if area >= min_poly_area:
+                found.append((area, index, mapped.tolist()))
     found.sort(key=lambda item: -item[0])  # stable: equal areas keep class order
     classes = sorted({index for _area, index, _ring in found})
     return {
