@@ -134,35 +134,21 @@ def label_features(
         for index in classes
     }
     with collector_paused():
-        return _features_of(
-            label_polygons(labels, classes, min_area_px, simplify_px),
-            scale_to_mosaic,
-            mpp,
-            classifications,
-        )
-
-
-def _features_of(
-    polygons: Iterator[tuple[int, list[np.ndarray], int]],
-    scale_to_mosaic: float,
-    mpp: float,
-    classifications: Mapping[int, dict],
-) -> list[dict]:
-    return [
-        {
-            "type": "Feature",
-            "geometry": {
-                "type": "Polygon",
-                "coordinates": [_scaled(ring, scale_to_mosaic) for ring in rings],
-            },
-            "properties": {
-                "objectType": "annotation",
-                "classification": classifications[index],
-                "measurements": {"Area µm^2": round(area_px * mpp * mpp, 3)},
-            },
-        }
-        for index, rings, area_px in polygons
-    ]
+        return [
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [_scaled(ring, scale_to_mosaic) for ring in rings],
+                },
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": classifications[index],
+                    "measurements": {"Area µm^2": round(area_px * mpp * mpp, 3)},
+                },
+            }
+            for index, rings, area_px in label_polygons(labels, classes, min_area_px, simplify_px)
+        ]
 
 
 @contextmanager
