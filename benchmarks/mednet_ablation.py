@@ -666,6 +666,52 @@ def rescore_zoomed(
     return "\n".join(lines)
 
 
+def paired_report(results: dict[str, list[dict[str, Any]]]) -> str:
+    """How flat each variant's seed-mean learning curve ends, and each variant against the first
+    one paired by seed: the figures the study's verdicts rest on (Markdown bullets).
+
+    Flatness: the seed-mean validation Dice's gain over the last third of the crops and its range
+    over the last five validations. Pairs: in-domain and other-digitisation Dice differences per
+    shared seed, and at how many validations the seed-mean curve is at or above the first's."""
+    lines: list[str] = []
+    means: dict[str, np.ndarray] = {}
+    for name, runs in results.items():
+        curves = [np.array(r["curve"], dtype=float) for r in runs]
+        if not curves or any(len(c) != len(curves[0]) for c in curves):
+            continue
+        crops = curves[0][:, 0]
+        mean = np.mean([c[:, 1] for c in curves], axis=0)
+        means[name] = mean
+        third = int(np.searchsorted(crops, crops[-1] * 2 / 3, side="right")) - 1
+        lines.append(
+            f"- `{name}` ({len(runs)} seeds): seed-mean validation Dice "
+            f"{mean[-1] - mean[third]:+.3f} over the last third "
+            f"(from {crops[third]:.0f} crops), last five {mean[-5:].min():.3f}-"
+            f"{mean[-5:].max():.3f}"
+        )
+    names = list(results)
+    first = {run["seed"]: run for run in results[names[0]]} if names else {}
+    for name in names[1:]:
+        pairs = [(first[r["seed"]], r) for r in results[name] if r["seed"] in first]
+        if not pairs:
+            continue
+        cells = []
+        for table in ("in_domain", "other"):
+            diffs = [a[table]["dice"] - b[table]["dice"] for a, b in pairs]
+            cells.append(
+                f"{table} {np.mean(diffs):+.3f} (" + " / ".join(f"{d:+.3f}" for d in diffs) + ")"
+            )
+        ahead = ""
+        if names[0] in means and name in means and len(means[name]) == len(means[names[0]]):
+            at_or_above = int(np.sum(means[names[0]] >= means[name]))
+            ahead = f"; `{names[0]}` at or above at {at_or_above} of {len(means[name])} validations"
+        seeds = "/".join(str(a["seed"]) for a, _ in pairs)
+        lines.append(
+            f"- `{names[0]}` minus `{name}`, paired by seed {seeds}: " + ", ".join(cells) + ahead
+        )
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def _mean_sd(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -837,6 +883,7 @@ def main() -> None:
         return
     table = write_table(results, args.out / "table.md")
     print(table)
+    print(paired_report(results))
     if args.png is not None and results:
         plot_curves(results, args.png)
     if args.level_dice:

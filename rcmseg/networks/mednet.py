@@ -182,15 +182,19 @@ class GatedLevel(nn.Module):
     bottleneck gate the input of encoder ``gate_index``, and ``decoders`` (each subclass builds
     them)."""
 
-    def encode(self, x: Tensor, gate: Tensor | None) -> list[Tensor]:
-        """Every encoder's output for input x, the last being the level's bottleneck."""
+    def encode(self, x: Tensor, gate: Tensor | None, skips: bool = True) -> list[Tensor]:
+        """Every encoder's output for input x, the last being the level's bottleneck; only the
+        bottleneck when not ``skips`` (a level without skips then frees each stage's output as
+        soon as the next one is computed)."""
         outputs: list[Tensor] = []
         features = x
+        last = len(self.encoders) - 1
         for index, encoder in enumerate(self.encoders):
             if index == self.gate_index and gate is not None:
                 features = self.gate(features, gate)
             features = encoder(features)
-            outputs.append(features)
+            if skips or index == last:
+                outputs.append(features)
         return outputs
 
     def decode(self, skips: list[Tensor]) -> Tensor:
@@ -245,7 +249,7 @@ class MEDNetLevel(GatedLevel):
         self.gate = _make_gate(gate, gate_channels, widths)
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        bottleneck = self.encode(x, gate)[-1]
+        bottleneck = self.encode(x, gate, skips=False)[-1]
         return self.head(self.decoders(bottleneck)), bottleneck
 
 
