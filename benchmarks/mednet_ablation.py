@@ -22,8 +22,9 @@ classes and fragmentation (connected components and boundary length per mm² of 
 Networks are width-scaled (``--width-scale``, default 0.5: about a quarter of the parameters)
 so the grid fits a 2-core CPU; the ``params`` column gives the real counts.
 
-Resumable: a finished run (``OUT/runs/NAME[@seed]/result.json``) is not redone, an interrupted
-one resumes from its last epoch. Each run takes ``/tmp/rcmseg-cpu.lock`` (``flock``) for itself,
+Resumable: a finished run (``OUT/runs/NAME[@seed]/result.json``, or its copy kept in
+``--results DIR`` as ``NAME[@seed].json``) is not redone, an interrupted one resumes from its last
+epoch. Each run takes ``/tmp/rcmseg-cpu.lock`` (``flock``) for itself,
 so other short jobs can interleave. Progress lines go to ``OUT/progress.log``; the table to
 ``OUT/table.md``; learning curves to ``--png``.
 """
@@ -483,6 +484,15 @@ def evaluate(
     return result
 
 
+def finished_result(args: argparse.Namespace, run_name: str) -> Path | None:
+    """The finished run's result: OUT/runs/NAME[@seed]/result.json, else its kept copy in
+    ``--results`` (so a study whose OUT was lost does not train its finished runs again)."""
+    candidates = [args.out / "runs" / run_name / "result.json"]
+    if args.results is not None:
+        candidates.append(args.results / f"{run_name}.json")
+    return next((path for path in candidates if path.is_file()), None)
+
+
 def run_variant(
     name: str, variant: Variant, seed: int, args: argparse.Namespace, data: Path
 ) -> dict[str, Any]:
@@ -490,8 +500,9 @@ def run_variant(
     run_name = name if seed == args.seed else f"{name}@{seed}"
     run_dir = args.out / "runs" / run_name
     done = run_dir / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    finished = finished_result(args, run_name)
+    if finished is not None:
+        return json.loads(finished.read_text())
     train_cases, val_cases, test_cases = split(data, args.seed)
     kwargs = scaled_kwargs(variant, args.width_scale)
     budget: dict[str, Any] = {
@@ -565,6 +576,9 @@ def run_variant(
         "seconds": round(seconds, 1),
     }
     done.write_text(json.dumps(summary, indent=1) + "\n")
+    if args.results is not None:
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / f"{run_name}.json").write_text(done.read_text())
     log_progress(
         args.out,
         f"done {run_name}: in-domain Dice {in_domain['dice']:.3f}, other {other['dice']:.3f}, "
@@ -714,8 +728,8 @@ def paired_report(results: dict[str, list[dict[str, Any]]]) -> str:
 
 def _mean_sd(values: Sequence[float]) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 def write_table(results: dict[str, list[dict[str, Any]]], path: Path) -> str:
@@ -844,6 +858,13 @@ def parse_args() -> argparse.Namespace:
         help="train in mixed precision (bf16 on CPUs with native bf16); the tables are float32",
     )
     parser.add_argument("--png", type=Path, default=None, help="learning curves PNG")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="keep a copy of each finished run's result here (NAME[@seed].json) and count the "
+        "runs found here as finished",
+    )
     parser.add_argument("--report-only", action="store_true", help="no training, just report")
     parser.add_argument(
         "--rescore-zoom",
@@ -865,7 +886,8 @@ def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "data"
-    if not (data / "manifest.csv").is_file():
+    needs_data = not args.report_only or args.level_dice
+    if needs_data and not (data / "manifest.csv").is_file():
         with cpu_lock():
             write_benchmark_dataset(args, data)
     seeds = args.seeds or [args.seed]
@@ -873,8 +895,7 @@ def main() -> None:
     for seed in seeds:  # seed-major: an interrupted study has every network at the first seeds
         for name in args.variants:
             run_name = name if seed == args.seed else f"{name}@{seed}"
-            done = args.out / "runs" / run_name / "result.json"
-            if (args.report_only or args.rescore_zoom) and not done.is_file():
+            if (args.report_only or args.rescore_zoom) and not finished_result(args, run_name):
                 continue
             results[name].append(run_variant(name, VARIANTS[name], seed, args, data))
     results = {name: runs for name, runs in results.items() if runs}
