@@ -776,7 +776,7 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     U-Net references, dashed), drawn with PIL (no matplotlib here)."""
     from PIL import ImageDraw, ImageFont
 
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=12)  # at size 10 a space is 2 px wide
     groups: list[str] = []
     for runs in results.values():
         if runs[0]["group"] not in groups:
