@@ -54,6 +54,7 @@ from texture_mosaics import add_benchmark_arguments, write_benchmark_dataset  # 
 
 from rcmseg.classes import WORKING_MPP  # noqa: E402
 from rcmseg.inference import segment_image  # noqa: E402
+from rcmseg.io.atomic import copy_atomic, write_text_atomic  # noqa: E402
 from rcmseg.io.dataset import Case, case_id, load_case, read_manifest  # noqa: E402
 from rcmseg.losses import make_loss  # noqa: E402
 from rcmseg.metrics import confusion_matrix, fragmentation, one_vs_rest  # noqa: E402
@@ -575,10 +576,11 @@ def run_variant(
         "train_seconds": round(trained, 1),
         "seconds": round(seconds, 1),
     }
-    done.write_text(json.dumps(summary, indent=1) + "\n")
+    # atomic: a run killed while writing must not leave a result that counts as finished
+    write_text_atomic(done, json.dumps(summary, indent=1) + "\n")
     if args.results is not None:
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / f"{run_name}.json").write_text(done.read_text())
+        copy_atomic(done, args.results / f"{run_name}.json")
     log_progress(
         args.out,
         f"done {run_name}: in-domain Dice {in_domain['dice']:.3f}, other {other['dice']:.3f}, "
