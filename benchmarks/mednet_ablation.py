@@ -227,6 +227,14 @@ VARIANTS: dict[str, Variant] = {
         network="dynunet",
         kwargs={"deep_supervision": True},
     ),
+    # twenty-fifth session: residual conv blocks (nnU-Net's residual-encoder family), the last
+    # stage 320 wide so the parameters match dynunet_ds's (5.81 against 5.83 M)
+    "dynunet_res_ds": Variant(
+        "DynUNet with residual blocks and deep supervision (5.81 M)",
+        "networks",
+        network="dynunet",
+        kwargs={"deep_supervision": True, "res_block": True, "filters": (32, 64, 128, 256, 320)},
+    ),
     # eighteenth session: nnU-Net's own deep-supervision weights (halved per level: main 1,
     # 1/2 scale 0.5, 1/4 scale 0.25) instead of equal weights
     "dynunet_ds_halved": Variant(
@@ -337,6 +345,10 @@ CROP256_RUNS: dict[str, tuple[str, dict[str, int]]] = {
     # ... and at 5x, where the 3x curves still rose over their last third (twenty-first session)
     "dynunet_ds_crop256_5x": ("dynunet_ds", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
     "dynunet_crop256_5x": ("dynunet", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
+    "dynunet_res_ds_crop256_5x": (
+        "dynunet_res_ds",
+        {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS},
+    ),
 }
 
 

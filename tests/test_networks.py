@@ -538,6 +538,34 @@ def test_anti_aliased_dynunet_blurs_every_downsampling_and_keeps_its_contract() 
         torch.testing.assert_close(inference_copy(network)(image), expected, atol=1e-5, rtol=1e-4)
 
 
+def test_residual_dynunet_adds_its_shortcuts_and_keeps_its_contract() -> None:
+    """`res_block=True`: every encoder stage a residual block (MONAI keeps the decoder plain, as
+    nnU-Net's residual encoders do), a 1×1 projection where width or stride changes (so a few
+    more parameters), and it trains with its heads, scripts without them and
+    copies for inference (group norms) with equal outputs; the image-reading projection is an
+    edge convolution kept float32 under autocast like the first 3×3 one."""
+    from monai.networks.blocks.dynunet_block import UnetResBlock
+
+    from rcmseg.networks.blocks import Float32Output, edge_layers_in_float32
+
+    filters = (8, 16, 16, 32, 32)
+    network = get_network("dynunet", filters=filters, deep_supervision=True, res_block=True)
+    plain = get_network("dynunet", filters=filters, deep_supervision=True)
+    residual_blocks = [m for m in network.modules() if isinstance(m, UnetResBlock)]
+    assert len(residual_blocks) == len(filters)
+    assert count_parameters(plain) < count_parameters(network) < 1.1 * count_parameters(plain)
+    assert all(o.shape == (2, 6, 64, 64) for o in _forward_backward(network, 64))
+    image = torch.rand(1, 1, 64, 96)
+    with torch.no_grad():
+        expected = network.eval()(image)
+        torch.testing.assert_close(torch.jit.script(network)(image), expected)
+        torch.testing.assert_close(inference_copy(network)(image), expected, atol=1e-5, rtol=1e-4)
+    wrapped = edge_layers_in_float32(inference_copy(network))
+    first = wrapped.net.input_block
+    assert isinstance(first.conv1.conv, Float32Output)
+    assert isinstance(first.conv3.conv, Float32Output)
+
+
 def test_dynunet_stages_follow_its_filters() -> None:
     # one stride per stage by default: six filters give six stages, five downsamplings
     network = get_network("dynunet", filters=(8, 8, 16, 16, 32, 32)).eval()
