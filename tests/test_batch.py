@@ -37,6 +37,9 @@ GOOD = {
     "mosaics/small.tif": (100, 150),  # smaller than a window of either preset: padded
     "mosaics/deep16.tif": (200, 200),  # 12-bit values stored as uint16
     "mosaics/sub/b.png": (175, 225),  # no pixel size in the file: --mpp fallback 0.5
+    # a name outside ASCII: the label TIFF's description (which names the source) must stay
+    # within TIFF's 7-bit ASCII tags, or the write fails
+    "mosaics/sub/Müller 名前.tif": (96, 128),
 }
 BAD = {
     "mosaics/corrupt.tif": "",  # a text file
@@ -141,7 +144,16 @@ def test_pattern_areas_add_up_and_match_a_count_on_the_label_images(first_run):
     header = next(csv.reader(open(out / "patterns.csv", encoding="utf-8")))
     assert "meshwork_pct_of_lesion_area" in header and "background_pct_of_lesion_area" not in header
     rows = {row["lesion"]: row for row in read_csv(out / "patterns.csv")}
-    assert set(rows) == {"L1", "L2", "small", "deep16", "corrupt", "truncated", "tiny"}
+    assert set(rows) == {
+        "L1",
+        "L2",
+        "small",
+        "deep16",
+        "Müller 名前",
+        "corrupt",
+        "truncated",
+        "tiny",
+    }
     members = {"L1": ["mosaics/a1.tif", "mosaics/a2.tif"], "L2": ["mosaics/sub/b.png"]}
     for lesion, mosaics in members.items():
         row = rows[lesion]

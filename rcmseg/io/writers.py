@@ -58,7 +58,8 @@ def label_tiff_description(
         "unlabelled": UNLABELLED,
     }
     record.update(extra or {})
-    return json.dumps(record, ensure_ascii=False)
+    # TIFF ASCII tags must be 7-bit: JSON escapes the rest (a mosaic called "Müller.tif")
+    return json.dumps(record)
 
 
 def palette_colormap(
