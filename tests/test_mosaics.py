@@ -340,6 +340,13 @@ def test_missing_file_and_directory(tmp_path):
     _assert_one_line_error(tmp_path, "is a directory")
 
 
+@pytest.mark.parametrize("name", ["empty.tif", "empty.png", "empty.nii.gz"])
+def test_an_empty_file_says_so(tmp_path, name):
+    (tmp_path / name).touch()  # a copy that never finished
+    _assert_one_line_error(tmp_path / name, "empty file (0 bytes)")
+    _assert_one_line_error(tmp_path / name, "empty file (0 bytes)", probe_mosaic)
+
+
 def test_unsupported_suffix(tmp_path):
     path = tmp_path / "mosaic.gif"
     Image.new("L", (8, 8)).save(path)

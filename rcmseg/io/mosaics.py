@@ -282,6 +282,8 @@ def _open_source(path: Path) -> Iterator[_Source]:
         raise InputError(path, "no such file")
     if path.is_dir():
         raise InputError(path, "is a directory, not a mosaic file")
+    if path.stat().st_size == 0:  # e.g. a copy that never finished
+        raise InputError(path, "empty file (0 bytes)")
     suffix = mosaic_suffix(path)
     if suffix in _TIFF_SUFFIXES:
         opener = _TiffSource
