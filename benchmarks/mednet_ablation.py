@@ -348,10 +348,6 @@ CROP256_RUNS: dict[str, tuple[str, dict[str, int]]] = {
     # ... and at 5x, where the 3x curves still rose over their last third (twenty-first session)
     "dynunet_ds_crop256_5x": ("dynunet_ds", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
     "dynunet_crop256_5x": ("dynunet", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
-    "dynunet_res_ds_crop256_5x": (
-        "dynunet_res_ds",
-        {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS},
-    ),
 }
 
 

@@ -41,7 +41,8 @@ def unet(
 class DynUNet2D(nn.Module):
     """MONAI's :class:`~monai.networks.nets.DynUNet` (nnU-Net architecture) in 2D, ~6 M
     parameters: kernel 3 everywhere, strides (1, 2, 2, 2, 2), instance norm, leaky ReLU 0.01
-    (nnU-Net's choices), plain (non-residual) conv blocks, transposed-convolution upsampling.
+    (nnU-Net's choices), plain (non-residual) conv blocks unless ``res_block``,
+    transposed-convolution upsampling.
 
     Args:
         in_channels: image channels.
