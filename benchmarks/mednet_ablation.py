@@ -235,6 +235,14 @@ VARIANTS: dict[str, Variant] = {
         network="dynunet",
         kwargs={"deep_supervision": True, "res_block": True, "filters": (32, 64, 128, 256, 320)},
     ),
+    # twenty-sixth session: a third auxiliary head (1/8 scale), one level deeper than nnU-Net's
+    # and MED-Net's supervision (full, 1/2, 1/4)
+    "dynunet_ds3": Variant(
+        "DynUNet with deep supervision (3 auxiliary heads, to 1/8)",
+        "networks",
+        network="dynunet",
+        kwargs={"deep_supervision": True, "deep_supr_num": 3},
+    ),
     # eighteenth session: nnU-Net's own deep-supervision weights (halved per level: main 1,
     # 1/2 scale 0.5, 1/4 scale 0.25) instead of equal weights
     "dynunet_ds_halved": Variant(
@@ -394,6 +402,10 @@ RECIPE_RUNS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     # per step: about the last 100 of the 400 steps at 1x weigh most)
     "dynunet_ds_ema": ("dynunet_ds", "weights averaged (EMA 0.99)", "ema", {"ema_decay": 0.99}),
     "dynunet_ema": ("dynunet", "weights averaged (EMA 0.99)", "ema", {"ema_decay": 0.99}),
+    # twenty-sixth session: nnU-Net's loss is Dice + cross-entropy; the paper's MDSC+TV plus
+    # K x cross-entropy on the labelled pixels (``make_loss("mdsc_tv_ce")``)
+    "dynunet_ds_ce": ("dynunet_ds", "MDSC+TV + cross-entropy", "loss", {"loss": "mdsc_tv_ce"}),
+    "dynunet_ce": ("dynunet", "MDSC+TV + cross-entropy", "loss", {"loss": "mdsc_tv_ce"}),
 }
 RECIPE_RUNS.update(
     {long: (base, "3x budget", "3x budget", {"max_epochs": 75}) for long, base in LONG_RUNS.items()}
@@ -555,7 +567,7 @@ def run_variant(
     with cpu_lock():
         log_progress(args.out, f"start {run_name}")
         started = time.perf_counter()
-        loss = make_loss("mdsc_tv", level_weights=variant.level_weights)
+        loss = make_loss(config.loss, level_weights=variant.level_weights)
         result = train(config, loss_function=loss)
         trained = time.perf_counter() - started
         network = get_network(variant.network, **kwargs)

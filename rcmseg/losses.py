@@ -1,4 +1,5 @@
-"""Losses on partially labelled maps: MDSC + γ·TV (the paper's), plain soft Dice and cross-entropy.
+"""Losses on partially labelled maps: MDSC + γ·TV (the paper's), plain soft Dice, cross-entropy,
+and MDSC + γ·TV plus cross-entropy (nnU-Net's Dice + CE compound on the paper's loss).
 
 Every loss takes logits and an integer label map (B, 1, H, W) whose value ``UNLABELLED`` (255)
 marks pixels the expert did not label, or soft targets (B, K, H, W) float (class probabilities per
@@ -42,7 +43,7 @@ from torch.nn.modules.loss import _Loss
 
 from rcmseg.classes import NUM_CLASSES, UNLABELLED
 
-LOSS_NAMES: tuple[str, ...] = ("mdsc_tv", "dice", "ce")
+LOSS_NAMES: tuple[str, ...] = ("mdsc_tv", "dice", "ce", "mdsc_tv_ce")
 DEFAULT_GAMMA: float = 1e-6  # the paper's TV weight
 DEFAULT_EPSILON: float = 1e-5  # ε in the Dice denominators
 
@@ -234,6 +235,36 @@ class LabelledCrossEntropyLoss(_Loss):
         return ce + tv
 
 
+class LabelledCompoundLoss(_Loss):
+    """MDSC + γ·TV plus ``ce_weight`` × cross-entropy on labelled pixels, on one output.
+
+    nnU-Net trains with soft Dice + cross-entropy at 1:1, its Dice a mean over classes; MDSC is a
+    sum of 2K per-class terms (TP and TN), so the default ``ce_weight`` = K keeps about that
+    balance. ``last_dice`` holds MDSC + weighted CE, ``last_tv`` γ·TV (detached).
+    """
+
+    def __init__(
+        self,
+        dice: LabelledDiceLoss,
+        cross_entropy: LabelledCrossEntropyLoss,
+        ce_weight: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.dice = dice
+        self.cross_entropy = cross_entropy
+        self.num_classes = dice.num_classes
+        self.gamma = dice.gamma
+        self.ce_weight = float(dice.num_classes if ce_weight is None else ce_weight)
+        self.last_dice = torch.tensor(0.0)
+        self.last_tv = torch.tensor(0.0)
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        value = self.dice(logits, labels) + self.ce_weight * self.cross_entropy(logits, labels)
+        self.last_dice = self.dice.last_dice + self.ce_weight * self.cross_entropy.last_dice
+        self.last_tv = self.dice.last_tv
+        return value
+
+
 class LabelledDeepSupervisionLoss(DeepSupervisionLoss):
     """MONAI's :class:`DeepSupervisionLoss` with equal weights (L = Σ_m L_m) or the given
     ``level_weights`` (L = Σ_m w_m L_m), whose targets are brought to each output's size by
@@ -249,7 +280,7 @@ class LabelledDeepSupervisionLoss(DeepSupervisionLoss):
 
     def __init__(
         self,
-        loss: LabelledDiceLoss | LabelledCrossEntropyLoss,
+        loss: LabelledDiceLoss | LabelledCrossEntropyLoss | LabelledCompoundLoss,
         level_weights: Sequence[float] | None = None,
     ) -> None:
         weights = None if level_weights is None else [float(w) for w in level_weights]
@@ -295,10 +326,11 @@ def make_loss(
 
     Args:
         name: ``mdsc_tv`` (the paper's MDSC + γ·TV), ``dice`` (plain soft Dice on labelled
-            pixels) or ``ce`` (cross-entropy ignoring UNLABELLED); the latter two are the paper's
-            ablation losses.
-        gamma: TV weight γ; ``None`` means 1e-6 for ``mdsc_tv`` and 0 for the ablation losses
-            (which have no TV term in the paper); a number adds γ·TV to any of them.
+            pixels), ``ce`` (cross-entropy ignoring UNLABELLED), the paper's ablation losses, or
+            ``mdsc_tv_ce`` (MDSC + γ·TV + K × cross-entropy: nnU-Net's Dice + CE compound).
+        gamma: TV weight γ; ``None`` means 1e-6 for ``mdsc_tv`` and ``mdsc_tv_ce`` and 0 for the
+            ablation losses (which have no TV term in the paper); a number adds γ·TV to any of
+            them.
         num_classes: K.
         batch: Dice sums over the batch (True) or per image (False); unused by ``ce``.
         epsilon: ε of the Dice denominators; unused by ``ce``.
@@ -313,16 +345,19 @@ def make_loss(
     if key not in LOSS_NAMES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
     if key == "ce":
-        inner: LabelledDiceLoss | LabelledCrossEntropyLoss = LabelledCrossEntropyLoss(
-            num_classes, gamma=0.0 if gamma is None else gamma
+        return LabelledDeepSupervisionLoss(
+            LabelledCrossEntropyLoss(num_classes, gamma=0.0 if gamma is None else gamma),
+            level_weights,
         )
-    else:
-        default_gamma = DEFAULT_GAMMA if key == "mdsc_tv" else 0.0
-        inner = LabelledDiceLoss(
-            num_classes,
-            true_negatives=key == "mdsc_tv",
-            gamma=default_gamma if gamma is None else gamma,
-            batch=batch,
-            epsilon=epsilon,
-        )
-    return LabelledDeepSupervisionLoss(inner, level_weights)
+    default_gamma = DEFAULT_GAMMA if key.startswith("mdsc_tv") else 0.0
+    dice = LabelledDiceLoss(
+        num_classes,
+        true_negatives=key.startswith("mdsc_tv"),
+        gamma=default_gamma if gamma is None else gamma,
+        batch=batch,
+        epsilon=epsilon,
+    )
+    if key == "mdsc_tv_ce":  # TV once, in the Dice part
+        compound = LabelledCompoundLoss(dice, LabelledCrossEntropyLoss(num_classes, gamma=0.0))
+        return LabelledDeepSupervisionLoss(compound, level_weights)
+    return LabelledDeepSupervisionLoss(dice, level_weights)

@@ -1,4 +1,5 @@
-"""MDSC + γ·TV, plain Dice and cross-entropy on partially labelled maps, with deep supervision."""
+"""MDSC + γ·TV, plain Dice, cross-entropy and their compound on partially labelled maps, with deep
+supervision."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def test_all_unlabelled_patch_gives_zero_dice_and_no_gradient() -> None:
     assert torch.count_nonzero(logits.grad) == 0
 
 
-@pytest.mark.parametrize("name", ["mdsc_tv", "dice", "ce"])
+@pytest.mark.parametrize("name", ["mdsc_tv", "dice", "ce", "mdsc_tv_ce"])
 @pytest.mark.parametrize("batch", [True, False])
 def test_unlabelled_pixels_get_exactly_zero_gradient(name: str, batch: bool) -> None:
     logits, labels = _random_case(seed=3)
@@ -171,6 +172,20 @@ def test_cross_entropy_ignores_unlabelled_pixels() -> None:
     expected = F.cross_entropy(logits.permute(0, 2, 3, 1)[labelled], labels[:, 0][labelled].long())
     assert make_loss("ce")(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
     assert make_loss("ce")(logits, torch.full_like(labels, U)).item() == 0.0
+
+
+def test_compound_loss_is_mdsc_tv_plus_k_times_cross_entropy_at_every_level() -> None:
+    logits, labels = _random_case(seed=9, size=32)
+    outputs = [F.avg_pool2d(logits, 2), logits]
+    gamma = 1e-3
+    compound = make_loss("mdsc_tv_ce", gamma=gamma)
+    mdsc_tv, ce = make_loss("mdsc_tv", gamma=gamma), make_loss("ce")
+    expected = mdsc_tv(outputs, labels) + 6 * ce(outputs, labels)
+    assert compound(outputs, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert compound.last_tv.item() == pytest.approx(mdsc_tv.last_tv.item(), rel=1e-6)
+    data_term = mdsc_tv.last_dice + 6 * ce.last_dice
+    assert compound.last_dice.item() == pytest.approx(data_term.item(), rel=1e-6)
+    assert make_loss("mdsc_tv_ce").loss.gamma == 1e-6
 
 
 def test_label_downsampling_votes_honestly() -> None:
@@ -269,7 +284,7 @@ def test_level_weights_weight_each_output_and_are_checked() -> None:
         make_loss(level_weights=(1.0, -1.0))
 
 
-@pytest.mark.parametrize("name", ["mdsc_tv", "dice", "ce"])
+@pytest.mark.parametrize("name", ["mdsc_tv", "dice", "ce", "mdsc_tv_ce"])
 def test_one_hot_soft_targets_give_the_same_loss_as_integer_labels(name: str) -> None:
     logits, labels = _random_case(seed=3)
     labelled = labels != U

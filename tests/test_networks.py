@@ -458,6 +458,11 @@ def test_dynunet_shapes_and_optional_deep_supervision() -> None:
     supervised = get_network("dynunet", filters=(8, 16, 16, 32, 32), deep_supervision=True)
     outputs = _forward_backward(supervised, 64)
     assert len(outputs) == 3 and all(o.shape == (2, 6, 64, 64) for o in outputs)
+    three_heads = get_network(
+        "dynunet", filters=(8, 16, 16, 32, 32), deep_supervision=True, deep_supr_num=3
+    )
+    outputs = _forward_backward(three_heads, 64)
+    assert len(outputs) == 4 and all(o.shape == (2, 6, 64, 64) for o in outputs)
 
 
 def test_deeply_supervised_dynunet_can_be_copied_for_inference_after_training_steps() -> None:

@@ -84,6 +84,40 @@ def test_train_bundle_rejects_bad_input(bundle: Path, dataset: Path, tmp_path: P
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("loss", "nope", "unknown loss 'nope'; choose one of mdsc_tv, dice, ce, mdsc_tv_ce"),
+        ("network_def", "nope", "unknown network 'nope'"),
+        ("optimizer", {"_target_": "torch.optim.Nope"}, "torch.optim.Nope"),
+        # a constructor's own error: DynUNet refuses filters without one entry per stage
+        ("network_def", {"filters": [8, 16]}, "network does not resolve"),
+    ],
+)
+def test_a_bad_name_in_train_json_is_one_line_naming_the_config(
+    bundle: Path, dataset: Path, key: str, value: str | dict, message: str
+) -> None:
+    config_file = bundle / "configs" / "train.json"
+    config = json.loads(config_file.read_text())
+    if isinstance(value, str):
+        config[key]["name"] = value
+    elif key == "network_def":
+        config[key].update(value)
+    else:
+        config[key] = value
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(InputError, match=message) as raised:
+        train_bundle(bundle, dataset, epochs=1, iterations_per_epoch=1, device="cpu")
+    assert raised.value.path == config_file
+    result = CliRunner().invoke(
+        app, ["train", "bundle", str(bundle), "--data", str(dataset), "--device", "cpu"]
+    )
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert str(config_file) in result.output
+    assert not (bundle / "models" / "model.pt").exists()
+
+
 def test_torchrun_two_cpu_processes_train_identical_weights(
     bundle: Path, dataset: Path, tmp_path: Path
 ) -> None:

@@ -330,6 +330,35 @@ def test_bad_data_sets_give_one_line_errors(tmp_path: Path) -> None:
     assert len(lines) == 1 and str(empty) in lines[0] and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
 
+    for option, message in (("--network", "unknown network 'nope'"), ("--loss", "unknown loss")):
+        result = CliRunner().invoke(
+            app, ["train", "model", str(one), "--out", str(tmp_path / "o"), option, "nope"]
+        )
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"network": "nope"}, "unknown network 'nope'"),
+        ({"loss": "nope"}, "unknown loss 'nope'"),
+        ({"val_preset": "nope"}, "unknown preset 'nope'"),
+        ({"learning_rate": 0.0}, "learning_rate must be above 0"),
+        ({"final_learning_rate": -1e-3}, "final_learning_rate must be above 0"),
+        ({"level_weights": [1.0, -1.0]}, "level_weights must be non-negative"),
+        ({"level_weights": [float("nan")]}, "level_weights must be non-negative"),
+    ],
+)
+def test_bad_settings_are_refused_before_training(
+    tmp_path: Path, overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        quick_config(tmp_path, tmp_path / "out", **overrides)
+    assert not (tmp_path / "out").exists()
+
 
 def test_level_weights_reach_the_loss(tmp_path):
     """TrainConfig.level_weights weights the deep-supervision outputs (coarse to fine)."""

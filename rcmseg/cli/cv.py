@@ -127,7 +127,7 @@ def cv_command(
         ),
     ] = None,
     loss: Annotated[
-        str | None, typer.Option(help="mdsc_tv, dice or ce (default: the bundle's).")
+        str | None, typer.Option(help="mdsc_tv, dice, ce or mdsc_tv_ce (default: the bundle's).")
     ] = None,
     epochs: Epochs = None,
     batch_size: BatchSize = None,

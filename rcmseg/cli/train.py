@@ -61,7 +61,9 @@ def train_model_command(
             "dynunet_tiny (rcm_lite's), unet, fcn, segnet or deeplab."
         ),
     ] = "dynunet_ds",
-    loss: Annotated[str, typer.Option(help="mdsc_tv (paper), dice or ce.")] = "mdsc_tv",
+    loss: Annotated[
+        str, typer.Option(help="mdsc_tv (paper), dice, ce or mdsc_tv_ce (+ cross-entropy).")
+    ] = "mdsc_tv",
     level_weights: Annotated[
         list[float] | None,
         typer.Option(

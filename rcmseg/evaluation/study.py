@@ -20,12 +20,12 @@ from rcmseg.classes import CLASS_NAMES
 from rcmseg.errors import InputError
 from rcmseg.evaluation import report
 from rcmseg.evaluation.cv import CVResult, SplitSettings, prepare_folds, run_cv
+from rcmseg.losses import LOSS_NAMES
 from rcmseg.networks import NETWORK_NAMES, count_parameters, get_network
 from rcmseg.training import TrainConfig, check_patch_size
 from rcmseg.training.bundle import with_variant
 
 NETWORKS = NETWORK_NAMES
-LOSSES = ("mdsc_tv", "dice", "ce")
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,11 @@ class Variant:
                 f"unknown network {variant.network!r} in variant {text!r}; "
                 f"choose from {', '.join(NETWORKS)}",
             )
-        if variant.loss not in LOSSES:
+        if variant.loss not in LOSS_NAMES:
             raise InputError(
                 None,
                 f"unknown loss {variant.loss!r} in variant {text!r}; "
-                f"choose from {', '.join(LOSSES)}",
+                f"choose from {', '.join(LOSS_NAMES)}",
             )
         return variant
 

@@ -167,6 +167,7 @@ def dynunet(
     norm: str = "instance",
     anti_alias: bool = False,
     res_block: bool = False,
+    deep_supr_num: int = 2,
 ) -> nn.Module:
     """:class:`DynUNet2D` with nnU-Net's defaults at ~6 M parameters."""
     return DynUNet2D(
@@ -175,6 +176,7 @@ def dynunet(
         filters,
         strides=strides,
         deep_supervision=deep_supervision,
+        deep_supr_num=deep_supr_num,
         norm=norm,
         anti_alias=anti_alias,
         res_block=res_block,

@@ -8,6 +8,7 @@ run --config_file "['train.json','multi_gpu_train.json']"`` all train the same w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,7 @@ def bundle_train_settings(bundle_dir: str | Path | None = None) -> dict[str, Any
     parser = ConfigParser()
     parser.read_config(str(config_file))
     parser["bundle_root"] = str(root)
-    try:
-        parser.get_parsed_content("imports")
-        config = parser.get_parsed_content("train_config")
-    except Exception as error:  # MONAI raises several types for a bad config
-        raise InputError(config_file, f"train_config does not resolve: {error}") from error
+    config = resolve_train_config(parser, config_file)
     if not isinstance(config, TrainConfig):
         raise InputError(config_file, "train_config is not an rcmseg.training.TrainConfig")
     settings = {k: v for k, v in config.to_dict().items() if k not in RUN_FIELDS}
@@ -157,6 +154,29 @@ def train_bundle(
         **overrides,
     )
     workflow.initialize()
+    # every component "run" uses, so that a config error is one line before training starts
+    used = [key for key in ("network", "loss") if workflow.parser.get(key) is not None]
+    resolve_train_config(workflow.parser, config_file, also=used)
     results = workflow.run()
     workflow.finalize()
     return results[0]
+
+
+def resolve_train_config(parser: Any, config_file: Path, also: Sequence[str] = ()) -> Any:
+    """The parser's resolved ``train_config`` (and the ids in ``also``, resolved after it), or an
+    InputError naming ``config_file``: the InputError a component raised (MONAI wraps it in a
+    RuntimeError), else MONAI's own error (an unknown ``_target_``, a bad reference or
+    expression, a constructor's ValueError)."""
+    resolved: dict[str, Any] = {}
+    key = "imports"
+    try:
+        for key in ("imports", "train_config", *also):
+            resolved[key] = parser.get_parsed_content(key)
+    except Exception as error:  # MONAI raises several types for a bad config
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise InputError(cause.path or config_file, cause.problem) from error
+        raise InputError(config_file, f"{key} does not resolve: {error}") from error
+    return resolved["train_config"]

@@ -63,7 +63,8 @@ class TrainConfig:
             supervision, the measured winner of the real-texture comparisons,
             docs/benchmarks.md; ``"mednet"`` is the 3-level MED-Net).
         loss, tv_weight: a name of :func:`rcmseg.losses.make_loss` and γ of its TV term
-            (``None``: the loss's default, 1e-6 for ``mdsc_tv`` and 0 for ``dice`` and ``ce``).
+            (``None``: the loss's default, 1e-6 for ``mdsc_tv`` and ``mdsc_tv_ce``, 0 for ``dice``
+            and ``ce``).
         level_weights: deep-supervision weight of each output, coarse to fine (``None``: all 1).
         optimizer: ``"sgd"`` (default: momentum 0.9, the usual partner of a base learning rate
             of 0.01; the paper does not name its optimiser), ``"adam"`` or ``"adamw"``; or any
@@ -183,6 +184,29 @@ class TrainConfig:
                 raise InputError(None, "lr_scheduler must be a component with a _target_")
         if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
             raise InputError(None, f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
+        from rcmseg.inference import get_preset
+        from rcmseg.losses import LOSS_NAMES
+        from rcmseg.networks import NETWORK_NAMES
+
+        get_preset(self.val_preset)  # an unknown preset fails now, not after the first epoch
+        for name in ("learning_rate", "final_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise InputError(None, f"{name} must be above 0, not {getattr(self, name)}")
+        if self.level_weights is not None and (
+            not self.level_weights or any(not w >= 0 for w in self.level_weights)
+        ):
+            raise InputError(
+                None, f"level_weights must be non-negative numbers, not {self.level_weights}"
+            )
+
+        if self.network.lower() not in NETWORK_NAMES:
+            raise InputError(
+                None, f"unknown network {self.network!r}; choose one of {', '.join(NETWORK_NAMES)}"
+            )
+        if self.loss.lower() not in LOSS_NAMES:
+            raise InputError(
+                None, f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_NAMES)}"
+            )
         if self.augmentation not in AUGMENTATIONS:
             raise InputError(
                 None, f"augmentation must be one of {AUGMENTATIONS}, not {self.augmentation!r}"
