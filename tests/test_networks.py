@@ -529,6 +529,7 @@ def test_anti_aliased_dynunet_blurs_every_downsampling_and_keeps_its_contract() 
     equal outputs, its training heads dropped as usual."""
     from rcmseg.networks.blocks import BlurredStride
 
+    torch.manual_seed(0)
     network = get_network(
         "dynunet", filters=(8, 16, 16, 32, 32), deep_supervision=True, anti_alias=True
     )
@@ -540,7 +541,8 @@ def test_anti_aliased_dynunet_blurs_every_downsampling_and_keeps_its_contract() 
     with torch.no_grad():
         expected = network.eval()(image)
         torch.testing.assert_close(torch.jit.script(network)(image), expected)
-        torch.testing.assert_close(inference_copy(network)(image), expected, atol=1e-5, rtol=1e-4)
+        # the copy runs its instance norms as group norms, channels-last: float32 reassociation
+        torch.testing.assert_close(inference_copy(network)(image), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_residual_dynunet_adds_its_shortcuts_and_keeps_its_contract() -> None:
@@ -553,6 +555,7 @@ def test_residual_dynunet_adds_its_shortcuts_and_keeps_its_contract() -> None:
 
     from rcmseg.networks.blocks import Float32Output, edge_layers_in_float32
 
+    torch.manual_seed(0)
     filters = (8, 16, 16, 32, 32)
     network = get_network("dynunet", filters=filters, deep_supervision=True, res_block=True)
     plain = get_network("dynunet", filters=filters, deep_supervision=True)
@@ -564,7 +567,8 @@ def test_residual_dynunet_adds_its_shortcuts_and_keeps_its_contract() -> None:
     with torch.no_grad():
         expected = network.eval()(image)
         torch.testing.assert_close(torch.jit.script(network)(image), expected)
-        torch.testing.assert_close(inference_copy(network)(image), expected, atol=1e-5, rtol=1e-4)
+        # the copy runs its instance norms as group norms, channels-last: float32 reassociation
+        torch.testing.assert_close(inference_copy(network)(image), expected, atol=1e-4, rtol=1e-4)
     wrapped = edge_layers_in_float32(inference_copy(network))
     first = wrapped.net.input_block
     assert isinstance(first.conv1.conv, Float32Output)
