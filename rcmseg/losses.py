@@ -252,11 +252,18 @@ class LabelledCompoundLoss(_Loss):
         super().__init__()
         self.dice = dice
         self.cross_entropy = cross_entropy
-        self.num_classes = dice.num_classes
-        self.gamma = dice.gamma
         self.ce_weight = float(dice.num_classes if ce_weight is None else ce_weight)
         self.last_dice = torch.tensor(0.0)
         self.last_tv = torch.tensor(0.0)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dice.num_classes
+
+    @property
+    def gamma(self) -> float:
+        """γ of the TV term, which the Dice part carries."""
+        return self.dice.gamma
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         value = self.dice(logits, labels) + self.ce_weight * self.cross_entropy(logits, labels)
@@ -314,6 +321,14 @@ class LabelledDeepSupervisionLoss(DeepSupervisionLoss):
         return super().forward(outputs, target)
 
 
+def loss_key(name: str) -> str:
+    """``name`` as a key of :data:`LOSS_NAMES` (any case), or ValueError naming the choices."""
+    key = name.lower()
+    if key not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    return key
+
+
 def make_loss(
     name: str = "mdsc_tv",
     gamma: float | None = None,
@@ -341,9 +356,7 @@ def make_loss(
     Returns:
         a module ``(outputs, labels) -> 0-dim tensor`` with ``last_dice`` and ``last_tv``.
     """
-    key = name.lower()
-    if key not in LOSS_NAMES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    key = loss_key(name)
     if key == "ce":
         return LabelledDeepSupervisionLoss(
             LabelledCrossEntropyLoss(num_classes, gamma=0.0 if gamma is None else gamma),

@@ -107,10 +107,15 @@ def get_network(
 
     ``kwargs`` go to the network's constructor (e.g. ``widths`` for MED-Net).
     """
+    return network_factory(name)(in_channels=in_channels, out_channels=out_channels, **kwargs)
+
+
+def network_factory(name: str) -> Callable[..., nn.Module]:
+    """The constructor behind ``name`` (any case), or ValueError naming the choices."""
     key = name.lower()
     if key not in _FACTORIES:
         raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORK_NAMES)}")
-    return _FACTORIES[key](in_channels=in_channels, out_channels=out_channels, **kwargs)
+    return _FACTORIES[key]
 
 
 def side_multiple(network: nn.Module) -> int:

@@ -185,9 +185,14 @@ class TrainConfig:
         if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
             raise InputError(None, f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
         from rcmseg.inference import get_preset
-        from rcmseg.losses import LOSS_NAMES
-        from rcmseg.networks import NETWORK_NAMES
+        from rcmseg.losses import loss_key
+        from rcmseg.networks import network_factory
 
+        try:
+            network_factory(self.network)
+            loss_key(self.loss)
+        except ValueError as error:
+            raise InputError(None, str(error)) from None
         get_preset(self.val_preset)  # an unknown preset fails now, not after the first epoch
         for name in ("learning_rate", "final_learning_rate"):
             if not getattr(self, name) > 0:
@@ -197,15 +202,6 @@ class TrainConfig:
         ):
             raise InputError(
                 None, f"level_weights must be non-negative numbers, not {self.level_weights}"
-            )
-
-        if self.network.lower() not in NETWORK_NAMES:
-            raise InputError(
-                None, f"unknown network {self.network!r}; choose one of {', '.join(NETWORK_NAMES)}"
-            )
-        if self.loss.lower() not in LOSS_NAMES:
-            raise InputError(
-                None, f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_NAMES)}"
             )
         if self.augmentation not in AUGMENTATIONS:
             raise InputError(
