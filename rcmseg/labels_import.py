@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rcmseg.batch.jobs import OUTPUT_IMAGE_ENDINGS
 from rcmseg.classes import (
     CLASS_COLOURS,
     CLASS_NAMES,
@@ -50,7 +51,7 @@ from rcmseg.io.atomic import atomic_path, write_text_atomic
 from rcmseg.io.dataset import MANIFEST_NAME, Case, read_manifest, write_manifest
 from rcmseg.io.geojson import AnnotationSet, RasterCounts, class_table, rasterise, read_annotations
 from rcmseg.io.labels import RemapTable, read_label_map
-from rcmseg.io.mosaics import MOSAIC_SUFFIXES, mosaic_suffix, probe_mosaic
+from rcmseg.io.mosaics import MOSAIC_SUFFIXES, find_mosaics, mosaic_suffix, probe_mosaic
 
 __all__ = [
     "FORMATS",
@@ -254,36 +255,50 @@ def _candidates(relative: str) -> list[str]:
     return list(dict.fromkeys([stem, Path(stem).name, name]))
 
 
-def find_annotations(folder: Path, relative: str, fmt: str = "auto") -> Path | None:
-    """The annotation file of a mosaic (path relative to MOSAICS) in ``folder``, or None."""
+def find_annotations(
+    folder: Path, relative: str, fmt: str = "auto", mosaic: Path | None = None
+) -> Path | None:
+    """The annotation file of a mosaic (path relative to MOSAICS) in ``folder``, or None.
+
+    ``mosaic``, the mosaic file itself, is never its own annotation (annotations kept in the
+    mosaic folder).
+    """
     if fmt not in FORMATS:
         raise InputError(None, f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     kinds = {"geojson": [GEOJSON_SUFFIXES], "image": [LABEL_IMAGE_SUFFIXES]}.get(
         fmt, [GEOJSON_SUFFIXES, LABEL_IMAGE_SUFFIXES]
     )
+    itself = mosaic.resolve() if mosaic is not None else None
     for suffixes in kinds:
         for base in _candidates(relative):
             for suffix in suffixes:
                 path = folder / f"{base}{suffix}"
-                if path.is_file():
+                if path.is_file() and path.resolve() != itself:
                     return path
     return None
 
 
-def _find_mosaics(source: Path, skip: list[Path]) -> list[Path]:
-    """Mosaic files under ``source`` (or ``source`` itself), sorted, outside ``skip`` folders."""
+def _find_mosaics(source: Path, folder: Path, dataset: Path, fmt: str) -> list[Path]:
+    """Mosaic files under ``source`` (or ``source`` itself), sorted.
+
+    Left out: the annotation folder and the data set's label maps where they lie inside
+    ``source``, ``rcmseg batch``'s outputs, and, where annotations share the mosaics' folder,
+    labelled images paired with a mosaic: ``a.png`` beside ``a.tif`` is ``a.tif``'s annotation
+    (the first labelled-image ending of :data:`LABEL_IMAGE_SUFFIXES` that exists), not a mosaic.
+    """
     if source.is_file():
         return [source]
     if not source.is_dir():
         raise InputError(source, "mosaic folder does not exist")
-    skipped = [folder.resolve() for folder in skip]
+    found = find_mosaics(
+        source, [folder, dataset / LABELS_FOLDER], skip_endings=OUTPUT_IMAGE_ENDINGS
+    )
+    relatives = {path: path.relative_to(source).as_posix() for path in found}
+    paired = {find_annotations(folder, relatives[path], fmt, mosaic=path) for path in found}
     return [
         path
-        for path in sorted(source.rglob("*"))
-        if path.is_file()
-        and not path.name.startswith(".")
-        and mosaic_suffix(path) in MOSAIC_SUFFIXES
-        and not any(path.resolve().is_relative_to(folder) for folder in skipped)
+        for path in found
+        if not (path in paired and find_annotations(folder, relatives[path], fmt) == path)
     ]
 
 
@@ -456,7 +471,7 @@ def import_labels(
     source, folder, dataset = Path(mosaics), Path(annotations), Path(dataset)
     if not folder.is_dir():
         raise InputError(folder, "annotation folder does not exist")
-    found = _find_mosaics(source, skip=[folder, dataset / LABELS_FOLDER])
+    found = _find_mosaics(source, folder, dataset, fmt)
     if not found:
         raise InputError(source, f"no mosaics ({', '.join(MOSAIC_SUFFIXES)}) found")
     remap = remap or RemapTable()
@@ -464,7 +479,7 @@ def import_labels(
     relatives = _relative_names(source, found)
     results = []
     for mosaic, relative in zip(found, relatives, strict=True):
-        annotation = find_annotations(folder, relative, fmt)
+        annotation = find_annotations(folder, relative, fmt, mosaic=mosaic)
         if annotation is None:
             results.append(MosaicImport(relative))
             continue

@@ -131,6 +131,72 @@ def test_fallback_pixel_size_is_announced_and_overlay_says_what_its_shares_are(m
     assert "% of lesion area" in note and "% of analysed area" in note
 
 
+def test_out_may_be_the_mosaic_folder_or_hold_it_and_outputs_are_never_mosaics(tmp_path):
+    """`--out` equal to the input folder, or a folder above it, still finds the mosaics; a
+    results folder inside the input folder is not searched; files a batch wrote are never
+    segmented as mosaics wherever they lie."""
+    from rcmseg.batch import plan_jobs
+
+    folder = tmp_path / "study" / "mosaics"
+    (folder / "run1").mkdir(parents=True)
+    outputs = ("run1/m.labels.tif", "m.labels.tif", "m.overlay.png", "m.uncertainty.tif")
+    for name in ("m.png", *outputs):
+        Image.fromarray(np.zeros((300, 300), np.uint8)).save(folder / name)
+    for out in (folder, tmp_path / "study", folder / "run2", tmp_path / "elsewhere"):
+        assert [job.relative for job in plan_jobs(folder, out)] == ["m.png"], out
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(folder / "run1" / "n.png")
+    assert [job.relative for job in plan_jobs(folder, folder / "run1")] == ["m.png"]
+    assert [job.relative for job in plan_jobs(folder, folder)] == ["m.png", "run1/n.png"]
+
+
+def test_outputs_written_beside_the_mosaics_are_resumed_not_resegmented(mosaics, tmp_path):
+    here = tmp_path / "here"
+    shutil.copytree(mosaics, here)
+    first = rcmseg("batch", str(here), "--out", str(here), "--device", "cpu", "--overlay")
+    assert first.exit_code == 0, first.output
+    assert sorted(path.name for path in here.glob("*.labels.tif")) == [
+        "a.labels.tif",
+        "b.labels.tif",
+    ]
+    again = rcmseg("batch", str(here), "--out", str(here), "--device", "cpu", "--overlay")
+    assert again.exit_code == 2 and "finished outputs for 2 mosaic(s)" in one_error_line(again)
+    kept = rcmseg(
+        "batch", str(here), "--out", str(here), "--device", "cpu", "--overlay", "--continue"
+    )
+    rows = (here / "mosaics.csv").read_text().splitlines()
+    assert kept.exit_code == 0 and len(rows) == 3
+    assert all(",skipped," in row for row in rows[1:])
+
+
+def test_a_lab_geojson_beside_its_mosaic_is_never_replaced_or_deleted(mosaics, tmp_path):
+    """QuPath saves annotations as <image>.geojson, the name `--geojson` writes: with the
+    outputs beside the mosaics, a file rcmseg did not write fails its mosaic in one line and
+    stays as it was; the other mosaics are segmented; `--overwrite` leaves it too."""
+    from rcmseg.io.geojson import is_rcmseg_geojson
+
+    here = tmp_path / "here"
+    shutil.copytree(mosaics, here)
+    annotation = here / "a.geojson"
+    square = [[0, 0], [40, 0], [40, 40], [0, 40], [0, 0]]
+    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]}}
+    feature["properties"] = {"objectType": "annotation", "classification": {"name": "Ring"}}
+    annotation.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    drawn = annotation.read_bytes()
+
+    result = rcmseg("batch", str(here), "--out", str(here), "--device", "cpu", "--geojson")
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert "a.geojson: is not an rcmseg output (an annotation?)" in output
+    assert annotation.read_bytes() == drawn and not is_rcmseg_geojson(annotation)
+    assert is_rcmseg_geojson(here / "b.geojson") and (here / "b.labels.tif").is_file()
+    assert not (here / "a.labels.tif").exists()
+
+    labels_only = rcmseg("batch", str(here), "--out", str(here), "--device", "cpu", "--overwrite")
+    assert labels_only.exit_code == 0, labels_only.output
+    assert annotation.read_bytes() == drawn
+    assert not (here / "b.geojson").exists()  # rcmseg's own, from the run it redid
+
+
 def _bundle_with_other_weights(tmp_path: Path) -> Path:
     bundle = tmp_path / "retrained"
     shutil.copytree(default_bundle_dir(), bundle, ignore=shutil.ignore_patterns("runs"))

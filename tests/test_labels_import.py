@@ -299,3 +299,29 @@ def test_mosaics_inside_the_dataset_get_relative_paths(tmp_path):
             "clinic": "",
         }
     ]
+
+
+def test_annotations_kept_beside_the_mosaics(tmp_path, small_labels):
+    """QuPath exports saved in the mosaic folder itself: a GeoJSON, and a labelled image beside
+    a TIFF mosaic, are each paired with their mosaic, and the labelled image is not a mosaic."""
+    folder = tmp_path / "mosaics"
+    write_mosaic(folder / "m.tif", (80, 120), seed=3)
+    write_mosaic(folder / "n.tif", (80, 120), seed=5)
+    write_mosaic(folder / "bare.tif", (64, 64), seed=6)
+    square = [[0, 0], [8, 0], [8, 8], [0, 8], [0, 0]]
+    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]}}
+    feature["properties"] = {"classification": {"name": "ring", "color": [0, 0, 255]}}
+    (folder / "m.geojson").write_text(json.dumps(feature))
+    palette_png(folder / "n.png", small_labels, dict(enumerate(CLASS_COLOURS)))
+    (folder / "old.labels.tif").write_bytes((folder / "m.tif").read_bytes())  # a batch output
+
+    results = import_labels(folder, folder, tmp_path / "dataset")
+    found = [(result.mosaic, Path(result.annotations).name, result.status) for result in results]
+    assert found == [
+        ("bare.tif", "", "no annotations"),
+        ("m.tif", "m.geojson", "imported"),
+        ("n.tif", "n.png", "imported"),
+    ]
+    assert results[1].class_px["ring"] == 64
+    labels = np.asarray(Image.open(tmp_path / "dataset" / "labels" / "n.png"))
+    np.testing.assert_array_equal(labels, upsample_labels(small_labels, 4, (80, 120)))

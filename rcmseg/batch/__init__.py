@@ -2,7 +2,7 @@
 keep resume state (:mod:`.run`, :mod:`.resume`), write their files (:mod:`.outputs`) and show
 progress (:mod:`.progress`)."""
 
-from rcmseg.batch.jobs import MosaicJob, find_mosaics, parts_from_env, plan_jobs, select_part
+from rcmseg.batch.jobs import MosaicJob, parts_from_env, plan_jobs, select_part
 from rcmseg.batch.run import (
     BatchOptions,
     BatchResult,
@@ -18,7 +18,6 @@ __all__ = [
     "MosaicJob",
     "Segmenter",
     "check_size",
-    "find_mosaics",
     "parts_from_env",
     "plan_jobs",
     "print_summary",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rcmseg.errors import InputError
 from rcmseg.io.dataset import MANIFEST_NAME, Case, read_manifest
-from rcmseg.io.mosaics import MOSAIC_SUFFIXES, mosaic_suffix
+from rcmseg.io.mosaics import MOSAIC_SUFFIXES, find_mosaics, is_mosaic_file, mosaic_suffix
 
 LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON, SUMMARY = (
     "labels.tif",
@@ -24,6 +24,9 @@ LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON, SUMMARY = (
     "summary.json",
 )
 OUTPUT_KINDS = (SUMMARY, LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON)
+# Outputs whose endings are also mosaic endings: never segmented as mosaics, wherever they lie
+# (a batch with --out equal to its input folder, or a results folder kept among the mosaics).
+OUTPUT_IMAGE_ENDINGS = tuple(f".{kind}" for kind in (LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY))
 
 
 @dataclass(frozen=True)
@@ -37,23 +40,6 @@ class MosaicJob:
 
     def output(self, kind: str) -> Path:
         return self.out_stem.with_name(f"{self.out_stem.name}.{kind}")
-
-
-def is_mosaic_file(path: Path) -> bool:
-    """A visible file whose ending is one ``rcmseg batch`` reads."""
-    visible = path.is_file() and not path.name.startswith(".")
-    return visible and mosaic_suffix(path) in MOSAIC_SUFFIXES
-
-
-def find_mosaics(in_dir: Path, exclude: Path | None = None) -> list[Path]:
-    """Mosaic files under ``in_dir`` (recursively, sorted), skipping the ``exclude`` folder."""
-    excluded = exclude.resolve() if exclude is not None else None
-    return [
-        path
-        for path in sorted(in_dir.rglob("*"))
-        if not (excluded is not None and path.resolve().is_relative_to(excluded))
-        and is_mosaic_file(path)
-    ]
 
 
 def manifest_cases(in_dir: Path) -> list[Case]:
@@ -73,6 +59,9 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
     """Every mosaic under the folder ``source`` (or the one mosaic file ``source``) with its
     output stem and lesion id, sorted by path.
 
+    ``out_dir`` may be ``source`` itself, hold it, or lie inside it: the files a batch writes
+    are never taken for mosaics, and a folder of outputs inside ``source`` is not searched.
+
     The lesion id comes from a manifest when one lists the mosaic, else the file name. Files a
     manifest lists as label maps are not mosaics (``rcmseg batch DATA`` on a data set folder
     segments its mosaics, not its ``labels/``). Two mosaics that differ only by suffix
@@ -86,7 +75,8 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
             raise InputError(source, f"not a mosaic file (endings: {' '.join(MOSAIC_SUFFIXES)})")
         root, mosaics = source.parent, [source]
     elif source.is_dir():
-        root, mosaics = source, find_mosaics(source, exclude=out_dir)
+        root = source
+        mosaics = find_mosaics(source, [out_dir], skip_endings=OUTPUT_IMAGE_ENDINGS)
     else:
         raise InputError(source, "no such mosaic file or folder")
     cases = manifest_cases(root)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rcmseg.batch.jobs import LABELS, OUTPUT_KINDS, SUMMARY, MosaicJob
+from rcmseg.batch.jobs import GEOJSON, LABELS, OUTPUT_KINDS, SUMMARY, MosaicJob
 from rcmseg.errors import InputError
 from rcmseg.io.atomic import PARTIAL_MARKER, write_text_atomic
+from rcmseg.io.geojson import is_rcmseg_geojson
 from rcmseg.io.writers import is_complete_label_tiff
 from rcmseg.report import MosaicRecord
 
@@ -83,13 +84,32 @@ def save_record(job: MosaicJob, record: MosaicRecord) -> None:
 
 def remove_outputs(job: MosaicJob, finished: bool) -> None:
     """Delete temporary files a killed run left for this mosaic, and with ``finished`` its
-    previous outputs too (record first, so that the mosaic never reads finished meanwhile)."""
+    previous outputs too (record first, so that the mosaic never reads finished meanwhile);
+    a GeoJSON rcmseg did not write is kept."""
     if finished:
         for kind in OUTPUT_KINDS:
-            job.output(kind).unlink(missing_ok=True)
+            if not (kind == GEOJSON and foreign_geojson(job)):
+                job.output(kind).unlink(missing_ok=True)
     if job.out_stem.parent.is_dir():
         for leftover in job.out_stem.parent.glob(f"{job.out_stem.name}.*{PARTIAL_MARKER}*"):
             leftover.unlink(missing_ok=True)
+
+
+def foreign_geojson(job: MosaicJob) -> Path | None:
+    """The job's GeoJSON path when a file there is not one rcmseg wrote (e.g. a QuPath
+    annotation kept beside its mosaic, where ``--out`` is the mosaic folder), else None."""
+    path = job.output(GEOJSON)
+    return path if path.is_file() and not is_rcmseg_geojson(path) else None
+
+
+def check_not_foreign(job: MosaicJob, outputs: tuple[str, ...]) -> None:
+    """Refuse to replace a file rcmseg did not write: it may be a lab's annotations."""
+    if GEOJSON in outputs and (path := foreign_geojson(job)):
+        raise InputError(
+            path,
+            "is not an rcmseg output (an annotation?) and --geojson would replace it; "
+            "move it or choose another --out",
+        )
 
 
 def check_not_finished(jobs: list[MosaicJob], out_dir: Path) -> None:

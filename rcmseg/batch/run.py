@@ -26,6 +26,7 @@ from rcmseg.batch.progress import MosaicProgress, batch_progress, console
 from rcmseg.batch.resume import (
     Provenance,
     check_not_finished,
+    check_not_foreign,
     read_record,
     remove_outputs,
     reuse_verdict,
@@ -252,6 +253,7 @@ class Segmenter:
             if why:
                 note = f"redone: {why}"
                 console.print(f"[yellow]redo[/yellow] {job.relative}: {why}", highlight=False)
+        check_not_foreign(job, self.provenance.outputs)
         remove_outputs(job, finished=self.options.overwrite or bool(note))
         return note
 

@@ -5,7 +5,10 @@ along pixel edges at the working resolution and scaled to the mosaic's full-reso
 (the grid QuPath opens), holes as interior rings, ``objectType`` "annotation", ``classification``
 ``{name, color}``, ``measurements`` an object. Rings never touch themselves (valid simple
 polygons; a region's exterior is traced around the region with its holes filled, each hole as
-its own ring), so shapely/JTS and QuPath accept them.
+its own ring), so shapely/JTS and QuPath accept them. The collection carries the foreign
+member ``"rcmseg"`` (RFC 7946 §6.1; QuPath reads only ``features``) right after ``type``, so
+that a batch knows its own files from an annotation saved under the same name
+(:func:`is_rcmseg_geojson`).
 
 Reading (``rcmseg labels``), as QuPath 0.4-0.7 export annotations (File > Export objects as
 GeoJSON, or ``exportObjectsToGeoJson``); the rules:
@@ -60,6 +63,7 @@ __all__ = [
     "AnnotationSet",
     "RasterCounts",
     "class_table",
+    "is_rcmseg_geojson",
     "label_features",
     "label_polygons",
     "parse_annotations",
@@ -71,6 +75,9 @@ __all__ = [
 ]
 
 Colour = tuple[int, int, int]
+GEOJSON_MARK = "rcmseg"
+# How every file write_geojson writes begins (json.dumps keeps the key order).
+_MARKED_START = f'{{"type": "FeatureCollection", "{GEOJSON_MARK}": '
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 # ---------------------------------------------------------------------------------------------
@@ -112,8 +119,24 @@ def write_geojson(
         min_area_px=min_area_px,
         simplify_px=simplify_px,
     )
-    collection = {"type": "FeatureCollection", "features": features}
+    from rcmseg import __version__
+
+    collection = {
+        "type": "FeatureCollection",
+        GEOJSON_MARK: {"kind": "label outlines", "version": __version__},
+        "features": features,
+    }
     return write_text_atomic(path, json.dumps(collection, ensure_ascii=False))
+
+
+def is_rcmseg_geojson(path: str | Path) -> bool:
+    """Whether ``path`` is a GeoJSON file :func:`write_geojson` wrote (read from its start only),
+    and not, say, a QuPath export saved under the same name."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read(len(_MARKED_START)) == _MARKED_START
+    except OSError:
+        return False
 
 
 def label_features(

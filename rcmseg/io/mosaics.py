@@ -37,7 +37,7 @@ import contextlib
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +112,39 @@ def mosaic_suffix(path: str | Path) -> str:
     """The file ending that decides the reader, lower case (``".nii.gz"`` counts as one)."""
     name = Path(path).name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def is_mosaic_file(path: Path) -> bool:
+    """A visible file whose ending is one of :data:`MOSAIC_SUFFIXES`."""
+    visible = path.is_file() and not path.name.startswith(".")
+    return visible and mosaic_suffix(path) in MOSAIC_SUFFIXES
+
+
+def find_mosaics(
+    folder: Path, skip_folders: Iterable[Path] = (), skip_endings: Iterable[str] = ()
+) -> list[Path]:
+    """Mosaic files under ``folder`` (recursively, sorted by path).
+
+    Files inside a ``skip_folders`` entry that lies strictly below ``folder`` (an output or
+    annotation folder kept among the mosaics) are left out. A skip folder that is ``folder``
+    itself or holds it is where the mosaics live, so only files whose names end with one of
+    ``skip_endings`` (case-insensitive; e.g. ``rcmseg batch``'s own outputs) are left out there,
+    as they are everywhere.
+    """
+    root = folder.resolve()
+    below = [
+        skipped.resolve()
+        for skipped in skip_folders
+        if skipped.resolve() != root and skipped.resolve().is_relative_to(root)
+    ]
+    endings = tuple(ending.lower() for ending in skip_endings)
+    return [
+        path
+        for path in sorted(folder.rglob("*"))
+        if is_mosaic_file(path)
+        and not path.name.lower().endswith(endings)
+        and not any(path.resolve().is_relative_to(skipped) for skipped in below)
+    ]
 
 
 def probe_mosaic(path: str | Path, fallback_mpp: float = MOSAIC_MPP) -> MosaicInfo:
