@@ -53,6 +53,22 @@ def test_write_manifest_round_trips(tmp_path: Path) -> None:
     assert read_manifest(tmp_path) == [case]
 
 
+@pytest.mark.parametrize("delimiter", [",", ";", "\t"])
+def test_a_manifest_saved_by_a_spreadsheet_on_windows_is_read(tmp_path: Path, delimiter) -> None:
+    """Excel where the decimal mark is a comma saves CSV with ';', with a byte-order mark, CRLF,
+    capitalised headers as typed, and the backslashes of Windows paths."""
+    make_case_files(tmp_path, "a", (32, 32))
+    rows = [
+        ["Mosaic", "Labels", "Patient", "Lesion", "Clinic"],
+        ["mosaics\\a.tif", "labels\\a.png", "P1", "L1", "Modena"],
+    ]
+    text = "\r\n".join(delimiter.join(row) for row in rows) + "\r\n"
+    (tmp_path / "manifest.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_manifest(tmp_path) == [
+        Case(tmp_path / "mosaics/a.tif", tmp_path / "labels/a.png", "P1", "L1", "Modena")
+    ]
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [

@@ -115,8 +115,11 @@ def test_remap_table_from_json_and_csv(tmp_path: Path) -> None:
     (tmp_path / "table.csv").write_text(
         "source,target\n" + "\n".join(f"{k},{v}" for k, v in table.items())
     )
+    # As a spreadsheet in a decimal-comma locale saves it: byte-order mark, ';', CRLF.
+    rows = ["Source;Target", *(f"{k};{v}" for k, v in table.items())]
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode())
     expected = np.array([[4, 3, 2], [5, 0, 1], [255, 255, 4]], dtype=np.uint8)
-    for name in ("table.json", "table.csv"):
+    for name in ("table.json", "table.csv", "excel.csv"):
         remap = load_remap_table(tmp_path / name)
         assert remap[7] == UNLABELLED and remap[0] == 4
         np.testing.assert_array_equal(read_label_map(tmp_path / "other.png", remap), expected)

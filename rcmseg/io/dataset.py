@@ -7,9 +7,11 @@ files)::
     ROOT/mosaics/*.tif       8-bit grayscale mosaics (0.5 µm/px)
     ROOT/labels/*.png        uint8 label maps, same size as their mosaic, 255 = unlabelled
 
-Paths in the manifest are relative to ROOT (absolute paths also work); ``labels`` may be empty
-for a mosaic without labels. ``patient`` drives patient-wise splits, ``clinic`` clinic-wise
-splits, ``lesion`` per-lesion reports.
+Paths in the manifest are relative to ROOT (absolute paths also work; ``\\`` separators, as a
+manifest saved on Windows has them, are read as ``/``); ``labels`` may be empty for a mosaic
+without labels. Fields are separated by ``,`` or, as a spreadsheet saves CSV where the decimal
+mark is a comma, by ``;`` (or tabs); column names are matched case-insensitively. ``patient``
+drives patient-wise splits, ``clinic`` clinic-wise splits, ``lesion`` per-lesion reports.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
 from rcmseg.classes import UNLABELLED, WORKING_MPP
 from rcmseg.errors import InputError
 from rcmseg.io.atomic import write_text_atomic
+from rcmseg.io.csvfiles import spreadsheet_delimiter
 from rcmseg.io.labels import downsample_labels, read_label_map
 
 __all__ = [
@@ -67,8 +70,15 @@ def manifest_path(root: str | Path) -> Path:
 
 
 def _resolve(root: Path, value: str) -> Path:
+    """``value`` relative to ``root`` unless absolute; a Windows path (``mosaics\\a.tif``, as a
+    manifest saved on Windows holds) is read with ``/`` when it names no file as written."""
     path = Path(value)
-    return path if path.is_absolute() else root / path
+    path = path if path.is_absolute() else root / path
+    if "\\" in value and not path.exists():
+        windows = PureWindowsPath(value)
+        if not (windows.drive or windows.root):
+            return root / windows.as_posix()
+    return path
 
 
 def _case_from_row(manifest: Path, line: int, row: dict[str, str | None]) -> Case:
@@ -94,8 +104,12 @@ def read_manifest(root: str | Path) -> list[Case]:
     if not manifest.is_file():
         raise InputError(manifest, "data set manifest does not exist")
     with manifest.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = [name.strip() for name in reader.fieldnames or []]
+        delimiter = spreadsheet_delimiter(
+            handle.readline(), lambda names: set(MANIFEST_COLUMNS) <= {n.lower() for n in names}
+        )
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        handle.seek(0)
+        header = [name.strip().lower() for name in reader.fieldnames or []]
         missing = [column for column in MANIFEST_COLUMNS if column not in header]
         if missing:
             raise InputError(

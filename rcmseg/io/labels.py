@@ -28,6 +28,7 @@ from rcmseg.classes import (
     remap_labels,
 )
 from rcmseg.errors import InputError
+from rcmseg.io.csvfiles import spreadsheet_delimiter
 
 __all__ = [
     "LABEL_SUFFIXES",
@@ -239,7 +240,7 @@ class RemapTable:
 def _remap_pairs(path: Path) -> list[tuple[object, object]]:
     """(source, target) pairs of a JSON or CSV remapping table, unparsed."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as error:
         raise InputError(path, f"cannot read remapping table ({error.strerror})") from None
     if path.suffix.lower() == ".json":
@@ -251,11 +252,13 @@ def _remap_pairs(path: Path) -> list[tuple[object, object]]:
             raise InputError(path, "remapping table must be a JSON object {source: target}")
         pairs: list[tuple[object, object]] = list(entries.items())
     elif path.suffix.lower() == ".csv":
-        rows = [row for row in csv.reader(text.splitlines()) if row and any(c.strip() for c in row)]
+        lines = [line for line in text.splitlines() if line.strip()]
+        delimiter = spreadsheet_delimiter(lines[0] if lines else "", lambda row: len(row) == 2)
+        rows = [row for row in csv.reader(lines, delimiter=delimiter) if "".join(row).strip()]
         if rows and rows[0][0].strip().lower() == "source":
             rows = rows[1:]
         if any(len(row) != 2 for row in rows):
-            raise InputError(path, "remapping table rows must be 'source,target'")
+            raise InputError(path, "remapping table rows must be 'source,target' (or ';')")
         pairs = [(row[0], row[1]) for row in rows]
     else:
         raise InputError(path, "remapping table must be a .json or .csv file")
@@ -267,7 +270,7 @@ def _remap_pairs(path: Path) -> list[tuple[object, object]]:
 def read_remap(path: str | Path) -> RemapTable:
     """Read a remapping table (JSON or CSV): the one parser for ``--remap`` everywhere.
 
-    JSON: an object ``{source: target}``. CSV: rows ``source,target`` (a header row
+    JSON: an object ``{source: target}``. CSV: rows ``source,target`` (or ``;``; a header row
     ``source,target`` is allowed). A source is a label value 0..255 (for label maps) or a class
     name (for annotations, matched case-insensitively, e.g. ``"Tumour nests"``). A target is a
     class index, a class name from ``CLASS_NAMES``, or ``unlabelled`` (= 255). Example for an
