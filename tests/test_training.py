@@ -316,6 +316,8 @@ def test_bad_data_sets_give_one_line_errors(tmp_path: Path) -> None:
         train(quick_config(one, tmp_path / "out", val_cases=["nope"]))
     with pytest.raises(InputError, match="no labelled training mosaic"):
         train(quick_config(one, tmp_path / "out", val_cases=["synth_0000"]))
+    with pytest.raises(InputError, match=r"belong to 1 patient\(s\).*more than one patient"):
+        train(quick_config(one, tmp_path / "out", val_cases=None))
 
     rows = (one / "manifest.csv").read_text().splitlines()
     fields = rows[1].split(",")

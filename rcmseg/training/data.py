@@ -81,7 +81,16 @@ def split_cases(
         else:
             train = _pick(labelled, root, train_cases, "training")
     if not train:
-        raise InputError(root / "manifest.csv", "the split leaves no labelled training mosaic")
+        patients = len({case.patient for case in labelled})
+        why = (
+            f": all {len(labelled)} labelled mosaic(s) belong to {patients} patient(s), and the "
+            f"patient-wise split validates on fold {fold}; training needs labelled mosaics of "
+            "more than one patient (the manifest's patient column)"
+            if train_cases is None and val_cases is None
+            else ""
+        )
+        manifest = root / "manifest.csv"
+        raise InputError(manifest, f"the split leaves no labelled training mosaic{why}")
     return train, val
 
 
