@@ -26,6 +26,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.random import Random
 
 import rcmseg
+from rcmseg.batch.jobs import OUTPUT_IMAGE_ENDINGS
 from rcmseg.classes import CLASS_NAMES
 from rcmseg.errors import InputError
 from rcmseg.io.mosaics import MOSAIC_SUFFIXES
@@ -63,6 +64,19 @@ def opens_in_openslide(path: str) -> bool:
         return False
 
 
+class MosaicDatastore(LocalDatastore):
+    """MONAI Label's local datastore, less the images ``rcmseg batch`` writes: in a studies
+    folder that is also a batch's ``--out``, only the mosaics are images to annotate."""
+
+    def _list_files(self, path: str, patterns: list[str]) -> dict[str, str]:
+        files = super()._list_files(path, patterns)
+        return {
+            name: file
+            for name, file in files.items()
+            if not name.lower().endswith(OUTPUT_IMAGE_ENDINGS)
+        }
+
+
 class RCMSegApp(MONAILabelApp):
     """The rcmseg app: one MED-Net model served from ``STUDIES/.rcmseg/bundle``."""
 
@@ -85,7 +99,7 @@ class RCMSegApp(MONAILabelApp):
         )
 
     def init_datastore(self) -> Datastore:
-        return LocalDatastore(
+        return MosaicDatastore(
             self.studies,
             extensions=datastore_patterns(),
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,

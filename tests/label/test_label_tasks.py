@@ -90,6 +90,17 @@ def test_datastore_takes_tiff_and_every_mosaic_format():
     assert len(patterns) == len(set(patterns))
 
 
+def test_datastore_lists_the_mosaics_not_what_rcmseg_batch_wrote_beside_them(tmp_path):
+    """`rcmseg batch STUDIES --out STUDIES` before `rcmseg label serve --studies STUDIES`: the
+    label maps and overlays beside the mosaics are not images to annotate."""
+    from rcmseg.label_app.main import MosaicDatastore
+
+    for name in ("a.tif", "a.labels.tif", "a.uncertainty.tif", "a.overlay.png", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    store = MosaicDatastore(str(tmp_path), extensions=datastore_patterns())
+    assert sorted(store.list_images()) == ["a", "b"]
+
+
 class WindowPositionNet(torch.nn.Module):
     """A small conv net plus a fixed random offset per position inside the 64 px window: its
     labels depend on which windows cover a pixel and where, so a wrong context span shows."""
