@@ -233,6 +233,13 @@ def get_preset(preset: str | Preset, presets: dict[str, Preset] | None = None) -
     return table[preset]
 
 
+def preset_name(settings: Preset, presets: dict[str, Preset] | None = None) -> str:
+    """The name under which ``presets`` (default :data:`PRESETS`) holds ``settings``, else
+    ``"custom"``: the bundle's ``inferer`` and ``--preset fast`` describe the same run alike."""
+    table = PRESETS if presets is None else presets
+    return next((name for name, preset in table.items() if preset == settings), "custom")
+
+
 def check_settings(
     preset: str | Preset = "fast",
     precision: str = "auto",
@@ -606,7 +613,11 @@ class SegmentationEngine:
 
     def __post_init__(self) -> None:
         self.settings = get_preset(self.preset, self.presets)
-        self.preset_name = self.preset if isinstance(self.preset, str) else self.settings.describe()
+        self.preset_name = (
+            self.preset
+            if isinstance(self.preset, str)
+            else preset_name(self.settings, self.presets)
+        )
         self.device = resolve_device(self.device)
         asked = self.precision
         self.precision = resolve_precision(asked, self.device, self.amp)

@@ -202,6 +202,13 @@ def test_monai_bundle_run_segments_a_folder_through_rcmseg_batch(tmp_path):
     assert [(row["mosaic"], row["status"]) for row in rows] == [("m.tif", "done")]
     assert (out / "patterns.csv").is_file()
 
+    # The config's inferer is the `fast` preset, so `rcmseg batch --continue` keeps its work.
+    assert json.loads((out / "m.summary.json").read_text())["engine"].startswith("fast (256 px")
+    from rcmseg.batch import BatchOptions, run_batch
+
+    kept = run_batch(in_dir, out, options=BatchOptions(device="cpu", resume=True))
+    assert [record.status for record in kept.records] == ["skipped"]
+
 
 @pytest.fixture(scope="module")
 def small_mosaic(tmp_path_factory):
@@ -286,7 +293,7 @@ def test_bundle_run_honours_inferer_working_mpp_and_network_def(tmp_path, small_
     )
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / "m.summary.json").read_text())
-    assert "stride 64 px" in record["engine"]
+    assert record["engine"].startswith("custom (256 px windows, stride 64 px)")
     assert record["working_mpp"] == 4.0
     assert tifffile.imread(out / "m.labels.tif").shape == (128, 128)  # 512 µm... at 4 µm/px
 
