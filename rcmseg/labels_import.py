@@ -5,7 +5,9 @@ MOSAICS (the suffixes of :data:`rcmseg.io.mosaics.MOSAIC_SUFFIXES`) with its ann
 found by the mosaic's path relative to MOSAICS without its suffix (``sub/a1``), then by its stem
 (``a1``), then by its file name (``a1.tif``), each with ``.geojson``/``.json`` (QuPath's
 GeoJSON export, rasterised by :mod:`rcmseg.io.geojson`) or ``.png``/``.tif``/``.tiff``/``.ome.tif``
-(QuPath's labelled-image export). With ``format="auto"`` a GeoJSON file is preferred.
+(QuPath's labelled-image export), the labelled image also as ``a1-labels.png`` etc., the name
+QuPath's documented "full labeled image" script gives it. With ``format="auto"`` a GeoJSON file
+is preferred.
 
 Labelled-image rules:
 
@@ -69,6 +71,10 @@ __all__ = [
 FORMATS: tuple[str, ...] = ("auto", "geojson", "image")
 GEOJSON_SUFFIXES: tuple[str, ...] = (".geojson", ".json")
 LABEL_IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".tif", ".tiff", ".ome.tif", ".ome.tiff")
+# QuPath's docs export a labelled image as "<image name>-labels.png".
+LABEL_IMAGE_NAMES: tuple[str, ...] = tuple(
+    f"{tail}{suffix}" for tail in ("", "-labels") for suffix in LABEL_IMAGE_SUFFIXES
+)
 UNLABELLED_COLOURS: tuple[tuple[int, int, int], ...] = (
     (255, 255, 255),
     (0, 0, 0),
@@ -265,8 +271,8 @@ def find_annotations(
     """
     if fmt not in FORMATS:
         raise InputError(None, f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    kinds = {"geojson": [GEOJSON_SUFFIXES], "image": [LABEL_IMAGE_SUFFIXES]}.get(
-        fmt, [GEOJSON_SUFFIXES, LABEL_IMAGE_SUFFIXES]
+    kinds = {"geojson": [GEOJSON_SUFFIXES], "image": [LABEL_IMAGE_NAMES]}.get(
+        fmt, [GEOJSON_SUFFIXES, LABEL_IMAGE_NAMES]
     )
     itself = mosaic.resolve() if mosaic is not None else None
     for suffixes in kinds:
@@ -284,7 +290,7 @@ def _find_mosaics(source: Path, folder: Path, dataset: Path, fmt: str) -> list[P
     Left out: the annotation folder and the data set's label maps where they lie inside
     ``source``, ``rcmseg batch``'s outputs, and, where annotations share the mosaics' folder,
     labelled images paired with a mosaic: ``a.png`` beside ``a.tif`` is ``a.tif``'s annotation
-    (the first labelled-image ending of :data:`LABEL_IMAGE_SUFFIXES` that exists), not a mosaic.
+    (the first name of :data:`LABEL_IMAGE_NAMES` that exists), not a mosaic.
     """
     if source.is_file():
         return [source]

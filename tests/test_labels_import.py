@@ -325,3 +325,15 @@ def test_annotations_kept_beside_the_mosaics(tmp_path, small_labels):
     assert results[1].class_px["ring"] == 64
     labels = np.asarray(Image.open(tmp_path / "dataset" / "labels" / "n.png"))
     np.testing.assert_array_equal(labels, upsample_labels(small_labels, 4, (80, 120)))
+
+
+def test_qupath_docs_labelled_image_name_is_found(tmp_path, small_labels):
+    """QuPath's documentation exports "<image name>-labels.png" (background 0, downsampled)."""
+    write_mosaic(tmp_path / "mosaics" / "m.tif", (80, 120), seed=3)
+    exports = tmp_path / "export"
+    exports.mkdir()
+    palette_png(exports / "m-labels.png", small_labels, dict(enumerate(CLASS_COLOURS)))
+    results = import_labels(tmp_path / "mosaics", exports, tmp_path / "dataset")
+    assert [(r.status, Path(r.annotations).name) for r in results] == [("imported", "m-labels.png")]
+    labels = np.asarray(Image.open(tmp_path / "dataset" / "labels" / "m.png"))
+    np.testing.assert_array_equal(labels, upsample_labels(small_labels, 4, (80, 120)))

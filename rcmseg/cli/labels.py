@@ -63,12 +63,15 @@ def from_geojson(
     "import",
     help="Pair every mosaic with its annotations and write a data set (label maps, manifest.csv, "
     "import_summary.csv). Annotations are found in DIR as <stem>.geojson, else as a QuPath "
-    "labelled image <stem>.png/.tif (indices 0..5, 255 unlabelled; downsampled by an integer "
+    "labelled image <stem>.png/.tif or <stem>-labels.png/.tif (indices 0..5, 255 unlabelled; "
+    "downsampled by an integer "
     f"factor, upsampled nearest-neighbour). Re-running adds or updates rows.\n\n{RULES}",
 )
 def import_command(
     mosaics: Annotated[Path, typer.Argument(help="Folder of mosaics (searched recursively).")],
-    annotations: Annotated[Path, typer.Option(help="Folder of QuPath exports.")],
+    annotations: Annotated[
+        Path, typer.Option(help="Folder of QuPath exports (may be the mosaic folder itself).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Data set folder to write or update.")],
     format: Annotated[
         str, typer.Option("--format", help="auto (GeoJSON first), geojson or image.")
