@@ -173,6 +173,44 @@ def test_tiff_pixel_size_from_tags_or_fallback(
     assert info.mpp_source == expected_source
 
 
+@pytest.mark.parametrize(
+    ("metadata", "expected_mpp", "expected_source"),
+    [
+        ({"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, 0.5, "file"),  # µm when no unit
+        (
+            {
+                "PhysicalSizeX": 400,
+                "PhysicalSizeXUnit": "nm",
+                "PhysicalSizeY": 400,
+                "PhysicalSizeYUnit": "nm",
+            },
+            0.4,
+            "file",
+        ),
+        ({"PhysicalSizeX": 0.5}, 0.7, "fallback"),  # one axis only: not trusted
+        ({}, 0.7, "fallback"),
+    ],
+)
+def test_ome_tiff_pixel_size_from_its_ome_xml(
+    tmp_path, grey, metadata, expected_mpp, expected_source
+):
+    """Bio-Formats and QuPath keep an OME-TIFF's pixel size in its OME-XML; tiffslide does not
+    read it, and the resolution tags (here a paint program's 72 dpi) may say nothing or less."""
+    path = tmp_path / "mosaic.ome.tif"
+    with tifffile.TiffWriter(path) as tiff:
+        tiff.write(
+            grey,
+            subifds=1,
+            tile=(16, 16),
+            metadata=metadata,
+            resolution=(72, 72),
+            resolutionunit="INCH",
+        )
+        tiff.write(grey[::2, ::2], subfiletype=1, tile=(16, 16))
+    info = probe_mosaic(path, fallback_mpp=0.7)
+    assert (info.mosaic_mpp, info.mpp_source) == (pytest.approx(expected_mpp), expected_source)
+
+
 def test_svs_pixel_size_from_aperio_description(tmp_path, grey):
     path = tmp_path / "slide.svs"
     description = "Aperio Image Library v12.0.0\r\n50x67 (16x16) RAW|AppMag = 40|MPP = 0.25"

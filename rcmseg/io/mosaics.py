@@ -9,10 +9,11 @@ Conventions kept here:
 - Axis order. Images are (H, W) = (rows, columns). NIfTI arrays are indexed (x, y[, z]) with
   x = columns and y = rows, so the first two axes are transposed and no affine flip is applied;
   :mod:`rcmseg.io.labels` reads label maps by the same rule, so mosaic and labels line up.
-- Pixel size. Taken from the file where present (TIFF resolution tags with their unit, Aperio/OME
-  metadata via tiffslide, BMP/PNG/JPEG dpi, NIfTI zooms in their unit, mm when unset); a value
-  outside :data:`PLAUSIBLE_MPP_RANGE` (e.g. a 72 or 96 dpi default written by a paint program)
-  is treated as absent, and ``fallback_mpp`` is used instead (``mpp_source="fallback"``).
+- Pixel size. Taken from the file where present (OME-XML ``PhysicalSizeX/Y`` with their units,
+  TIFF resolution tags with their unit, Aperio and other scanners' metadata via tiffslide,
+  BMP/PNG/JPEG dpi, NIfTI zooms in their unit, mm when unset); a value outside
+  :data:`PLAUSIBLE_MPP_RANGE` (e.g. a 72 or 96 dpi default written by a paint program) is treated
+  as absent, and ``fallback_mpp`` is used instead (``mpp_source="fallback"``).
 - Intensity. Output is float32 on the 0-255 scale. RGB(A) becomes luminance
   Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601, as Pillow's "L"). 8-bit data is kept as it is;
   wider integers are divided by their effective bit depth, ``2**bits - 1`` with ``bits`` the
@@ -392,7 +393,7 @@ class _TiffSource(_Source):
                 int(level.shape[level.axes.index("Y")]),
                 int(level.shape[level.axes.index("X")]),
             )
-            self.file_mpp = _tiff_mpp(path, page)
+            self.file_mpp = _ome_mpp(self._tiff) or _tiff_mpp(path, page)
             if len(level.pages) == 1 and page.is_memmappable:
                 self._array = tifffile.memmap(path, page=page.index, mode="r")
                 self._axes = page.axes.replace("C", "S")
@@ -439,8 +440,37 @@ def _check_tiff_complete(path: Path, pages: list) -> None:
             )
 
 
+# OME's UnitsLength symbols for PhysicalSizeX/Y → µm.
+_OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_mpp(tiff) -> float | None:
+    """µm/px of the first image of an OME-TIFF (``Pixels`` ``PhysicalSizeX/Y`` in their units,
+    µm when unset), as Bio-Formats and QuPath write it; None without one. tiffslide does not
+    read OME-XML."""
+    import xml.etree.ElementTree as ElementTree
+
+    if not tiff.is_ome or not tiff.ome_metadata:
+        return None
+    try:
+        pixels = ElementTree.fromstring(tiff.ome_metadata).find(".//{*}Image/{*}Pixels")
+    except ElementTree.ParseError:
+        return None
+    sizes = []
+    for axis in "XY":
+        size = pixels.get(f"PhysicalSize{axis}") if pixels is not None else None
+        unit = _OME_UNIT_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "µm")) if size else None
+        try:
+            sizes.append(float(size) * unit if unit else math.nan)
+        except ValueError:
+            return None
+    mpp = sum(sizes) / 2
+    return mpp if math.isfinite(mpp) and mpp > 0 else None
+
+
 def _tiff_mpp(path: Path, page) -> float | None:
-    """µm/px from tiffslide's parsers (Aperio, OME, resolution tags), else the tags themselves."""
+    """µm/px from tiffslide's parsers (Aperio, Leica, Hamamatsu, ... and resolution tags), else
+    the tags themselves."""
     try:
         import tiffslide
 
