@@ -85,6 +85,23 @@ def test_missing_input_and_non_mosaic_file_are_one_line(tmp_path):
     assert result.exit_code == 2 and "not a mosaic file" in one_error_line(result)
 
 
+def test_a_tiff_header_with_nothing_behind_it_is_one_line(tmp_path):
+    """An 8-byte TIFF (a writer that crashed after its header): rcmseg's one line, not a
+    second line of tifffile's own logging."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "stub.tif").write_bytes(b"II*\x00\x08\x00\x00\x00")
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "rcmseg.cli.main", "batch", str(tmp_path / "in")]
+    command += ["--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr  # a process, as a user runs it: logging unconfigured
+    assert result.returncode == 1, output
+    assert "stub.tif: cannot read as TIFF" in output
+    assert "invalid offset" not in output
+
+
 def test_a_data_set_folder_gives_its_mosaics_not_its_label_maps(tmp_path):
     """`rcmseg batch DATA` on a data set folder (rcmseg synth, labels import): the files its
     manifest lists as label maps are not segmented as mosaics; named on purpose, one is."""

@@ -6,6 +6,8 @@ Heavy imports (torch, monai) happen inside the commands so that ``--help`` stays
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
 from rcmseg.cli import batch, cv, evaluate, label, labels, study, synth, train
@@ -20,6 +22,10 @@ app = typer.Typer(
 
 for module in (synth, train, batch, evaluate, cv, study, label, labels):
     module.register(app)
+
+# rcmseg names every unreadable file in one line of its own; tifffile's warnings about the same
+# file ("invalid offset to first page") would only add a second, less clear one.
+logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":  # pragma: no cover
