@@ -7,6 +7,7 @@ Heavy imports (torch, monai) happen inside the commands so that ``--help`` stays
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import typer
 
@@ -19,6 +20,38 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    """``rcmseg --version``: what a bug report needs, without importing torch or MONAI."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    import rcmseg
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    parts = ", ".join(f"{name} {installed(name)}" for name in ("torch", "monai", "openvino"))
+    typer.echo(f"rcmseg {rcmseg.__version__} ({parts})")
+    raise typer.Exit()
+
+
+@app.callback()
+def main(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Show versions and exit."
+        ),
+    ] = False,
+) -> None:
+    """Options before the command (``--version``); the app's help is ``app``'s."""
+
 
 for module in (synth, train, batch, evaluate, cv, study, label, labels):
     module.register(app)
