@@ -107,8 +107,8 @@ def read_manifest(root: str | Path) -> list[Case]:
         delimiter = spreadsheet_delimiter(
             handle.readline(), lambda names: set(MANIFEST_COLUMNS) <= {n.lower() for n in names}
         )
-        reader = csv.DictReader(handle, delimiter=delimiter)
         handle.seek(0)
+        reader = csv.DictReader(handle, delimiter=delimiter)
         header = [name.strip().lower() for name in reader.fieldnames or []]
         missing = [column for column in MANIFEST_COLUMNS if column not in header]
         if missing:
