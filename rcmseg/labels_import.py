@@ -284,7 +284,7 @@ def find_annotations(
     return None
 
 
-def _find_mosaics(source: Path, folder: Path, dataset: Path, fmt: str) -> list[Path]:
+def _find_mosaics(source: Path, folder: Path, dataset: Path) -> list[Path]:
     """Mosaic files under ``source`` (or ``source`` itself), sorted.
 
     Left out: the annotation folder and the data set's label maps where they lie inside
@@ -299,12 +299,13 @@ def _find_mosaics(source: Path, folder: Path, dataset: Path, fmt: str) -> list[P
     found = find_mosaics(
         source, [folder, dataset / LABELS_FOLDER], skip_endings=OUTPUT_IMAGE_ENDINGS
     )
+    # Whatever --format says: a labelled image beside its mosaic is never a mosaic itself.
     relatives = {path: path.relative_to(source).as_posix() for path in found}
-    paired = {find_annotations(folder, relatives[path], fmt, mosaic=path) for path in found}
+    paired = {find_annotations(folder, relatives[path], "image", mosaic=path) for path in found}
     return [
         path
         for path in found
-        if not (path in paired and find_annotations(folder, relatives[path], fmt) == path)
+        if not (path in paired and find_annotations(folder, relatives[path], "image") == path)
     ]
 
 
@@ -477,7 +478,7 @@ def import_labels(
     source, folder, dataset = Path(mosaics), Path(annotations), Path(dataset)
     if not folder.is_dir():
         raise InputError(folder, "annotation folder does not exist")
-    found = _find_mosaics(source, folder, dataset, fmt)
+    found = _find_mosaics(source, folder, dataset)
     if not found:
         raise InputError(source, f"no mosaics ({', '.join(MOSAIC_SUFFIXES)}) found")
     remap = remap or RemapTable()

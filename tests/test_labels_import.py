@@ -315,6 +315,11 @@ def test_annotations_kept_beside_the_mosaics(tmp_path, small_labels):
     palette_png(folder / "n.png", small_labels, dict(enumerate(CLASS_COLOURS)))
     (folder / "old.labels.tif").write_bytes((folder / "m.tif").read_bytes())  # a batch output
 
+    (folder / "n.geojson").write_text(json.dumps(feature))  # both kinds of export beside n.tif
+    geojson_only = import_labels(folder, folder, tmp_path / "geojson", fmt="geojson")
+    assert [result.mosaic for result in geojson_only] == ["bare.tif", "m.tif", "n.tif"]
+    (folder / "n.geojson").unlink()
+
     results = import_labels(folder, folder, tmp_path / "dataset")
     found = [(result.mosaic, Path(result.annotations).name, result.status) for result in results]
     assert found == [
