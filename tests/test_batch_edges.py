@@ -88,11 +88,11 @@ def test_missing_input_and_non_mosaic_file_are_one_line(tmp_path):
 def test_a_tiff_header_with_nothing_behind_it_is_one_line(tmp_path):
     """An 8-byte TIFF (a writer that crashed after its header): rcmseg's one line, not a
     second line of tifffile's own logging."""
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "stub.tif").write_bytes(b"II*\x00\x08\x00\x00\x00")
     import subprocess
     import sys
 
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "stub.tif").write_bytes(b"II*\x00\x08\x00\x00\x00")
     command = [sys.executable, "-m", "rcmseg.cli.main", "batch", str(tmp_path / "in")]
     command += ["--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
