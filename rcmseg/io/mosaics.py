@@ -456,13 +456,14 @@ def _ome_mpp(tiff) -> float | None:
         pixels = ElementTree.fromstring(tiff.ome_metadata).find(".//{*}Image/{*}Pixels")
     except ElementTree.ParseError:
         return None
+    if pixels is None:
+        return None
     sizes = []
     for axis in "XY":
-        size = pixels.get(f"PhysicalSize{axis}") if pixels is not None else None
-        unit = _OME_UNIT_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "µm")) if size else None
+        unit = _OME_UNIT_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
         try:
-            sizes.append(float(size) * unit if unit else math.nan)
-        except ValueError:
+            sizes.append(float(pixels.get(f"PhysicalSize{axis}")) * unit)
+        except (TypeError, ValueError):  # absent, not a number, or a unit that is no length
             return None
     mpp = sum(sizes) / 2
     return mpp if math.isfinite(mpp) and mpp > 0 else None
