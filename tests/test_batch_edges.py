@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -100,6 +101,48 @@ def test_a_tiff_header_with_nothing_behind_it_is_one_line(tmp_path):
     assert result.returncode == 1, output
     assert "stub.tif: cannot read as TIFF" in output
     assert "invalid offset" not in output
+
+
+def test_a_link_to_a_missing_mosaic_fails_in_the_report_and_the_rest_goes_on(mosaics, tmp_path):
+    """A link to a mosaic on a drive that is not mounted is a mosaic the user expects: it gets a
+    failed row naming the missing target, not silence."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(mosaics / "b.png", folder / "b.png")
+    (folder / "nas.tif").symlink_to(tmp_path / "unmounted" / "nas.tif")
+    out = tmp_path / "out"
+    result = rcmseg("batch", str(folder), "--out", str(out), "--device", "cpu", "--no-progress")
+    assert result.exit_code == 1, result.output
+    rows = {row["mosaic"]: row for row in csv.DictReader((out / "mosaics.csv").open())}
+    assert (rows["b.png"]["status"], rows["nas.tif"]["status"]) == ("done", "failed")
+    assert "broken link: its target" in rows["nas.tif"]["error"]
+    assert str(tmp_path / "unmounted" / "nas.tif") in rows["nas.tif"]["error"]
+    assert not (out / "nas.labels.tif").exists()
+
+
+def test_continue_with_a_finished_mosaic_gone_missing_keeps_its_outputs(mosaics, tmp_path):
+    """`--continue` while a finished mosaic's drive is unmounted: its row fails, naming the
+    missing file; its labels and record stay finished, and once the drive is back the next
+    `--continue` keeps them instead of segmenting again."""
+    drive, folder, out = tmp_path / "nas", tmp_path / "in", tmp_path / "out"
+    drive.mkdir()
+    folder.mkdir()
+    shutil.copy(mosaics / "b.png", drive / "b.png")
+    (folder / "b.png").symlink_to(drive / "b.png")
+    options = ("--out", str(out), "--device", "cpu", "--no-progress")
+    assert rcmseg("batch", str(folder), *options).exit_code == 0
+    labels = (out / "b.labels.tif").read_bytes()
+    (drive / "b.png").rename(tmp_path / "b.png")  # unmounted
+    result = rcmseg("batch", str(folder), *options, "--continue")
+    assert result.exit_code == 1, result.output
+    row = next(csv.DictReader((out / "mosaics.csv").open()))
+    assert row["status"] == "failed" and "broken link: its target" in row["error"]
+    assert (out / "b.labels.tif").read_bytes() == labels
+    assert json.loads((out / "b.summary.json").read_text())["status"] == "done"
+    (tmp_path / "b.png").rename(drive / "b.png")  # mounted again
+    result = rcmseg("batch", str(folder), *options, "--continue")
+    assert result.exit_code == 0, result.output
+    assert next(csv.DictReader((out / "mosaics.csv").open()))["status"] == "skipped"
 
 
 def test_a_data_set_folder_gives_its_mosaics_not_its_label_maps(tmp_path):

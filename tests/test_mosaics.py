@@ -211,6 +211,35 @@ def test_ome_tiff_pixel_size_from_its_ome_xml(
     assert (info.mosaic_mpp, info.mpp_source) == (pytest.approx(expected_mpp), expected_source)
 
 
+@pytest.mark.parametrize(
+    ("unit", "pixels_per_unit", "expected_mpp", "expected_source"),
+    [
+        ("micron", 2.0, 0.5, "file"),
+        ("\\u00B5m", 2.5, 0.4, "file"),  # how ImageJ escapes "µm" in its description
+        ("um", 1.0, 1.0, "file"),
+        ("nm", 0.002, 0.5, "file"),
+        ("mm", 2000.0, 0.5, "file"),
+        ("pixel", 1.0, 0.7, "fallback"),
+    ],
+)
+def test_imagej_tiff_pixel_size_from_its_unit(
+    tmp_path, grey, unit, pixels_per_unit, expected_mpp, expected_source
+):
+    """Fiji saves µm sizes as resolution tags per the ``unit=`` of its description, with
+    ResolutionUnit NONE: the tags alone say nothing, tiffslide reads nothing."""
+    path = tmp_path / "fiji.tif"
+    tifffile.imwrite(
+        path,
+        grey,
+        imagej=True,
+        resolution=(pixels_per_unit, pixels_per_unit),
+        metadata={"unit": unit},
+    )
+    assert tifffile.TiffFile(path).pages[0].tags["ResolutionUnit"].value == 1  # NONE
+    info = probe_mosaic(path, fallback_mpp=0.7)
+    assert (info.mosaic_mpp, info.mpp_source) == (pytest.approx(expected_mpp), expected_source)
+
+
 def test_svs_pixel_size_from_aperio_description(tmp_path, grey):
     path = tmp_path / "slide.svs"
     description = "Aperio Image Library v12.0.0\r\n50x67 (16x16) RAW|AppMag = 40|MPP = 0.25"

@@ -64,7 +64,10 @@ def reuse_verdict(job: MosaicJob, provenance: Provenance) -> tuple[MosaicRecord 
     record = read_record(job)
     if record is None or record.status != "done":
         return None, ""
-    stat = job.path.stat()
+    try:
+        stat = job.path.stat()
+    except OSError:  # reading it will say why; its finished outputs stay
+        return None, ""
     if (record.source_size, record.source_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
         return None, "the mosaic file changed"
     if differences := provenance.differences(record, job):

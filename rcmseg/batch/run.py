@@ -158,9 +158,9 @@ class Segmenter:
     def read(self, job: MosaicJob) -> LoadedMosaic:
         """Read one mosaic at the working resolution; raise on a bad file."""
         started = time.perf_counter()
-        stat = job.path.stat()
         mpp = self.options.fallback_mpp
-        info = probe_mosaic(job.path, fallback_mpp=mpp)
+        info = probe_mosaic(job.path, fallback_mpp=mpp)  # first: its errors name the problem
+        stat = job.path.stat()
         height, width = info.working_shape(self.bundle.working_mpp)
         check_size(width, height, job.path)
         image, info = read_mosaic(job.path, self.bundle.working_mpp, fallback_mpp=mpp)
@@ -308,10 +308,14 @@ class Segmenter:
             return self.failed(job, error, 0.0)
 
     def failed(self, job: MosaicJob, error: BaseException, seconds: float) -> MosaicRecord:
-        """A saved ``failed`` record (saving is best effort)."""
+        """A ``failed`` record, saved (best effort) unless the mosaic's outputs of an earlier
+        run are still finished: a mosaic that cannot be read now (e.g. a link to an unmounted
+        drive under ``--continue``) keeps them, and a later run can keep them too."""
         record = failure_record(job, error, seconds)
-        with contextlib.suppress(OSError):
-            save_record(job, record)
+        previous = read_record(job)
+        if previous is None or previous.status != "done":
+            with contextlib.suppress(OSError):
+                save_record(job, record)
         return record
 
 

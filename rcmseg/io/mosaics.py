@@ -116,8 +116,10 @@ def mosaic_suffix(path: str | Path) -> str:
 
 
 def is_mosaic_file(path: Path) -> bool:
-    """A visible file whose ending is one of :data:`MOSAIC_SUFFIXES`."""
-    visible = path.is_file() and not path.name.startswith(".")
+    """A visible file whose ending is one of :data:`MOSAIC_SUFFIXES`, or a broken link with such
+    a name (a mosaic on an unmounted drive: it must fail in the report, not go unnoticed)."""
+    broken_link = path.is_symlink() and not path.exists()
+    visible = (path.is_file() or broken_link) and not path.name.startswith(".")
     return visible and mosaic_suffix(path) in MOSAIC_SUFFIXES
 
 
@@ -312,6 +314,8 @@ def _plausible_mpp(mpp: float | None) -> float | None:
 
 @contextlib.contextmanager
 def _open_source(path: Path) -> Iterator[_Source]:
+    if path.is_symlink() and not path.exists():
+        raise InputError(path, f"broken link: its target {os.readlink(path)} does not exist")
     if not path.exists():
         raise InputError(path, "no such file")
     if path.is_dir():
@@ -393,7 +397,9 @@ class _TiffSource(_Source):
                 int(level.shape[level.axes.index("Y")]),
                 int(level.shape[level.axes.index("X")]),
             )
-            self.file_mpp = _ome_mpp(self._tiff) or _tiff_mpp(path, page)
+            self.file_mpp = (
+                _ome_mpp(self._tiff) or _imagej_mpp(self._tiff, page) or _tiff_mpp(path, page)
+            )
             if len(level.pages) == 1 and page.is_memmappable:
                 self._array = tifffile.memmap(path, page=page.index, mode="r")
                 self._axes = page.axes.replace("C", "S")
@@ -469,6 +475,23 @@ def _ome_mpp(tiff) -> float | None:
     return mpp if math.isfinite(mpp) and mpp > 0 else None
 
 
+# ImageJ/Fiji's ``unit=`` (its description) → µm; it escapes µ as the six characters \u00B5.
+_IMAGEJ_UNIT_UM = {
+    **dict.fromkeys(("micron", "microns", "um", "µm", "μm", "\\u00b5m"), 1.0),
+    **{"nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "meter": 1e6, "inch": 25400.0},
+}
+
+
+def _imagej_mpp(tiff, page) -> float | None:
+    """µm/px of an ImageJ/Fiji TIFF: its resolution tags count pixels per the ``unit`` of its
+    description, and their ResolutionUnit says NONE for every unit but inch and cm, so neither
+    tiffslide nor the tags alone give a size. None for other TIFFs and for ``unit=pixel``."""
+    if not tiff.is_imagej:
+        return None
+    unit = _IMAGEJ_UNIT_UM.get(str((tiff.imagej_metadata or {}).get("unit", "")).lower())
+    return None if unit is None else _mpp_from_resolution(page, unit)
+
+
 def _tiff_mpp(path: Path, page) -> float | None:
     """µm/px from tiffslide's parsers (Aperio, Leica, Hamamatsu, ... and resolution tags), else
     the tags themselves."""
@@ -490,16 +513,20 @@ _UNIT_UM = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}  # TIFF ResolutionUnit �
 
 def _resolution_tag_mpp(page) -> float | None:
     tags = page.tags
-    if "XResolution" not in tags or "YResolution" not in tags:
-        return None
     unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
-    if unit not in _UNIT_UM:
+    return _mpp_from_resolution(page, _UNIT_UM[unit]) if unit in _UNIT_UM else None
+
+
+def _mpp_from_resolution(page, um_per_unit: float) -> float | None:
+    """µm/px from the X/YResolution tags (pixels per unit), the unit being ``um_per_unit`` µm."""
+    tags = page.tags
+    if "XResolution" not in tags or "YResolution" not in tags:
         return None
     x_num, x_den = tags["XResolution"].value
     y_num, y_den = tags["YResolution"].value
     if x_num == 0 or y_num == 0:
         return None
-    return _UNIT_UM[unit] * (x_den / x_num + y_den / y_num) / 2
+    return um_per_unit * (x_den / x_num + y_den / y_num) / 2
 
 
 @contextlib.contextmanager
