@@ -315,3 +315,36 @@ def test_a_run_killed_while_writing_leaves_no_finished_looking_file(tmp_path):
     assert read_csv(out / "mosaics.csv")[0]["status"] == "done"
     assert is_complete_label_tiff(out / "big.labels.tif", (768, 512))
     assert not list(out.glob(f"*{PARTIAL_MARKER}*"))  # the killed run's leftovers are gone
+
+
+def test_ctrl_c_keeps_finished_mosaics_reports_the_rest_pending_and_says_how_to_go_on(tmp_path):
+    """Ctrl-C (SIGINT) mid-batch: exit 130 with one line naming what is kept, reports that say
+    ``done`` only for finished mosaics, and a ``--continue`` that does the rest."""
+    in_dir, out = tmp_path / "in", tmp_path / "out"
+    rng = np.random.default_rng(1)
+    for index in range(8):
+        image = rng.integers(0, 256, (2048, 2048), dtype=np.uint8)
+        write_tiff(in_dir / f"m{index}.tif", image)
+    command = [sys.executable, "-m", "rcmseg.cli.main", "batch", str(in_dir), "--out", str(out)]
+    command += ["--device", "cpu", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if list(out.glob("*.summary.json")) if out.is_dir() else []:
+            process.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.01)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output
+    assert "Traceback" not in output
+    assert "interrupted:" in output and "--continue" in output
+    rows = read_csv(out / "mosaics.csv")
+    done = [row["mosaic"] for row in rows if row["status"] == "done"]
+    assert 1 <= len(done) < 8 and {row["status"] for row in rows} == {"done", "pending"}
+    for name in done:
+        assert is_complete_label_tiff(out / f"{Path(name).stem}.labels.tif", (512, 512))
+    resumed = rcmseg("batch", str(in_dir), "--out", str(out), "--continue", "--device", "cpu")
+    assert resumed.exit_code == 0
+    statuses = {row["mosaic"]: row["status"] for row in read_csv(out / "mosaics.csv")}
+    assert all(statuses[name] == "skipped" for name in done)
+    assert sorted(statuses.values()).count("done") == 8 - len(done)

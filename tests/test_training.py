@@ -458,3 +458,37 @@ def test_train_model_cli_distils_a_small_network_from_a_bundle(
     assert missing.output.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'nowhere'}: bundle folder not found"
     )
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(dataset: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) while training: exit 130, no traceback, one line naming the kept
+    checkpoint and --resume, which then goes on from that epoch."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "rcmseg.cli.main", "train", "model", str(dataset)]
+    command += ["--out", str(out), "--iterations", "1", "--batch-size", "2", "--patch-size", "64"]
+    command += ["--device", "cpu", "--no-progress", "--network", "dynunet_tiny"]
+    command += ["--val-every", "50"]
+    process = subprocess.Popen(
+        [*command, "--epochs", "500"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    last = out / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while process.poll() is None and not last.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output
+    assert "Traceback" not in output
+    assert f"interrupted: the last finished epoch is kept in {last}" in " ".join(output.split())
+    done = torch.load(last, weights_only=False)["epochs_done"]
+    assert 1 <= done < 500
+    resumed = CliRunner().invoke(
+        app, ["train", "model", str(dataset), *command[6:], "--epochs", str(done + 1), "--resume"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert f"{done + 1} epochs;" in resumed.output

@@ -403,8 +403,12 @@ def run_batch(
     where = f", {threads} CPU threads" if engine.device.type == "cpu" else ""
     console.print(f"segmenting with {engine.describe()}{where}", highlight=False)
     segmenter = Segmenter(bundle, engine, options)
-    with batch_progress(show_progress, len(mine)) as progress:
-        records = segmenter.segment_all(mine, progress)
+    try:
+        with batch_progress(show_progress, len(mine)) as progress:
+            records = segmenter.segment_all(mine, progress)
+    except KeyboardInterrupt:
+        report_interruption(jobs, mine, out_dir, bundle.class_names)
+        raise
     for record in records:
         if record.status == "failed":
             console.print(f"[red]failed[/red] {record.error}", highlight=False, soft_wrap=True)
@@ -413,6 +417,23 @@ def run_batch(
     all_records = batch_records(jobs, records)
     mosaics_csv, patterns_csv = write_reports(out_dir, all_records, bundle.class_names)
     return BatchResult(records, all_records, mosaics_csv, patterns_csv)
+
+
+def report_interruption(
+    jobs: list[MosaicJob], mine: list[MosaicJob], out_dir: Path, class_names: tuple[str, ...]
+) -> None:
+    """After Ctrl-C (the mosaic being written is finished first): reports of what is on disk,
+    the rest ``pending``, and one line on how to go on."""
+    all_records = batch_records(jobs, [])
+    write_reports(out_dir, all_records, class_names)
+    mosaics = {job.relative for job in mine}
+    finished = sum(r.status == "done" and r.mosaic in mosaics for r in all_records)
+    console.print(
+        f"[yellow]interrupted:[/] {finished} of {len(mine)} mosaic(s) finished and kept in "
+        f"{out_dir}; run the same command with --continue to do the rest",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def announce_fallback_mpp(records: list[MosaicRecord], fallback_mpp: float) -> None:

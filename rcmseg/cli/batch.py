@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 
 from rcmseg.classes import MOSAIC_MPP
-from rcmseg.cli.common import BackendOption, OpenVINOCacheOption, PrecisionOption, user_errors
+from rcmseg.cli.common import (
+    BackendOption,
+    OpenVINOCacheOption,
+    PrecisionOption,
+    exit_on_interrupt,
+    user_errors,
+)
 
 
 def batch(
@@ -97,7 +103,10 @@ def batch(
             part_id=part_id if part_id is not None else env_part_id,
             threads=threads,
         )
-        result = run_batch(in_dir, out, bundle_dir=bundle, options=options, show_progress=progress)
+        with exit_on_interrupt(None):  # run_batch says what is kept and how to go on
+            result = run_batch(
+                in_dir, out, bundle_dir=bundle, options=options, show_progress=progress
+            )
     print_summary(result)
     if result.failed:
         raise typer.Exit(code=1)

@@ -27,6 +27,18 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(code=2) from None
 
 
+@contextlib.contextmanager
+def exit_on_interrupt(kept: str | None) -> Iterator[None]:
+    """Ctrl-C: exit status 130 without a traceback, after one line saying what is ``kept`` and
+    how to go on (None: the command said it already)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if kept:
+            console.print(f"[yellow]interrupted:[/] {kept}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
+
+
 PrecisionOption = Annotated[
     str,
     typer.Option(

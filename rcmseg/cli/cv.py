@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rcmseg.cli.common import user_errors
+from rcmseg.cli.common import exit_on_interrupt, user_errors
 
 # Options shared with `rcmseg study` (same split, same training budget flags).
 Data = Annotated[Path, typer.Argument(help="Dataset folder with manifest.csv (rcmseg layout).")]
@@ -169,16 +169,18 @@ def cv_command(
         split = split_settings(
             scenario, folds, validation_fraction, test_group, train_group, group_column, seed
         )
-        result = run_cv(
-            data,
-            out,
-            split,
-            options,
-            preset=preset,
-            device=device,
-            remap=load_remap_table(remap) if remap is not None else None,
-            title=f"Cross-validation: {variant.name}",
-        )
+        resumable = f"finished folds are kept in {out}; run the same command again to go on"
+        with exit_on_interrupt(resumable):
+            result = run_cv(
+                data,
+                out,
+                split,
+                options,
+                preset=preset,
+                device=device,
+                remap=load_remap_table(remap) if remap is not None else None,
+                title=f"Cross-validation: {variant.name}",
+            )
         means, stds = result.summary()
         typer.echo(
             f"{len(result.evaluations)} fold(s): mean Dice "

@@ -17,6 +17,7 @@ from rcmseg.cli.common import (
     OpenVINOCacheOption,
     PrecisionOption,
     console,
+    exit_on_interrupt,
     user_errors,
 )
 from rcmseg.errors import InputError
@@ -162,8 +163,6 @@ def serve(
             highlight=False,
             soft_wrap=True,
         )
-    try:
+    with exit_on_interrupt(None):  # the server stopped: nothing to keep
         completed = subprocess.run(server_command(app_dir, studies, host, port, conf), check=False)
-    except KeyboardInterrupt:
-        raise typer.Exit(code=130) from None
     raise typer.Exit(code=completed.returncode)

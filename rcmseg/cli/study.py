@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from rcmseg.cli.common import user_errors
+from rcmseg.cli.common import exit_on_interrupt, user_errors
 from rcmseg.cli.cv import (
     BatchSize,
     Bundle,
@@ -90,32 +90,34 @@ def study_command(
         split = split_settings(
             scenario, folds, validation_fraction, test_group, train_group, group_column, seed
         )
-        run_study(
-            variants,
-            data,
-            out,
-            split,
-            {
-                **with_overrides(
-                    bundle_train_settings(bundle),
-                    train_options(
-                        epochs,
-                        batch_size,
-                        iterations_per_epoch,
-                        lr,
-                        optimizer,
-                        threads,
-                        seed,
-                        patch_size,
+        resumable = f"finished runs are kept in {out}; run the same command again to go on"
+        with exit_on_interrupt(resumable):
+            run_study(
+                variants,
+                data,
+                out,
+                split,
+                {
+                    **with_overrides(
+                        bundle_train_settings(bundle),
+                        train_options(
+                            epochs,
+                            batch_size,
+                            iterations_per_epoch,
+                            lr,
+                            optimizer,
+                            threads,
+                            seed,
+                            patch_size,
+                        ),
                     ),
-                ),
-                "val_preset": preset,
-            },
-            preset=preset,
-            device=device,
-            remap=load_remap_table(remap) if remap is not None else None,
-            title=f"Study: {study or 'custom'}",
-        )
+                    "val_preset": preset,
+                },
+                preset=preset,
+                device=device,
+                remap=load_remap_table(remap) if remap is not None else None,
+                title=f"Study: {study or 'custom'}",
+            )
         typer.echo((out / "comparison.md").read_text())
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rcmseg.cli.common import user_errors
+from rcmseg.cli.common import exit_on_interrupt, user_errors
 
 train_app = typer.Typer(
     help="Train a segmentation network (the bundle's DynUNet, MED-Net or a baseline) on labelled "
@@ -172,7 +172,10 @@ def train_model_command(
             progress=progress,
             label_remap=table,
         )
-        typer.echo(_summary(train(config)))
+        kept = f"the last finished epoch is kept in {out / 'checkpoints' / 'last.pt'}; "
+        with exit_on_interrupt(kept + "run the same command with --resume to go on"):
+            result = train(config)
+        typer.echo(_summary(result))
 
 
 @train_app.command("bundle")
@@ -215,12 +218,15 @@ def train_bundle_command(
             "iterations_per_epoch": iterations,
             "num_workers": workers,
         }
-        result = train_bundle(
-            bundle or default_bundle_dir(),
-            data,
-            resume=resume,
-            **{key: value for key, value in overrides.items() if value is not None},
-        )
+        bundle = bundle or default_bundle_dir()
+        kept = f"the last finished epoch is kept in {bundle / 'runs' / 'train' / 'checkpoints'}"
+        with exit_on_interrupt(kept + "; run the same command with --resume to go on"):
+            result = train_bundle(
+                bundle,
+                data,
+                resume=resume,
+                **{key: value for key, value in overrides.items() if value is not None},
+            )
         typer.echo(_summary(result))
 
 
