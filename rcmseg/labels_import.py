@@ -53,7 +53,13 @@ from rcmseg.io.atomic import atomic_path, write_text_atomic
 from rcmseg.io.dataset import MANIFEST_NAME, Case, read_manifest, write_manifest
 from rcmseg.io.geojson import AnnotationSet, RasterCounts, class_table, rasterise, read_annotations
 from rcmseg.io.labels import RemapTable, read_label_map
-from rcmseg.io.mosaics import MOSAIC_SUFFIXES, find_mosaics, mosaic_suffix, probe_mosaic
+from rcmseg.io.mosaics import (
+    MOSAIC_SUFFIXES,
+    find_mosaics,
+    main_tiff_series,
+    mosaic_suffix,
+    probe_mosaic,
+)
 
 __all__ = [
     "FORMATS",
@@ -139,9 +145,9 @@ def _label_image_colours(path: Path) -> np.ndarray | None:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        page = tif.series[0].levels[0]
-        data = page.asarray()
-        colormap = tif.pages[0].colormap
+        level = main_tiff_series(tif)[1].levels[0]
+        data = level.asarray()
+        colormap = level.pages[0].colormap
     if data.ndim == 3 and data.shape[-1] in (3, 4):
         return data[..., :3].astype(np.uint8)
     if colormap is None:
@@ -159,7 +165,7 @@ def _is_colour_image(path: Path) -> bool:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        shape = tif.series[0].levels[0].shape
+        shape = main_tiff_series(tif)[1].levels[0].shape
     return len(shape) == 3 and shape[-1] in (3, 4)
 
 

@@ -240,6 +240,32 @@ def test_imagej_tiff_pixel_size_from_its_unit(
     assert (info.mosaic_mpp, info.mpp_source) == (pytest.approx(expected_mpp), expected_source)
 
 
+@pytest.mark.parametrize("ome", [False, True])
+def test_a_thumbnail_stored_ahead_of_the_mosaic_is_not_taken_for_it(tmp_path, grey, ome):
+    """A small overview image first and the mosaic second (two series): the mosaic is read,
+    with its own pixel size (its resolution tags, or its own OME ``Image``)."""
+    path = tmp_path / ("thumb_first.ome.tif" if ome else "thumb_first.tif")
+    thumbnail = np.full((8, 8), 255, np.uint8)
+    with tifffile.TiffWriter(path, ome=ome) as tiff:
+        tiff.write(
+            thumbnail,
+            resolution=(1e3, 1e3),
+            resolutionunit="CENTIMETER",
+            metadata={"PhysicalSizeX": 10.0, "PhysicalSizeY": 10.0} if ome else None,
+        )
+        tiff.write(  # 0.4 µm/px: in its OME Image alone, or in its resolution tags
+            grey,
+            resolution=None if ome else (2.5e4, 2.5e4),
+            resolutionunit=None if ome else "CENTIMETER",
+            metadata={"PhysicalSizeX": 0.4, "PhysicalSizeY": 0.4} if ome else None,
+        )
+    assert len(tifffile.TiffFile(path).series) == 2
+    image, info = read_mosaic(path, target_mpp=0.8)
+    assert (info.height_px, info.width_px) == grey.shape
+    assert (info.mosaic_mpp, info.mpp_source) == (pytest.approx(0.4), "file")
+    np.testing.assert_allclose(image, block_mean_by_hand(grey, 2), atol=1e-3)
+
+
 def test_svs_pixel_size_from_aperio_description(tmp_path, grey):
     path = tmp_path / "slide.svs"
     description = "Aperio Image Library v12.0.0\r\n50x67 (16x16) RAW|AppMag = 40|MPP = 0.25"

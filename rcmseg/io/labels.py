@@ -29,6 +29,7 @@ from rcmseg.classes import (
 )
 from rcmseg.errors import InputError
 from rcmseg.io.csvfiles import spreadsheet_delimiter
+from rcmseg.io.mosaics import main_tiff_series
 
 __all__ = [
     "LABEL_SUFFIXES",
@@ -75,7 +76,7 @@ def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        page = tif.series[0].levels[0]
+        page = main_tiff_series(tif)[1].levels[0]
         if page.ndim > 2 and page.shape[-1] in (3, 4) and page.dtype == np.uint8:
             raise InputError(
                 path, f"label TIFF has {page.shape[-1]} colour channels; expected class indices"

@@ -374,8 +374,19 @@ def _non_planar_axes(axes: str, shape: tuple[int, ...], path: Path) -> None:
         )
 
 
+def main_tiff_series(tiff) -> tuple[int, object]:
+    """Index and series of a TIFF's main image: the largest in pixels (the first of equals), so
+    a thumbnail, label or overview image stored ahead of the mosaic is never taken for it."""
+
+    def pixels(indexed: tuple[int, object]) -> int:
+        level = indexed[1].levels[0]
+        return math.prod(n for axis, n in zip(level.axes, level.shape, strict=True) if axis in "YX")
+
+    return max(enumerate(tiff.series), key=pixels)
+
+
 class _TiffSource(_Source):
-    """TIFF/SVS: level 0 of the first series, memory-mapped when stored raw, else via zarr."""
+    """TIFF/SVS: level 0 of the main series, memory-mapped when stored raw, else via zarr."""
 
     _decode_whole = False
 
@@ -386,7 +397,7 @@ class _TiffSource(_Source):
         self.path = path
         self._tiff = tifffile.TiffFile(path)
         try:
-            series = self._tiff.series[0]
+            series_index, series = main_tiff_series(self._tiff)
             level = series.levels[0]
             _non_planar_axes(level.axes, level.shape, path)
             _check_tiff_complete(path, level.pages)
@@ -398,7 +409,9 @@ class _TiffSource(_Source):
                 int(level.shape[level.axes.index("X")]),
             )
             self.file_mpp = (
-                _ome_mpp(self._tiff) or _imagej_mpp(self._tiff, page) or _tiff_mpp(path, page)
+                _ome_mpp(self._tiff, series_index)
+                or _imagej_mpp(self._tiff, page)
+                or (_tiff_mpp(path, page) if series_index == 0 else _resolution_tag_mpp(page))
             )
             if len(level.pages) == 1 and page.is_memmappable:
                 self._array = tifffile.memmap(path, page=page.index, mode="r")
@@ -450,18 +463,19 @@ def _check_tiff_complete(path: Path, pages: list) -> None:
 _OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
-def _ome_mpp(tiff) -> float | None:
-    """µm/px of the first image of an OME-TIFF (``Pixels`` ``PhysicalSizeX/Y`` in their units,
-    µm when unset), as Bio-Formats and QuPath write it; None without one. tiffslide does not
-    read OME-XML."""
+def _ome_mpp(tiff, image_index: int) -> float | None:
+    """µm/px of an image of an OME-TIFF (``Pixels`` ``PhysicalSizeX/Y`` in their units, µm when
+    unset), as Bio-Formats and QuPath write it; None without one. tiffslide does not read
+    OME-XML."""
     import xml.etree.ElementTree as ElementTree
 
     if not tiff.is_ome or not tiff.ome_metadata:
         return None
     try:
-        pixels = ElementTree.fromstring(tiff.ome_metadata).find(".//{*}Image/{*}Pixels")
+        images = ElementTree.fromstring(tiff.ome_metadata).findall(".//{*}Image")
     except ElementTree.ParseError:
         return None
+    pixels = images[image_index].find("{*}Pixels") if image_index < len(images) else None
     if pixels is None:
         return None
     sizes = []
@@ -493,8 +507,8 @@ def _imagej_mpp(tiff, page) -> float | None:
 
 
 def _tiff_mpp(path: Path, page) -> float | None:
-    """µm/px from tiffslide's parsers (Aperio, Leica, Hamamatsu, ... and resolution tags), else
-    the tags themselves."""
+    """µm/px from tiffslide's parsers (Aperio, Leica, Hamamatsu, ... and resolution tags: of the
+    first series only), else the tags themselves."""
     try:
         import tiffslide
 
