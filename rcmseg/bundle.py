@@ -179,6 +179,8 @@ def load_bundle(
             fit the network.
     """
     root = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir()
+    if root.is_file():  # e.g. a bundle downloaded as a .zip
+        raise InputError(root, "is a file, not a bundle folder; unpack it and pass the folder")
     if not root.is_dir():
         raise InputError(root, "bundle folder not found")
     metadata = read_json(root / METADATA_FILE)

@@ -50,6 +50,7 @@ from rcmseg.classes import (
 )
 from rcmseg.errors import InputError
 from rcmseg.io.atomic import atomic_path, write_text_atomic
+from rcmseg.io.csvfiles import read_spreadsheet_text
 from rcmseg.io.dataset import MANIFEST_NAME, Case, read_manifest, write_manifest
 from rcmseg.io.geojson import AnnotationSet, RasterCounts, class_table, rasterise, read_annotations
 from rcmseg.io.labels import RemapTable, read_label_map
@@ -316,8 +317,8 @@ def _find_mosaics(source: Path, folder: Path, dataset: Path) -> list[Path]:
 
 
 def _has_rows(manifest: Path) -> bool:
-    with manifest.open(newline="", encoding="utf-8-sig") as handle:
-        return sum(1 for row in csv.reader(handle) if any(cell.strip() for cell in row)) > 1
+    rows = csv.reader(io.StringIO(read_spreadsheet_text(manifest), newline=""))
+    return sum(1 for row in rows if any(cell.strip() for cell in row)) > 1
 
 
 def _known_cases(source: Path, dataset: Path) -> dict[Path, Case]:
@@ -394,10 +395,21 @@ def value_counts(labels: np.ndarray, rows: int = 512) -> np.ndarray:
     return counts
 
 
+def _utf8_name(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, held as lone surrogates
+        return False
+    return True
+
+
 def _import_one(
     mosaic: Path, relative: str, annotation: Path, target: Path, remap: RemapTable, colours: str
 ) -> MosaicImport:
     result = MosaicImport(relative, annotations=str(annotation))
+    for path in (mosaic, annotation):
+        if not _utf8_name(path):  # a manifest in UTF-8 could not name it
+            raise InputError(path, "file name is not UTF-8 (a Latin-1 name?); rename it")
     info = probe_mosaic(mosaic)
     labels = _label_map_of(annotation, (info.height_px, info.width_px), remap, colours, result)
     counts = value_counts(labels)

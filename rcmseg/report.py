@@ -9,7 +9,6 @@ winning softmax probability over the pixels labelled with that pattern.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -18,6 +17,7 @@ from pathlib import Path
 from rich.table import Table
 
 from rcmseg.classes import CLASS_NAMES, NON_LESION_CLASSES
+from rcmseg.io.atomic import write_csv_atomic
 
 LESION_CLASSES: tuple[int, ...] = tuple(
     index for index in range(len(CLASS_NAMES)) if index not in NON_LESION_CLASSES
@@ -192,13 +192,8 @@ def lesion_rows(records: Sequence[MosaicRecord], class_names: Sequence[str]) -> 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Write ``rows`` (dicts with the same keys) to ``path`` atomically."""
-    from rcmseg.io.atomic import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["mosaic"])
-        writer.writeheader()
-        writer.writerows(rows)
+    header = list(rows[0]) if rows else ["mosaic"]
+    write_csv_atomic(path, header, ([row[key] for key in header] for row in rows))
 
 
 def write_reports(

@@ -145,6 +145,32 @@ def test_continue_with_a_finished_mosaic_gone_missing_keeps_its_outputs(mosaics,
     assert next(csv.DictReader((out / "mosaics.csv").open()))["status"] == "skipped"
 
 
+def test_a_file_name_that_is_not_utf8_is_segmented_reported_and_resumed(mosaics, tmp_path):
+    """A Latin-1 name from an old share (bytes that are not UTF-8): segmented, its bytes kept in
+    the reports as the file system holds them, resumed by `--continue`; printing it on a strict
+    UTF-8 terminal does not end the run."""
+    import os
+    import subprocess
+    import sys
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    shutil.copy(mosaics / "b.png", folder / os.fsdecode(b"caf\xe9.png"))
+    command = [sys.executable, "-m", "rcmseg.cli.main", "batch", str(folder), "--out", str(out)]
+    command += ["--device", "cpu", "--no-progress"]
+    strict = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    for extra in ([], ["--continue"]):
+        result = subprocess.run(
+            command + extra, capture_output=True, env=strict, timeout=600, check=False
+        )
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert b"Traceback" not in result.stderr
+    report = (out / "mosaics.csv").read_bytes().splitlines()[1]
+    assert report.startswith(b"caf\xe9.png,caf\xe9,skipped,")
+    assert (out / os.fsdecode(b"caf\xe9.labels.tif")).is_file()
+    assert b"caf\xe9" in (out / "patterns.csv").read_bytes()
+
+
 def test_a_data_set_folder_gives_its_mosaics_not_its_label_maps(tmp_path):
     """`rcmseg batch DATA` on a data set folder (rcmseg synth, labels import): the files its
     manifest lists as label maps are not segmented as mosaics; named on purpose, one is."""

@@ -82,6 +82,9 @@ def test_load_bundle_gives_an_eval_network_with_the_class_table():
 def test_missing_bundle_and_wrong_weights_are_one_line_input_errors(bundle_copy, tmp_path):
     with pytest.raises(InputError, match="bundle folder not found"):
         load_bundle(tmp_path / "nowhere")
+    (tmp_path / "bundle.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # a bundle as downloaded
+    with pytest.raises(InputError, match="is a file, not a bundle folder; unpack it"):
+        load_bundle(tmp_path / "bundle.zip")
     torch.save(torch.nn.Conv2d(1, 6, 3).state_dict(), bundle_copy / "models" / "model.pt")
     with pytest.raises(InputError, match="weights do not fit network_def") as error:
         load_bundle(bundle_copy)

@@ -69,6 +69,23 @@ def test_a_manifest_saved_by_a_spreadsheet_on_windows_is_read(tmp_path: Path, de
     ]
 
 
+def test_a_manifest_saved_as_excels_plain_csv_on_windows_is_read(tmp_path: Path) -> None:
+    """Excel's plain "CSV" on Western European Windows is Windows-1252, not UTF-8: a lesion or
+    file name with ü, é or ø must still be read as written."""
+    make_case_files(tmp_path, "Müller", (32, 32))
+    rows = [
+        ["mosaic", "labels", "patient", "lesion", "clinic"],
+        ["mosaics\\Müller.tif", "labels\\Müller.png", "P1", "Nævus é", "Køge"],
+    ]
+    text = "\r\n".join(";".join(row) for row in rows) + "\r\n"
+    (tmp_path / "manifest.csv").write_bytes(text.encode("cp1252"))
+    assert read_manifest(tmp_path) == [
+        Case(
+            tmp_path / "mosaics/Müller.tif", tmp_path / "labels/Müller.png", "P1", "Nævus é", "Køge"
+        )
+    ]
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [

@@ -14,7 +14,7 @@ from PIL import Image
 
 from rcmseg.classes import UNLABELLED
 from rcmseg.errors import InputError
-from rcmseg.io.labels import downsample_labels, load_remap_table, read_label_map
+from rcmseg.io.labels import downsample_labels, load_remap_table, read_label_map, read_remap
 from rcmseg.io.mosaics import read_mosaic
 
 
@@ -123,6 +123,11 @@ def test_remap_table_from_json_and_csv(tmp_path: Path) -> None:
         remap = load_remap_table(tmp_path / name)
         assert remap[7] == UNLABELLED and remap[0] == 4
         np.testing.assert_array_equal(read_label_map(tmp_path / "other.png", remap), expected)
+    # Excel's plain "CSV" on Western European Windows: Windows-1252, a class name with an accent.
+    (tmp_path / "ansi.csv").write_bytes(
+        "source;target\r\nNævus junctional;nested\r\n".encode("cp1252")
+    )
+    assert read_remap(tmp_path / "ansi.csv").names == {"nævus junctional": 3}
 
 
 @pytest.mark.parametrize(

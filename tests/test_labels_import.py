@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -342,3 +343,24 @@ def test_qupath_docs_labelled_image_name_is_found(tmp_path, small_labels):
     assert [(r.status, Path(r.annotations).name) for r in results] == [("imported", "m-labels.png")]
     labels = np.asarray(Image.open(tmp_path / "dataset" / "labels" / "m.png"))
     np.testing.assert_array_equal(labels, upsample_labels(small_labels, 4, (80, 120)))
+
+
+def test_a_file_name_that_is_not_utf8_fails_alone_and_the_manifest_stays_utf8(
+    tmp_path, small_labels
+):
+    """A Latin-1 name from an old share (bytes that are not UTF-8) cannot be written into a UTF-8
+    manifest that reads back to the same file: that mosaic fails in one line naming it, the
+    others are imported, and manifest.csv stays valid UTF-8."""
+    mosaics, exports = tmp_path / "mosaics", tmp_path / "export"
+    latin1 = os.fsdecode(b"caf\xe9")
+    for name in ("ok", latin1):
+        write_mosaic(mosaics / f"{name}.tif", (80, 120), seed=3)
+        exports.mkdir(exist_ok=True)
+        palette_png(exports / f"{name}.png", small_labels, dict(enumerate(CLASS_COLOURS)))
+    results = {r.mosaic: r for r in import_labels(mosaics, exports, tmp_path / "dataset")}
+    assert results["ok.tif"].status == "imported"
+    assert results[f"{latin1}.tif"].status == "failed"
+    assert "file name is not UTF-8" in results[f"{latin1}.tif"].error
+    manifest = (tmp_path / "dataset" / "manifest.csv").read_bytes().decode("utf-8")
+    assert "ok.tif" in manifest and "caf" not in manifest
+    assert b"caf\xe9" in (tmp_path / "dataset" / "import_summary.csv").read_bytes()

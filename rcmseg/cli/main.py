@@ -6,7 +6,9 @@ Heavy imports (torch, monai) happen inside the commands so that ``--help`` stays
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 from typing import Annotated
 
 import typer
@@ -51,6 +53,10 @@ def main(
     ] = False,
 ) -> None:
     """Options before the command (``--version``); the app's help is ``app``'s."""
+    # A file name that is not UTF-8 (held as lone surrogates) must print, not end the run.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
 
 
 for module in (synth, train, batch, evaluate, cv, study, label, labels):

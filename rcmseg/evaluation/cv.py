@@ -30,7 +30,7 @@ from rcmseg.errors import InputError
 from rcmseg.evaluation import report
 from rcmseg.evaluation.evaluate import Evaluation, evaluate_cases, read_finished_evaluation
 from rcmseg.inference import resolve_device
-from rcmseg.io.atomic import write_text_atomic
+from rcmseg.io.atomic import write_csv_atomic, write_text_atomic
 from rcmseg.io.dataset import case_id, read_manifest
 from rcmseg.splits import (
     SCENARIOS,
@@ -314,7 +314,7 @@ def write_cv_report(result: CVResult, title: str, options: dict[str, Any], prese
         for index, t in enumerate(tables)
         for i, name in enumerate(report.ROWS)
     ]
-    report.write_csv(out / "per_fold.csv", ["fold", "class", *report.METRICS], rows)
+    write_csv_atomic(out / "per_fold.csv", ["fold", "class", *report.METRICS], rows)
     header = ["", "sensitivity", "specificity", "Dice"]
     spread = "mean ± standard deviation over folds" if len(tables) > 1 else "single split"
     settings = ", ".join(f"{k}={v}" for k, v in options.items() if k != "progress")

@@ -23,7 +23,7 @@ from rcmseg.classes import CLASS_NAMES, WORKING_MPP
 from rcmseg.errors import InputError
 from rcmseg.evaluation import report
 from rcmseg.inference import Preset, SegmentationEngine
-from rcmseg.io.atomic import write_text_atomic
+from rcmseg.io.atomic import write_csv_atomic, write_text_atomic
 from rcmseg.io.dataset import Case, case_id, load_case, read_manifest
 from rcmseg.io.overlay import overlay_panels, save_png
 from rcmseg.metrics import confusion_matrix, one_vs_rest
@@ -281,7 +281,7 @@ def write_evaluation(
     pooled = evaluation.pooled()
     means, stds = mosaic_spread(evaluation)
     report.write_metric_csv(out_dir / "metrics_pooled.csv", pooled)
-    report.write_csv(out_dir / "metrics_per_mosaic.csv", *_per_mosaic_rows(evaluation))
+    write_csv_atomic(out_dir / "metrics_per_mosaic.csv", *_per_mosaic_rows(evaluation))
     report.write_confusion_csv(out_dir / "confusion_matrix.csv", evaluation.pooled_confusion)
     save_png(
         report.confusion_heatmap(evaluation.pooled_confusion), out_dir / "confusion_matrix.png"

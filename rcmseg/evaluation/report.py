@@ -4,7 +4,6 @@ confusion-matrix heatmap and example overlays (PNG through PIL).
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from rcmseg.classes import CLASS_NAMES
+from rcmseg.io.atomic import write_csv_atomic
 
 METRICS = ("sensitivity", "specificity", "dice")
 ROWS = (*CLASS_NAMES, "mean")  # table rows: one per class, then the mean over classes
@@ -50,14 +50,6 @@ def metric_rows(
     ]
 
 
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def csv_number(value: float) -> str:
     """A metric for CSV: 4 decimals, empty for NaN (spreadsheets read that as missing)."""
     return "" if not np.isfinite(value) else f"{value:.4f}"
@@ -74,12 +66,12 @@ def write_metric_csv(
         if stds is not None:
             row += [csv_number(float(stds[m][i])) for m in METRICS]
         rows.append(row)
-    write_csv(path, header, rows)
+    write_csv_atomic(path, header, rows)
 
 
 def write_confusion_csv(path: Path, confusion: np.ndarray) -> None:
     """Rows are the true class, columns the predicted class; counts of labelled pixels."""
-    write_csv(
+    write_csv_atomic(
         path,
         ["truth \\ prediction", *CLASS_NAMES],
         [[name, *map(int, confusion[i])] for i, name in enumerate(CLASS_NAMES)],

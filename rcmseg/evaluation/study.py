@@ -20,6 +20,7 @@ from rcmseg.classes import CLASS_NAMES
 from rcmseg.errors import InputError
 from rcmseg.evaluation import report
 from rcmseg.evaluation.cv import CVResult, SplitSettings, prepare_folds, run_cv
+from rcmseg.io.atomic import write_csv_atomic
 from rcmseg.losses import LOSS_NAMES
 from rcmseg.networks import NETWORK_NAMES, count_parameters, get_network
 from rcmseg.training import TrainConfig, check_patch_size
@@ -176,7 +177,7 @@ def write_comparison(
 ) -> None:
     header, md_rows, csv_rows = comparison_rows(variants, results)
     csv_header = header[:2] + [f"{h}{suffix}" for h in header[2:] for suffix in ("", " sd")]
-    report.write_csv(out / "comparison.csv", csv_header, csv_rows)
+    write_csv_atomic(out / "comparison.csv", csv_header, csv_rows)
     best = max(
         variants, key=lambda v: np.nan_to_num(results[v.name].summary()[0]["dice"][-1], nan=-1.0)
     )

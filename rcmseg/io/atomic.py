@@ -10,12 +10,15 @@ looking one.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 PARTIAL_MARKER = ".partial-"
+TEXT_ERRORS = "surrogateescape"  # how rcmseg's text files hold file names that are not UTF-8
 
 
 def partial_name(path: Path) -> Path:
@@ -54,10 +57,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
+    """Write UTF-8 ``text`` to ``path`` atomically.
+
+    A file name that is not UTF-8 (a Latin-1 name from an old share: Python holds its bytes as
+    lone surrogates) is written as the bytes the file system holds, and read back by the same
+    rule (:data:`TEXT_ERRORS`), so the name still opens the file.
+    """
     with atomic_path(path) as partial:
-        partial.write_text(text, encoding="utf-8")
+        partial.write_text(text, encoding="utf-8", errors=TEXT_ERRORS, newline="")
     return Path(path)
+
+
+def write_csv_atomic(
+    path: str | Path, header: Sequence[str], rows: Iterable[Sequence[object]]
+) -> Path:
+    """Write a CSV table (``header`` then ``rows``; CRLF, as the csv module and spreadsheets
+    write it) to ``path`` atomically, by :func:`write_text_atomic`'s rules."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text_atomic(path, buffer.getvalue())
 
 
 def copy_atomic(source: str | Path, target: str | Path) -> Path:

@@ -26,7 +26,7 @@ import numpy as np
 from rcmseg.classes import UNLABELLED, WORKING_MPP
 from rcmseg.errors import InputError
 from rcmseg.io.atomic import write_text_atomic
-from rcmseg.io.csvfiles import spreadsheet_delimiter
+from rcmseg.io.csvfiles import read_spreadsheet_text, spreadsheet_delimiter
 from rcmseg.io.labels import downsample_labels, read_label_map
 
 __all__ = [
@@ -103,7 +103,7 @@ def read_manifest(root: str | Path) -> list[Case]:
     manifest = manifest_path(root)
     if not manifest.is_file():
         raise InputError(manifest, "data set manifest does not exist")
-    with manifest.open(newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(read_spreadsheet_text(manifest), newline="") as handle:
         delimiter = spreadsheet_delimiter(
             handle.readline(), lambda names: set(MANIFEST_COLUMNS) <= {n.lower() for n in names}
         )

@@ -28,7 +28,7 @@ from rcmseg.classes import (
     remap_labels,
 )
 from rcmseg.errors import InputError
-from rcmseg.io.csvfiles import spreadsheet_delimiter
+from rcmseg.io.csvfiles import read_spreadsheet_text, spreadsheet_delimiter
 from rcmseg.io.mosaics import main_tiff_series
 
 __all__ = [
@@ -241,7 +241,7 @@ class RemapTable:
 def _remap_pairs(path: Path) -> list[tuple[object, object]]:
     """(source, target) pairs of a JSON or CSV remapping table, unparsed."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_spreadsheet_text(path)
     except OSError as error:
         raise InputError(path, f"cannot read remapping table ({error.strerror})") from None
     if path.suffix.lower() == ".json":

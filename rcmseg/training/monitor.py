@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Sequence
@@ -17,6 +16,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from rcmseg.io.atomic import write_csv_atomic, write_text_atomic
 
 LOG_COLUMNS: tuple[str, ...] = (
     "epoch",
@@ -56,14 +57,11 @@ def status_line(loss: float, tv_dice_ratio: float, val_dice: float) -> str:
 
 def write_log(history: Sequence[dict[str, Any]], csv_path: Path) -> None:
     """Write the whole history as ``train_log.csv`` and ``train_log.json`` (rewritten each epoch,
-    so a resumed run's log matches its checkpoint)."""
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=LOG_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
+    atomically, so a resumed or interrupted run's log matches its checkpoint)."""
+    columns = list(LOG_COLUMNS)
+    write_csv_atomic(csv_path, columns, ([row.get(c, "") for c in columns] for row in history))
     rows = [{key: _json_value(value) for key, value in row.items()} for row in history]
-    csv_path.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_text_atomic(csv_path.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
 
 
 def _json_value(value: Any) -> Any:
