@@ -224,6 +224,34 @@ def test_cli_evaluates_with_the_bundle(crafted: Path, tmp_path: Path) -> None:
     ]
 
 
+def test_a_bad_mosaic_is_left_out_in_one_line_and_the_rest_evaluated(
+    crafted: Path, tmp_path: Path
+) -> None:
+    """A mosaic that cannot be read (a copy that broke off) fails alone: one line naming it, the
+    report says it was left out, the others are scored, and the exit status is 1."""
+    root = tmp_path / "broken"
+    shutil.copytree(crafted, root)
+    broken = root / "mosaics" / "a.tif"
+    broken.write_bytes(broken.read_bytes()[:300])
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        app, ["evaluate", str(root), "--out", str(out), "--bundle", str(BUNDLE), "--device", "cpu"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert f"failed {broken}: file is truncated" in " ".join(result.output.split())
+    assert "1 mosaics: mean sensitivity" in result.output
+    saved = json.loads((out / "metrics.json").read_text())
+    assert np.sum(saved["pooled_confusion"]) == 4096  # b alone
+    assert len(saved["failed"]) == 1 and str(broken) in saved["failed"][0]
+    assert "Not evaluated: 1 mosaic(s)" in (out / "report.md").read_text()
+    (root / "mosaics" / "b.tif").write_bytes(b"")  # none left: a one-line error, status 2
+    result = CliRunner().invoke(
+        app, ["evaluate", str(root), "--out", str(out), "--bundle", str(BUNDLE), "--device", "cpu"]
+    )
+    assert result.exit_code == 2 and "no labelled mosaic could be evaluated" in result.output
+
+
 def test_cli_evaluates_with_openvino_as_with_torch(crafted: Path, tmp_path: Path) -> None:
     """`rcmseg evaluate --backend openvino`: the same engine, the same scores as torch."""
     pytest.importorskip("openvino")

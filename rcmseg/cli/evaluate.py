@@ -67,6 +67,9 @@ def evaluate_command(
             f"{format_value(pooled['specificity'][-1])}, Dice "
             f"{format_value(pooled['dice'][-1])} (pooled); report: {out / 'report.md'}"
         )
+    if evaluation.failed:
+        typer.echo(f"{len(evaluation.failed)} mosaic(s) failed and are left out (see above)")
+        raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.markup import escape
 from rich.progress import track
 
 from rcmseg.bundle import LoadedBundle, load_bundle
@@ -76,9 +78,11 @@ class CaseResult:
 
 @dataclass
 class Evaluation:
-    """Per-mosaic results of one evaluation; pooled metrics come from the summed matrices."""
+    """Per-mosaic results of one evaluation; pooled metrics come from the summed matrices.
+    ``failed``: one line per labelled mosaic that could not be evaluated (file and problem)."""
 
     cases: list[CaseResult]
+    failed: list[str] = field(default_factory=list)
 
     @property
     def pooled_confusion(self) -> np.ndarray:
@@ -97,6 +101,7 @@ class Evaluation:
             "rows": list(report.ROWS),
             "pooled_confusion": self.pooled_confusion.tolist(),
             "cases": [c.to_json() for c in self.cases],
+            "failed": self.failed,
         }
 
     @classmethod
@@ -111,7 +116,8 @@ class Evaluation:
                     np.asarray(c["confusion"], dtype=np.int64),
                 )
                 for c in data["cases"]
-            ]
+            ],
+            list(data.get("failed", [])),
         )
 
 
@@ -130,12 +136,18 @@ def evaluate_cases(
     progress: bool = True,
     precision: str = "auto",
     tta: bool = False,
+    keep_going: bool = False,
 ) -> Evaluation:
     """Segment every labelled case and collect confusion matrices; write the report if ``out_dir``.
 
     ``network`` may be a ready :class:`SegmentationEngine` (then ``preset``, ``device``,
     ``precision`` and ``tta`` are its own). The first ``overlays`` cases get an overlay PNG
     (mosaic, ground truth, prediction).
+
+    Raises:
+        InputError: no labelled case; a case that cannot be read or segmented, unless
+            ``keep_going``: then it is printed, listed in ``failed`` and the report, and the rest
+            are evaluated (an error only if none is left).
     """
     labelled = [c for c in cases if c.labels is not None]
     if not labelled:
@@ -149,14 +161,21 @@ def evaluate_cases(
         if isinstance(network, SegmentationEngine)
         else SegmentationEngine(network, preset, device, precision=precision, tta=tta)
     )
-    results = []
+    results, failed = [], []
     steps = track(labelled, description="evaluating", transient=True) if progress else labelled
-    for index, case in enumerate(steps):
-        image, labels = load_case(case, target_mpp=target_mpp, remap=remap)
+    for case in steps:
         try:
-            prediction = engine.labels(image)
-        except InputError as error:  # e.g. a mosaic below the inference minimum size
-            raise InputError(case.mosaic, error.problem) from None
+            image, labels = load_case(case, target_mpp=target_mpp, remap=remap)
+            try:
+                prediction = engine.labels(image)
+            except InputError as error:  # e.g. a mosaic below the inference minimum size
+                raise InputError(case.mosaic, error.problem) from None
+        except InputError as error:
+            if not keep_going:
+                raise
+            failed.append(str(error))
+            Console(stderr=True).print(f"[red]failed[/red] {escape(str(error))}", soft_wrap=True)
+            continue
         name = case_id(case, root)
         results.append(
             CaseResult(
@@ -167,12 +186,14 @@ def evaluate_cases(
                 confusion_matrix(prediction, labels, num_classes=len(CLASS_NAMES)),
             )
         )
-        if out_dir is not None and index < overlays:
+        if out_dir is not None and len(results) <= overlays:
             save_png(
                 overlay_panels(image, labels, prediction),
                 Path(out_dir) / "overlays" / overlay_name(name),
             )
-    evaluation = Evaluation(results)
+    if not results:
+        raise InputError(root, f"no labelled mosaic could be evaluated ({len(failed)} failed)")
+    evaluation = Evaluation(results, failed)
     if out_dir is not None:
         write_evaluation(Path(out_dir), evaluation, title=title, notes=notes)
     return evaluation
@@ -238,6 +259,7 @@ def evaluate_loaded(
         title="Evaluation",
         notes=notes,
         progress=progress,
+        keep_going=True,
     )
 
 
@@ -273,6 +295,13 @@ def mosaic_spread(evaluation: Evaluation) -> tuple[dict[str, np.ndarray], dict[s
     return means, stds
 
 
+def _not_evaluated_lines(failed: Sequence[str]) -> list[str]:
+    if not failed:
+        return []
+    lines = [f"**Not evaluated: {len(failed)} mosaic(s)** (the metrics leave them out):", ""]
+    return lines + [f"- {message}" for message in failed] + [""]
+
+
 def write_evaluation(
     out_dir: Path, evaluation: Evaluation, title: str = "Evaluation", notes: Sequence[str] = ()
 ) -> None:
@@ -298,6 +327,7 @@ def write_evaluation(
         "resolution. Metrics are one-vs-rest per class on labelled pixels only; "
         "unlabelled pixels are predicted but not scored.",
         "",
+        *_not_evaluated_lines(evaluation.failed),
         "## Pooled over all mosaics",
         "",
         report.markdown_table(header, report.metric_rows(pooled)),
