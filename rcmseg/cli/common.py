@@ -4,7 +4,7 @@ how the network runs (the same on every command that segments)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -28,14 +28,15 @@ def user_errors() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def exit_on_interrupt(kept: str | None) -> Iterator[None]:
+def exit_on_interrupt(kept: str | Callable[[], str] | None) -> Iterator[None]:
     """Ctrl-C: exit status 130 without a traceback, after one line saying what is ``kept`` and
-    how to go on (None: the command said it already)."""
+    how to go on (a callable: asked then; None: the command said it already)."""
     try:
         yield
     except KeyboardInterrupt:
         if kept:
-            console.print(f"[yellow]interrupted:[/] {kept}", highlight=False, soft_wrap=True)
+            line = kept() if callable(kept) else kept
+            console.print(f"[yellow]interrupted:[/] {line}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
 
 

@@ -39,6 +39,14 @@ def _summary(result: Any) -> str:
     )
 
 
+def _kept_checkpoint(checkpoints: Path) -> str:
+    """What an interrupted training keeps, and how to go on."""
+    last = checkpoints / "last.pt"
+    if not last.is_file():
+        return "no epoch had finished; nothing to resume"
+    return f"the last finished epoch is kept in {last}; run the same command with --resume to go on"
+
+
 @train_app.command("model")
 def train_model_command(
     data: Annotated[Path, typer.Argument(help="Dataset folder with manifest.csv (rcmseg layout).")],
@@ -172,8 +180,7 @@ def train_model_command(
             progress=progress,
             label_remap=table,
         )
-        kept = f"the last finished epoch is kept in {out / 'checkpoints' / 'last.pt'}; "
-        with exit_on_interrupt(kept + "run the same command with --resume to go on"):
+        with exit_on_interrupt(lambda: _kept_checkpoint(out / "checkpoints")):
             result = train(config)
         typer.echo(_summary(result))
 
@@ -219,8 +226,7 @@ def train_bundle_command(
             "num_workers": workers,
         }
         bundle = bundle or default_bundle_dir()
-        kept = f"the last finished epoch is kept in {bundle / 'runs' / 'train' / 'checkpoints'}"
-        with exit_on_interrupt(kept + "; run the same command with --resume to go on"):
+        with exit_on_interrupt(lambda: _kept_checkpoint(bundle / "runs" / "train" / "checkpoints")):
             result = train_bundle(
                 bundle,
                 data,
