@@ -49,7 +49,7 @@ from rcmseg.classes import (
     UNLABELLED_COLOUR,
 )
 from rcmseg.errors import InputError
-from rcmseg.io.atomic import atomic_path, write_text_atomic
+from rcmseg.io.atomic import atomic_path, is_utf8_name, write_text_atomic
 from rcmseg.io.csvfiles import read_spreadsheet_text
 from rcmseg.io.dataset import MANIFEST_NAME, Case, read_manifest, write_manifest
 from rcmseg.io.geojson import AnnotationSet, RasterCounts, class_table, rasterise, read_annotations
@@ -395,20 +395,12 @@ def value_counts(labels: np.ndarray, rows: int = 512) -> np.ndarray:
     return counts
 
 
-def _utf8_name(path: Path) -> bool:
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:  # bytes that are not UTF-8, held as lone surrogates
-        return False
-    return True
-
-
 def _import_one(
     mosaic: Path, relative: str, annotation: Path, target: Path, remap: RemapTable, colours: str
 ) -> MosaicImport:
     result = MosaicImport(relative, annotations=str(annotation))
     for path in (mosaic, annotation):
-        if not _utf8_name(path):  # a manifest in UTF-8 could not name it
+        if not is_utf8_name(path):  # a manifest in UTF-8 could not name it
             raise InputError(path, "file name is not UTF-8 (a Latin-1 name?); rename it")
     info = probe_mosaic(mosaic)
     labels = _label_map_of(annotation, (info.height_px, info.width_px), remap, colours, result)

@@ -56,6 +56,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def is_utf8_name(path: str | Path) -> bool:
+    """Whether a path's name is UTF-8 text: one that is not (its bytes held as lone surrogates)
+    cannot be named in a UTF-8 manifest or a JSON reply."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically.
 

@@ -29,6 +29,7 @@ import rcmseg
 from rcmseg.batch.jobs import OUTPUT_IMAGE_ENDINGS
 from rcmseg.classes import CLASS_NAMES
 from rcmseg.errors import InputError
+from rcmseg.io.atomic import is_utf8_name
 from rcmseg.io.mosaics import MOSAIC_SUFFIXES
 from rcmseg.label_app.asap import ASAP_SUFFIX
 from rcmseg.label_app.configs import MEDNetTaskConfig
@@ -70,6 +71,10 @@ class MosaicDatastore(LocalDatastore):
 
     def _list_files(self, path: str, patterns: list[str]) -> dict[str, str]:
         files = super()._list_files(path, patterns)
+        for name in [name for name in files if not is_utf8_name(name)]:
+            # MONAI Label's JSON replies cannot carry it: one log line, not a failing server.
+            logger.warning("left out %r: file name is not UTF-8; rename it to annotate it", name)
+            del files[name]
         return {
             name: file
             for name, file in files.items()

@@ -101,6 +101,23 @@ def test_datastore_lists_the_mosaics_not_what_rcmseg_batch_wrote_beside_them(tmp
     assert sorted(store.list_images()) == ["a", "b"]
 
 
+def test_datastore_leaves_out_a_file_name_that_is_not_utf8_and_says_so(tmp_path, caplog):
+    """A Latin-1 name (bytes that are not UTF-8) cannot travel in MONAI Label's JSON replies
+    (every /datastore request would fail): it is left out with one warning; the rest is served."""
+    import json
+    import os
+
+    from rcmseg.label_app.main import MosaicDatastore
+
+    for name in ("a.tif", os.fsdecode(b"caf\xe9.tif")):
+        (tmp_path / name).write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        store = MosaicDatastore(str(tmp_path), extensions=datastore_patterns())
+    assert store.list_images() == ["a"]
+    json.dumps(store.json(), ensure_ascii=False).encode("utf-8")  # what a reply sends
+    assert "file name is not UTF-8" in caplog.text
+
+
 class WindowPositionNet(torch.nn.Module):
     """A small conv net plus a fixed random offset per position inside the 64 px window: its
     labels depend on which windows cover a pixel and where, so a wrong context span shows."""
