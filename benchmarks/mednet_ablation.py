@@ -356,6 +356,13 @@ CROP256_RUNS: dict[str, tuple[str, dict[str, int]]] = {
     # ... and at 5x, where the 3x curves still rose over their last third (twenty-first session)
     "dynunet_ds_crop256_5x": ("dynunet_ds", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
     "dynunet_crop256_5x": ("dynunet", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
+    # "MED-Net 3 >= MED-Net 1 at that budget": the paper-faithful MED-Net and MED-Net 1 level at
+    # the final comparison's budget (twenty-eighth session)
+    "mednet_paper_crop256_5x": (
+        "deep_detached_sigmoid",
+        {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS},
+    ),
+    "mednet1_crop256_5x": ("mednet1", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
 }
 
 
