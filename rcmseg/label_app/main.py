@@ -71,14 +71,15 @@ class MosaicDatastore(LocalDatastore):
 
     def _list_files(self, path: str, patterns: list[str]) -> dict[str, str]:
         files = super()._list_files(path, patterns)
-        for name in [name for name in files if not is_utf8_name(name)]:
-            # MONAI Label's JSON replies cannot carry it: one log line, not a failing server.
-            logger.warning("left out %r: file name is not UTF-8; rename it to annotate it", name)
-            del files[name]
+        for name in files:
+            if not is_utf8_name(name):  # MONAI Label's JSON replies cannot carry it
+                logger.warning(
+                    "left out %r: file name is not UTF-8; rename it to annotate it", name
+                )
         return {
             name: file
             for name, file in files.items()
-            if not name.lower().endswith(OUTPUT_IMAGE_ENDINGS)
+            if is_utf8_name(name) and not name.lower().endswith(OUTPUT_IMAGE_ENDINGS)
         }
 
 

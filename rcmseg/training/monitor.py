@@ -58,8 +58,8 @@ def status_line(loss: float, tv_dice_ratio: float, val_dice: float) -> str:
 def write_log(history: Sequence[dict[str, Any]], csv_path: Path) -> None:
     """Write the whole history as ``train_log.csv`` and ``train_log.json`` (rewritten each epoch,
     atomically, so a resumed or interrupted run's log matches its checkpoint)."""
-    columns = list(LOG_COLUMNS)
-    write_csv_atomic(csv_path, columns, ([row.get(c, "") for c in columns] for row in history))
+    rows_out = ([row.get(column, "") for column in LOG_COLUMNS] for row in history)
+    write_csv_atomic(csv_path, LOG_COLUMNS, rows_out)
     rows = [{key: _json_value(value) for key, value in row.items()} for row in history]
     write_text_atomic(csv_path.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
 
