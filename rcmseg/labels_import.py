@@ -23,11 +23,11 @@ Labelled-image rules:
   image pixel (row // n, col // n) (nearest neighbour); mosaic pixels past the image's last
   block are unlabelled.
 
-Outputs: ``DATASET/labels/<relative stem>.png`` (uint8, 255 = unlabelled, full resolution),
-``DATASET/manifest.csv`` (rows of other mosaics kept, rows of imported mosaics replaced; paths
-relative to DATASET when inside it, else absolute; patient/lesion/clinic from a ``manifest.csv``
-under or next to MOSAICS, else the mosaic's stem) and ``DATASET/import_summary.csv`` (this run's
-mosaics). Every file is written atomically.
+Outputs: ``DATASET/labels/<relative stem>.png`` (stems as ``distinct_stems`` makes them; uint8,
+255 = unlabelled, full resolution), ``DATASET/manifest.csv`` (rows of other mosaics kept, rows
+of imported mosaics replaced; paths relative to DATASET when inside it, else absolute;
+patient/lesion/clinic from a ``manifest.csv`` under or next to MOSAICS, else the mosaic's
+stem) and ``DATASET/import_summary.csv`` (this run's mosaics). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from rcmseg.io.geojson import AnnotationSet, RasterCounts, class_table, rasteris
 from rcmseg.io.labels import RemapTable, read_label_map
 from rcmseg.io.mosaics import (
     MOSAIC_SUFFIXES,
+    distinct_stems,
     find_mosaics,
     main_tiff_series,
     mosaic_suffix,
@@ -421,15 +422,6 @@ def _relative_names(source: Path, mosaics: list[Path]) -> list[str]:
     return [path.relative_to(root).as_posix() for path in mosaics]
 
 
-def _target(dataset: Path, relative: str, relatives: list[str]) -> Path:
-    """``DATASET/labels/<relative stem>.png``; the suffix joins the stem when two stems clash."""
-    suffix = mosaic_suffix(relative)
-    stem = relative[: -len(suffix)]
-    if sum(r[: -len(mosaic_suffix(r))] == stem for r in relatives) > 1:
-        stem += suffix.replace(".", "_")
-    return dataset / LABELS_FOLDER / f"{stem}.png"
-
-
 def _summary_text(results: list[MosaicImport]) -> str:
     buffer = io.StringIO()
     columns = list(MosaicImport("").row())
@@ -495,12 +487,12 @@ def import_labels(
     known = _known_cases(source, dataset)
     relatives = _relative_names(source, found)
     results = []
-    for mosaic, relative in zip(found, relatives, strict=True):
+    for mosaic, relative, stem in zip(found, relatives, distinct_stems(relatives), strict=True):
         annotation = find_annotations(folder, relative, fmt, mosaic=mosaic)
         if annotation is None:
             results.append(MosaicImport(relative))
             continue
-        target = _target(dataset, relative, relatives)
+        target = dataset / LABELS_FOLDER / f"{stem}.png"
         try:
             results.append(_import_one(mosaic, relative, annotation, target, remap, colours))
         except InputError as error:

@@ -357,3 +357,17 @@ def test_reads_and_writes_overlap_inference_with_at_most_one_mosaic_ahead(tmp_pa
     # the read of mosaic k+2 starts only once mosaic k is segmented (one mosaic read ahead)
     assert events.index(("inferred", "m0.tif")) < events.index(("read", "m2.tif"))
     assert events.index(("inferred", "m2.tif")) > events.index(("read", "m3.tif"))  # overlap
+
+
+def test_mosaics_that_differ_only_by_ending_get_outputs_of_their_own(tmp_path):
+    """`a.tif`, `a.png` and `a.TIF` in one folder (a case-sensitive file system): three output
+    stems, none overwriting another's; a lone mosaic keeps its plain stem."""
+    from rcmseg.batch import plan_jobs
+
+    for name in ("a.tif", "a.png", "a.TIF", "b.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    jobs = plan_jobs(tmp_path, tmp_path / "out")
+    stems = {job.relative: job.out_stem.name for job in jobs}
+    assert stems == {"a.TIF": "a_TIF", "a.png": "a_png", "a.tif": "a_tif", "b.nii.gz": "b"}
+    lesions = [job.lesion for job in jobs]
+    assert lesions == ["a_TIF", "a_png", "a_tif", "b"]

@@ -16,7 +16,7 @@ from PIL import Image
 from shapely.geometry import shape as to_shape
 from typer.testing import CliRunner
 
-from rcmseg.classes import CLASS_COLOURS, UNLABELLED
+from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES, UNLABELLED
 from rcmseg.cli.main import app
 from rcmseg.errors import InputError
 from rcmseg.io.atomic import PARTIAL_MARKER
@@ -364,3 +364,23 @@ def test_a_file_name_that_is_not_utf8_fails_alone_and_the_manifest_stays_utf8(
     manifest = (tmp_path / "dataset" / "manifest.csv").read_bytes().decode("utf-8")
     assert "ok.tif" in manifest and "caf" not in manifest
     assert b"caf\xe9" in (tmp_path / "dataset" / "import_summary.csv").read_bytes()
+
+
+def test_mosaics_that_differ_only_by_ending_get_label_maps_of_their_own(tmp_path):
+    """`a.tif` and `a.TIF` beside each other (a case-sensitive file system), each with its own
+    QuPath export named after the image: two label maps, neither overwriting the other."""
+    for name, seed in (("a.tif", 1), ("a.TIF", 2)):
+        write_mosaic(tmp_path / "mosaics" / name, (32, 32), seed=seed)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    square = [[0, 0], [16, 0], [16, 16], [0, 16], [0, 0]]
+    for name, pattern in (("a.tif", "meshwork"), ("a.TIF", "ring")):
+        feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]}}
+        feature["properties"] = {"classification": pattern}
+        (exports / f"{name}.geojson").write_text(json.dumps(feature))
+    import_labels(tmp_path / "mosaics", exports, tmp_path / "d")
+    rows = {row["mosaic"]: row["labels"] for row in read_csv(tmp_path / "d" / "manifest.csv")}
+    assert sorted(rows.values()) == ["labels/a_TIF.png", "labels/a_tif.png"]
+    for name, pattern in (("a.tif", "meshwork"), ("a.TIF", "ring")):
+        labels = np.asarray(Image.open(tmp_path / "d" / rows[str(tmp_path / "mosaics" / name)]))
+        assert labels[0, 0] == CLASS_NAMES.index(pattern), name

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rcmseg.errors import InputError
 from rcmseg.io.dataset import MANIFEST_NAME, Case, read_manifest
-from rcmseg.io.mosaics import MOSAIC_SUFFIXES, find_mosaics, is_mosaic_file, mosaic_suffix
+from rcmseg.io.mosaics import MOSAIC_SUFFIXES, distinct_stems, find_mosaics, is_mosaic_file
 
 LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON, SUMMARY = (
     "labels.tif",
@@ -64,8 +64,7 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
 
     The lesion id comes from a manifest when one lists the mosaic, else the file name. Files a
     manifest lists as label maps are not mosaics (``rcmseg batch DATA`` on a data set folder
-    segments its mosaics, not its ``labels/``). Two mosaics that differ only by suffix
-    (``a.tif``, ``a.png``) keep the suffix in their stems.
+    segments its mosaics, not its ``labels/``). Stems are :func:`distinct_stems`.
 
     Raises:
         InputError: ``source`` does not exist or is a file of another type.
@@ -84,20 +83,16 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
     if source.is_dir():  # a file named on purpose is segmented whatever a manifest says
         label_maps = {case.labels.resolve() for case in cases if case.labels is not None}
         mosaics = [path for path in mosaics if path.resolve() not in label_maps]
-    stems = [path.relative_to(root).as_posix()[: -len(mosaic_suffix(path))] for path in mosaics]
-    jobs = []
-    for path, stem in zip(mosaics, stems, strict=True):
-        if stems.count(stem) > 1:
-            stem = stem + mosaic_suffix(path).replace(".", "_")
-        jobs.append(
-            MosaicJob(
-                path=path,
-                relative=path.relative_to(root).as_posix(),
-                out_stem=out_dir / stem,
-                lesion=lesions.get(path.resolve(), Path(stem).name),
-            )
+    relatives = [path.relative_to(root).as_posix() for path in mosaics]
+    return [
+        MosaicJob(
+            path=path,
+            relative=relative,
+            out_stem=out_dir / stem,
+            lesion=lesions.get(path.resolve(), Path(stem).name),
         )
-    return jobs
+        for path, relative, stem in zip(mosaics, relatives, distinct_stems(relatives), strict=True)
+    ]
 
 
 def parts_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:

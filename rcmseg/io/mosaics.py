@@ -115,6 +115,20 @@ def mosaic_suffix(path: str | Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
+def distinct_stems(relatives: list[str]) -> list[str]:
+    """Output stems for mosaic paths (``sub/a.tif`` → ``sub/a``), one per path, in order.
+
+    Two mosaics that differ only by ending (``a.tif``, ``a.png``, and on a case-sensitive file
+    system ``a.TIF``) keep it, as written, in their stems (``a_tif``, ``a_png``, ``a_TIF``), so
+    that neither's outputs overwrite the other's.
+    """
+    stems = [relative[: -len(mosaic_suffix(relative))] for relative in relatives]
+    return [
+        stem + relative[len(stem) :].replace(".", "_") if stems.count(stem) > 1 else stem
+        for relative, stem in zip(relatives, stems, strict=True)
+    ]
+
+
 def is_mosaic_file(path: Path) -> bool:
     """A visible file whose ending is one of :data:`MOSAIC_SUFFIXES`, or a broken link with such
     a name (a mosaic on an unmounted drive: it must fail in the report, not go unnoticed)."""

@@ -67,20 +67,36 @@ def opens_in_openslide(path: str) -> bool:
 
 class MosaicDatastore(LocalDatastore):
     """MONAI Label's local datastore, less the images ``rcmseg batch`` writes: in a studies
-    folder that is also a batch's ``--out``, only the mosaics are images to annotate."""
+    folder that is also a batch's ``--out``, only the mosaics are images to annotate.
+
+    Files MONAI Label cannot serve are left out with one warning each: names that are not UTF-8,
+    and a second file with the same name but another ending (``a.png`` beside ``a.tif``: the
+    first in sorted order is kept).
+    """
 
     def _list_files(self, path: str, patterns: list[str]) -> dict[str, str]:
         files = super()._list_files(path, patterns)
-        for name in files:
+        kept: dict[str, str] = {}
+        name_by_id: dict[str, str] = {}
+        for name in sorted(files):
+            if name.lower().endswith(OUTPUT_IMAGE_ENDINGS):
+                continue
+            image_id = self._to_id(name)[0]
             if not is_utf8_name(name):  # MONAI Label's JSON replies cannot carry it
                 logger.warning(
                     "left out %r: file name is not UTF-8; rename it to annotate it", name
                 )
-        return {
-            name: file
-            for name, file in files.items()
-            if is_utf8_name(name) and not name.lower().endswith(OUTPUT_IMAGE_ENDINGS)
-        }
+            elif image_id in name_by_id:  # MONAI Label keys images by it: one would vanish
+                logger.warning(
+                    "left out %r: %r has the same name without its ending; rename one to annotate"
+                    " both",
+                    name,
+                    name_by_id[image_id],
+                )
+            else:
+                name_by_id[image_id] = name
+                kept[name] = files[name]
+        return kept
 
 
 class RCMSegApp(MONAILabelApp):

@@ -118,6 +118,22 @@ def test_datastore_leaves_out_a_file_name_that_is_not_utf8_and_says_so(tmp_path,
     assert "file name is not UTF-8" in caplog.text
 
 
+def test_datastore_keeps_one_of_two_mosaics_named_alike_and_says_which_it_left_out(
+    tmp_path, caplog
+):
+    """`a.tif` and `a.png` in one studies folder: MONAI Label names both `a`, so one would vanish
+    without a word. The first in sorted order is served, the other is named in a warning."""
+    from rcmseg.label_app.main import MosaicDatastore
+
+    for name in ("a.tif", "a.png", "b.tif"):
+        (tmp_path / name).write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        store = MosaicDatastore(str(tmp_path), extensions=datastore_patterns())
+    assert sorted(store.list_images()) == ["a", "b"]
+    assert store.get_image_uri("a") == str(tmp_path / "a.png")
+    assert "left out 'a.tif': 'a.png' has the same name without its ending" in caplog.text
+
+
 class WindowPositionNet(torch.nn.Module):
     """A small conv net plus a fixed random offset per position inside the 64 px window: its
     labels depend on which windows cover a pixel and where, so a wrong context span shows."""
