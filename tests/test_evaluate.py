@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from rcmseg.classes import INTENSITY_MAX, UNLABELLED
 from rcmseg.cli.main import app
-from rcmseg.evaluation.evaluate import evaluate_cases
+from rcmseg.evaluation.evaluate import Evaluation, evaluate_cases
 from rcmseg.io.dataset import Case, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,6 +171,26 @@ def test_report_files(crafted: Path, tmp_path: Path) -> None:
     assert "![mosaics__a](overlays/mosaics__a.png)" in text
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["pooled_confusion"][4][5] == 2048
+
+
+def test_the_report_shows_this_runs_overlays_not_an_earlier_runs(
+    crafted: Path, tmp_path: Path
+) -> None:
+    """Evaluating again into the same folder (another model, another data set): the examples in
+    report.md are the overlays this run wrote, not what an earlier run left in overlays/."""
+    out = tmp_path / "eval"
+    (out / "overlays").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(out / "overlays" / "old_lesion.png")
+    evaluation = evaluate_cases(
+        IntensityBands(), read_manifest(crafted), crafted, out, overlays=1, progress=False
+    )
+    text = (out / "report.md").read_text()
+    assert "![mosaics__a](overlays/mosaics__a.png)" in text and "old_lesion" not in text
+    assert (
+        Evaluation.from_json(json.loads((out / "metrics.json").read_text())).overlays
+        == ["mosaics__a.png"]
+        == evaluation.overlays
+    )
 
 
 def test_unlabelled_dataset_is_a_one_line_error(crafted: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from rcmseg.evaluation import report
 from rcmseg.inference import Preset, SegmentationEngine
 from rcmseg.io.atomic import write_csv_atomic, write_text_atomic
 from rcmseg.io.dataset import Case, case_id, load_case, read_manifest
+from rcmseg.io.mosaics import distinct_stems
 from rcmseg.io.overlay import overlay_panels, save_png
 from rcmseg.metrics import confusion_matrix, one_vs_rest
 
@@ -79,10 +80,12 @@ class CaseResult:
 @dataclass
 class Evaluation:
     """Per-mosaic results of one evaluation; pooled metrics come from the summed matrices.
-    ``failed``: one line per labelled mosaic that could not be evaluated (file and problem)."""
+    ``failed``: one line per labelled mosaic that could not be evaluated (file and problem);
+    ``overlays``: the overlay PNGs this evaluation wrote (names inside ``OUT/overlays/``)."""
 
     cases: list[CaseResult]
     failed: list[str] = field(default_factory=list)
+    overlays: list[str] = field(default_factory=list)
 
     @property
     def pooled_confusion(self) -> np.ndarray:
@@ -102,6 +105,7 @@ class Evaluation:
             "pooled_confusion": self.pooled_confusion.tolist(),
             "cases": [c.to_json() for c in self.cases],
             "failed": self.failed,
+            "overlays": self.overlays,
         }
 
     @classmethod
@@ -118,6 +122,7 @@ class Evaluation:
                 for c in data["cases"]
             ],
             list(data.get("failed", [])),
+            list(data.get("overlays", [])),
         )
 
 
@@ -161,9 +166,13 @@ def evaluate_cases(
         if isinstance(network, SegmentationEngine)
         else SegmentationEngine(network, preset, device, precision=precision, tta=tta)
     )
-    results, failed = [], []
-    steps = track(labelled, description="evaluating", transient=True) if progress else labelled
-    for case in steps:
+    results, failed, written = [], [], []
+    ids = [case_id(case, root) for case in labelled]
+    overlay_files = [stem.replace("/", "__") + ".png" for stem in distinct_stems(ids)]
+    steps = list(zip(labelled, ids, overlay_files, strict=True))
+    for case, name, overlay_file in (
+        track(steps, description="evaluating", transient=True) if progress else steps
+    ):
         try:
             image, labels = load_case(case, target_mpp=target_mpp, remap=remap)
             try:
@@ -176,7 +185,6 @@ def evaluate_cases(
             failed.append(str(error))
             Console(stderr=True).print(f"[red]failed[/red] {escape(str(error))}", soft_wrap=True)
             continue
-        name = case_id(case, root)
         results.append(
             CaseResult(
                 name,
@@ -189,18 +197,15 @@ def evaluate_cases(
         if out_dir is not None and len(results) <= overlays:
             save_png(
                 overlay_panels(image, labels, prediction),
-                Path(out_dir) / "overlays" / overlay_name(name),
+                Path(out_dir) / "overlays" / overlay_file,
             )
+            written.append(overlay_file)
     if not results:
         raise InputError(root, f"no labelled mosaic could be evaluated ({len(failed)} failed)")
-    evaluation = Evaluation(results, failed)
+    evaluation = Evaluation(results, failed, written)
     if out_dir is not None:
         write_evaluation(Path(out_dir), evaluation, title=title, notes=notes)
     return evaluation
-
-
-def overlay_name(name: str) -> str:
-    return name.replace("/", "__").rsplit(".", 1)[0] + ".png"
 
 
 def evaluate_bundle(
@@ -354,12 +359,9 @@ def write_evaluation(
         "Counts in `confusion_matrix.csv` (rows truth, columns prediction).",
         "",
     ]
-    overlays = (
-        sorted((out_dir / "overlays").glob("*.png")) if (out_dir / "overlays").is_dir() else []
-    )
-    if overlays:
+    if evaluation.overlays:  # this run's, not what an earlier run left in the folder
         lines += ["## Examples", "", "Mosaic, ground truth (unlabelled grey) and prediction.", ""]
-        lines += [f"![{p.stem}](overlays/{p.name})" for p in overlays]
+        lines += [f"![{Path(p).stem}](overlays/{p})" for p in evaluation.overlays]
     write_text_atomic(out_dir / "report.md", "\n".join(lines) + "\n")
     # Written last: a complete metrics.json marks the evaluation finished (rcmseg cv resumes on it).
     write_text_atomic(out_dir / METRICS_FILE, json.dumps(evaluation.to_json(), indent=1) + "\n")
