@@ -363,6 +363,14 @@ CROP256_RUNS: dict[str, tuple[str, dict[str, int]]] = {
         {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS},
     ),
     "mednet1_crop256_5x": ("mednet1", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
+    # ... and the other baselines and the skip variant at that budget: is DynUNet still the best
+    # baseline where the curves are flat? (twenty-ninth session)
+    "unet_crop256_5x": ("unet", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
+    "deeplab_crop256_5x": ("deeplab", {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS}),
+    "mednet_unet_in_crop256_5x": (
+        "unet_levels_noprior_instance",
+        {"patch_size": 256, "max_epochs": 5 * EQUAL_PX_EPOCHS},
+    ),
 }
 
 
