@@ -503,6 +503,7 @@ def test_stacks_and_volumes_are_rejected(tmp_path):
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, np.zeros((3, 8, 8), np.uint8), photometric="minisblack")
     _assert_one_line_error(stack, "stack of images", probe_mosaic)
+    _assert_one_line_error(stack, "save each plane as its own file", probe_mosaic)
     volume = tmp_path / "volume.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.uint8), np.eye(4)), volume)
     _assert_one_line_error(volume, "3-D volume", probe_mosaic)

@@ -384,7 +384,9 @@ def _non_planar_axes(axes: str, shape: tuple[int, ...], path: Path) -> None:
     extra = [(a, n) for a, n in zip(axes, shape, strict=True) if a not in "YXSC" and n > 1]
     if extra or ("C" in axes and shape[axes.index("C")] not in (1, 3, 4)):
         raise InputError(
-            path, f"holds a stack of images (axes {axes}, shape {shape}); expected one 2-D mosaic"
+            path,
+            f"holds a stack of images (axes {axes}, shape {shape}); expected one 2-D mosaic"
+            " (save each plane as its own file, e.g. Fiji's Image > Stacks > Stack to Images)",
         )
 
 
