@@ -35,7 +35,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -455,7 +455,7 @@ def _updated_cases(
         stem = mosaic.name[: -len(mosaic_suffix(mosaic))]
         base = known.get(key, Case(key, None, stem, stem, ""))
         labels = Path(result.labels) if result.labels else None
-        cases[key] = Case(key, labels, base.patient, base.lesion, base.clinic)
+        cases[key] = replace(base, mosaic=key, labels=labels)
     return list(cases.values())
 
 

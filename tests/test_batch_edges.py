@@ -47,6 +47,9 @@ def mosaics(tmp_path_factory) -> Path:
         (["--device", "bogus"], "unknown device 'bogus'"),
         (["--mpp", "0"], "--mpp 0.0: a pixel size must be above 0"),
         (["--mpp", "-1"], "--mpp -1.0: a pixel size must be above 0"),
+        (["--mpp", "inf"], "--mpp inf: a pixel size must be above 0"),
+        (["--num-parts", "0"], "--num-parts 0: at least 1 part is needed"),
+        (["--num-parts", "2", "--part-id", "2"], "--part-id 2: must be in 0..1"),
         (["--preset", "bogus"], "unknown preset 'bogus'; choose one of paper, fast"),
         (["--precision", "fp8"], "unknown precision 'fp8'"),
         (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
@@ -371,3 +374,28 @@ def test_mosaics_that_differ_only_by_ending_get_outputs_of_their_own(tmp_path):
     assert stems == {"a.TIF": "a_TIF", "a.png": "a_png", "a.tif": "a_tif", "b.nii.gz": "b"}
     lesions = [job.lesion for job in jobs]
     assert lesions == ["a_TIF", "a_png", "a_tif", "b"]
+
+
+def test_a_manifests_pixel_size_is_used_recorded_and_checked_by_continue(tmp_path):
+    """`rcmseg batch DATA` on a data set whose manifest gives `mosaic_mpp` for a PNG export (no
+    pixel size in the file): segmented at that size, as training and evaluation read it, recorded
+    as the manifest's; a changed value makes `--continue` redo the mosaic and say why."""
+    data = tmp_path / "data"
+    (data / "mosaics").mkdir(parents=True)
+    Image.fromarray(make_mosaic((600, 640), seed=5)[0]).save(data / "mosaics" / "m.png")
+    manifest = "mosaic,labels,patient,lesion,clinic,mosaic_mpp\nmosaics/m.png,,P1,L1,C,{}\n"
+    (data / "manifest.csv").write_text(manifest.format("1.0"))
+    out = tmp_path / "out"
+    first = rcmseg("batch", str(data), "--out", str(out), "--device", "cpu")
+    assert first.exit_code == 0, first.output
+    assert "carry no pixel size" not in first.output  # the manifest gave it
+    assert tifffile.imread(out / "mosaics" / "m.labels.tif").shape == (300, 320)  # 1 → 2 µm/px
+    with open(out / "mosaics.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert (row["mosaic_mpp"], row["mpp_source"], row["lesion"]) == ("1.0", "manifest", "L1")
+
+    (data / "manifest.csv").write_text(manifest.format("2.0"))
+    again = rcmseg("batch", str(data), "--out", str(out), "--device", "cpu", "--continue")
+    assert again.exit_code == 0, again.output
+    assert "pixel size 1.0 µm/px → 2.0 µm/px (manifest)" in " ".join(again.output.split())
+    assert tifffile.imread(out / "mosaics" / "m.labels.tif").shape == (600, 640)

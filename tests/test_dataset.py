@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 from rcmseg.classes import UNLABELLED
 from rcmseg.errors import InputError
-from rcmseg.io.dataset import Case, load_case, read_manifest, write_manifest
+from rcmseg.io.dataset import Case, load_case, pixel_size_note, read_manifest, write_manifest
 from rcmseg.io.labels import downsample_labels
 from rcmseg.synth import write_mosaic_tiff
 
@@ -94,6 +95,14 @@ def test_a_manifest_saved_as_excels_plain_csv_on_windows_is_read(tmp_path: Path)
         (HEADER + "mosaics/missing.tif,,P1,L1,C1\n", "line 2: mosaic mosaics/missing.tif"),
         (HEADER + "mosaics/a.tif,labels/none.png,P1,L1,C1\n", "line 2: label map labels/none"),
         (HEADER + ",,P1,L1,C1\n", "line 2: the mosaic column is empty"),
+        (
+            "mosaic,labels,patient,lesion,clinic,mosaic_mpp\nmosaics/a.tif,,P1,L1,C1,0.5um\n",
+            "line 2: mosaic_mpp '0.5um' is not a pixel size in µm above 0",
+        ),
+        (
+            "mosaic,labels,patient,lesion,clinic,mosaic_mpp\nmosaics/a.tif,,P1,L1,C1,0\n",
+            "line 2: mosaic_mpp '0' is not a pixel size in µm above 0",
+        ),
     ],
 )
 def test_bad_manifests_give_one_line_errors(tmp_path: Path, content: str, problem: str) -> None:
@@ -148,3 +157,35 @@ def test_label_map_of_another_size_names_the_file_and_both_sizes(tmp_path: Path)
         load_case(case)
     message = str(error.value)
     assert message.startswith(str(case.labels)) and "24x16" in message and "96x64" in message
+
+
+def test_a_manifest_gives_the_pixel_size_of_mosaics_whose_files_carry_none(tmp_path: Path) -> None:
+    """A PNG export at 1 µm/px carries no pixel size: without `mosaic_mpp` it would be read at
+    0.5 µm/px (the scale the network sees halved); with it, at its own size. A pixel size in
+    the file wins over the column; the column round-trips, and is written only when used."""
+    (tmp_path / "mosaics").mkdir()
+    (tmp_path / "labels").mkdir()
+    grey = (np.arange(400 * 480) % 251).astype(np.uint8).reshape(400, 480)
+    Image.fromarray(grey).save(tmp_path / "mosaics" / "png.png")
+    Image.fromarray(np.full((400, 480), 2, np.uint8)).save(tmp_path / "labels" / "png.png")
+    write_mosaic_tiff(tmp_path / "mosaics" / "tif.tif", grey)  # carries 0.5 µm/px
+    (tmp_path / "manifest.csv").write_text(
+        "mosaic;labels;patient;lesion;clinic;Mosaic_MPP\n"  # as a European spreadsheet saves it
+        "mosaics/png.png;labels/png.png;P1;L1;C;1,0\nmosaics/tif.tif;;P2;L2;C;1.0\n"
+    )
+    cases = read_manifest(tmp_path)
+    assert [case.mosaic_mpp for case in cases] == [1.0, 1.0]
+    image, labels = load_case(cases[0])
+    assert image.shape == labels.shape == (200, 240)  # 1 µm/px → 2 µm/px, not (100, 120)
+    assert load_case(cases[1])[0].shape == (100, 120)  # the file's own 0.5 µm/px
+    assert pixel_size_note(cases) is None
+    plain = [replace(case, mosaic_mpp=None) for case in cases]
+    assert load_case(plain[0])[0].shape == (100, 120)
+    note = pixel_size_note(plain)
+    assert note is not None and note.startswith("1 mosaic(s) carry no pixel size (png.png)")
+    assert "mosaic_mpp column" in note
+    write_manifest(tmp_path, cases)
+    assert (tmp_path / "manifest.csv").read_text().splitlines()[0].endswith(",clinic,mosaic_mpp")
+    assert read_manifest(tmp_path) == cases
+    write_manifest(tmp_path, plain)
+    assert (tmp_path / "manifest.csv").read_text().splitlines()[0].endswith(",clinic")

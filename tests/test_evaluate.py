@@ -333,3 +333,27 @@ def test_a_bug_is_not_reported_as_bad_input(crafted: Path) -> None:
 
     with pytest.raises(ValueError, match="a bug in the network"):
         evaluate_cases(Broken(), read_manifest(crafted), crafted, progress=False)
+
+
+def test_mosaics_without_a_pixel_size_get_one_note_until_the_manifest_gives_it(
+    crafted: Path, tmp_path: Path
+) -> None:
+    """A PNG mosaic carries no pixel size: evaluate says once that 0.5 µm/px was assumed and how
+    to give the real one; with a `mosaic_mpp` column the note is gone."""
+    root = tmp_path / "png"
+    shutil.copytree(crafted, root)
+    tif = root / "mosaics" / "b.tif"
+    Image.fromarray(tifffile.imread(tif)).save(root / "mosaics" / "b.png")
+    tif.unlink()
+    manifest = (root / "manifest.csv").read_text().replace("mosaics/b.tif", "mosaics/b.png")
+    (root / "manifest.csv").write_text(manifest)
+    args = ["evaluate", str(root), "--out", str(tmp_path / "o"), "--bundle", str(BUNDLE)]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "note: 1 mosaic(s) carry no pixel size (b.png); 0.5 µm/px assumed" in text
+    lines = manifest.splitlines()
+    rows = [f"{lines[0]},mosaic_mpp", *(f"{line},0.5" for line in lines[1:])]
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0 and "carry no pixel size" not in result.output

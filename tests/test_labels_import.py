@@ -300,6 +300,11 @@ def test_mosaics_inside_the_dataset_get_relative_paths(tmp_path):
             "clinic": "",
         }
     ]
+    # a pixel size the lab added to the manifest by hand survives the next import
+    text = (dataset / "manifest.csv").read_text().splitlines()
+    (dataset / "manifest.csv").write_text(f"{text[0]},mosaic_mpp\n{text[1]},0.8\n")
+    import_labels(dataset / "mosaics", exports, dataset)
+    assert read_csv(dataset / "manifest.csv")[0]["mosaic_mpp"] == "0.8"
 
 
 def test_annotations_kept_beside_the_mosaics(tmp_path, small_labels):

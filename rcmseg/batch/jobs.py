@@ -31,12 +31,14 @@ OUTPUT_IMAGE_ENDINGS = tuple(f".{kind}" for kind in (LABELS, PROBABILITIES, UNCE
 
 @dataclass(frozen=True)
 class MosaicJob:
-    """One mosaic to segment: where it is, where its outputs go, which lesion it belongs to."""
+    """One mosaic to segment: where it is, where its outputs go, which lesion it belongs to;
+    ``declared_mpp``: the µm/px a manifest gives it for a file that carries none."""
 
     path: Path
     relative: str
     out_stem: Path
     lesion: str
+    declared_mpp: float | None = None
 
     def output(self, kind: str) -> Path:
         return self.out_stem.with_name(f"{self.out_stem.name}.{kind}")
@@ -62,7 +64,8 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
     ``out_dir`` may be ``source`` itself, hold it, or lie inside it: the files a batch writes
     are never taken for mosaics, and a folder of outputs inside ``source`` is not searched.
 
-    The lesion id comes from a manifest when one lists the mosaic, else the file name. Files a
+    The lesion id (and a pixel size for a file that carries none, ``mosaic_mpp``) comes from a
+    manifest when one lists the mosaic; else the lesion is the file name. Files a
     manifest lists as label maps are not mosaics (``rcmseg batch DATA`` on a data set folder
     segments its mosaics, not its ``labels/``). Stems are :func:`distinct_stems`.
 
@@ -80,6 +83,7 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
         raise InputError(source, "no such mosaic file or folder")
     cases = manifest_cases(root)
     lesions = {case.mosaic.resolve(): case.lesion for case in cases if case.lesion}
+    declared = {case.mosaic.resolve(): case.mosaic_mpp for case in cases if case.mosaic_mpp}
     if source.is_dir():  # a file named on purpose is segmented whatever a manifest says
         label_maps = {case.labels.resolve() for case in cases if case.labels is not None}
         mosaics = [path for path in mosaics if path.resolve() not in label_maps]
@@ -90,6 +94,7 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
             relative=relative,
             out_stem=out_dir / stem,
             lesion=lesions.get(path.resolve(), Path(stem).name),
+            declared_mpp=declared.get(path.resolve()),
         )
         for path, relative, stem in zip(mosaics, relatives, distinct_stems(relatives), strict=True)
     ]
@@ -102,6 +107,8 @@ def parts_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
 
 def select_part(jobs: list[MosaicJob], num_parts: int, part_id: int) -> list[MosaicJob]:
     """Every ``num_parts``-th job starting at ``part_id``: parts are disjoint and cover all."""
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise InputError(None, f"--part-id must be in 0..{num_parts - 1} and --num-parts ≥ 1")
+    if num_parts < 1:
+        raise InputError(None, f"--num-parts {num_parts}: at least 1 part is needed")
+    if not 0 <= part_id < num_parts:
+        raise InputError(None, f"--part-id {part_id}: must be in 0..{num_parts - 1}")
     return jobs[part_id::num_parts]

@@ -43,8 +43,11 @@ class Provenance:
             found.append(f"bundle version {record.bundle_version or '?'} → {self.bundle_version}")
         if (record.preset, record.engine) != (self.preset, self.engine):
             found.append(f"settings '{record.engine or record.preset}' → '{self.engine}'")
-        if record.mpp_source == "fallback" and record.mosaic_mpp != self.fallback_mpp:
-            found.append(f"--mpp {record.mosaic_mpp} → {self.fallback_mpp}")
+        if record.mpp_source in ("fallback", "manifest"):  # the file carries no pixel size
+            source = "manifest" if job.declared_mpp else "fallback"
+            mpp = job.declared_mpp or self.fallback_mpp
+            if (record.mpp_source, record.mosaic_mpp) != (source, mpp):
+                found.append(f"pixel size {record.mosaic_mpp} µm/px → {mpp} µm/px ({source})")
         return found
 
 

@@ -12,6 +12,7 @@ reports. All options are checked before any mosaic is touched.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -90,7 +91,7 @@ class BatchOptions:
 
     def check(self) -> None:
         """Refuse contradictory or impossible options with one line."""
-        if not self.fallback_mpp > 0:  # also refuses NaN
+        if not 0 < self.fallback_mpp < math.inf:  # also refuses NaN
             raise InputError(None, f"--mpp {self.fallback_mpp}: a pixel size must be above 0 µm")
         if self.resume and self.overwrite:
             raise InputError(None, "--continue and --overwrite exclude each other")
@@ -158,12 +159,14 @@ class Segmenter:
     def read(self, job: MosaicJob) -> LoadedMosaic:
         """Read one mosaic at the working resolution; raise on a bad file."""
         started = time.perf_counter()
-        mpp = self.options.fallback_mpp
+        mpp = job.declared_mpp or self.options.fallback_mpp
         info = probe_mosaic(job.path, fallback_mpp=mpp)  # first: its errors name the problem
         stat = job.path.stat()
         height, width = info.working_shape(self.bundle.working_mpp)
         check_size(width, height, job.path)
         image, info = read_mosaic(job.path, self.bundle.working_mpp, fallback_mpp=mpp)
+        if info.mpp_source == "fallback" and job.declared_mpp:
+            info = replace(info, mpp_source="manifest")
         seconds = time.perf_counter() - started
         return LoadedMosaic(info, image, stat.st_size, stat.st_mtime_ns, seconds)
 

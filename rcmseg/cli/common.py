@@ -40,6 +40,19 @@ def exit_on_interrupt(kept: str | Callable[[], str] | None) -> Iterator[None]:
         raise typer.Exit(code=130) from None
 
 
+def note_unknown_pixel_sizes(data_dir: Path) -> None:
+    """One note when the data set's mosaics carry no pixel size and its manifest gives none:
+    the scale the network learns or is scored at would rest on an assumption."""
+    from rcmseg.io.dataset import pixel_size_note, read_manifest
+
+    try:
+        note = pixel_size_note(read_manifest(data_dir))
+    except InputError:  # the command itself says what is wrong with the data set
+        return
+    if note:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+
+
 PrecisionOption = Annotated[
     str,
     typer.Option(

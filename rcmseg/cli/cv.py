@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rcmseg.cli.common import exit_on_interrupt, user_errors
+from rcmseg.cli.common import exit_on_interrupt, note_unknown_pixel_sizes, user_errors
 
 # Options shared with `rcmseg study` (same split, same training budget flags).
 Data = Annotated[Path, typer.Argument(help="Dataset folder with manifest.csv (rcmseg layout).")]
@@ -153,6 +153,8 @@ def cv_command(
         from rcmseg.evaluation.cv import run_cv
         from rcmseg.evaluation.report import format_value
         from rcmseg.evaluation.study import Variant
+
+        note_unknown_pixel_sizes(data)
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training.bundle import bundle_train_settings, with_overrides, with_variant
 

@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from rcmseg.cli.common import BackendOption, OpenVINOCacheOption, PrecisionOption, user_errors
+from rcmseg.cli.common import (
+    BackendOption,
+    OpenVINOCacheOption,
+    PrecisionOption,
+    note_unknown_pixel_sizes,
+    user_errors,
+)
 
 
 def evaluate_command(
@@ -44,6 +50,8 @@ def evaluate_command(
         from rcmseg.bundle import default_bundle_dir
         from rcmseg.evaluation.evaluate import evaluate_bundle
         from rcmseg.evaluation.report import format_value
+
+        note_unknown_pixel_sizes(data)
         from rcmseg.io.labels import load_remap_table
 
         table = load_remap_table(remap) if remap is not None else None

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from rcmseg.cli.common import exit_on_interrupt, user_errors
+from rcmseg.cli.common import exit_on_interrupt, note_unknown_pixel_sizes, user_errors
 from rcmseg.cli.cv import (
     BatchSize,
     Bundle,
@@ -78,6 +78,8 @@ def study_command(
         from rcmseg.errors import InputError
         from rcmseg.evaluation.study import STUDIES, Variant, run_study
         from rcmseg.io.labels import load_remap_table
+
+        note_unknown_pixel_sizes(data)
         from rcmseg.training.bundle import bundle_train_settings, with_overrides
 
         if study is not None and study not in STUDIES:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rcmseg.cli.common import exit_on_interrupt, user_errors
+from rcmseg.cli.common import exit_on_interrupt, note_unknown_pixel_sizes, user_errors
 
 train_app = typer.Typer(
     help="Train a segmentation network (the bundle's DynUNet, MED-Net or a baseline) on labelled "
@@ -143,6 +143,8 @@ def train_model_command(
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training import TrainConfig, train
 
+        note_unknown_pixel_sizes(data)
+
         if not progress:  # one line per epoch instead of the bar
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -215,6 +217,8 @@ def train_bundle_command(
     with user_errors():
         from rcmseg.bundle import default_bundle_dir
         from rcmseg.training.bundle import train_bundle
+
+        note_unknown_pixel_sizes(data)
 
         overrides = {
             "epochs": epochs,

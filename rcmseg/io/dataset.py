@@ -3,7 +3,7 @@
 Layout (what ``rcmseg synth`` writes; other layouts work as long as the manifest points at the
 files)::
 
-    ROOT/manifest.csv        mosaic,labels,patient,lesion,clinic
+    ROOT/manifest.csv        mosaic,labels,patient,lesion,clinic[,mosaic_mpp]
     ROOT/mosaics/*.tif       8-bit grayscale mosaics (0.5 µm/px)
     ROOT/labels/*.png        uint8 label maps, same size as their mosaic, 255 = unlabelled
 
@@ -12,18 +12,22 @@ manifest saved on Windows has them, are read as ``/``); ``labels`` may be empty 
 without labels. Fields are separated by ``,`` or, as a spreadsheet saves CSV where the decimal
 mark is a comma, by ``;`` (or tabs); column names are matched case-insensitively. ``patient``
 drives patient-wise splits, ``clinic`` clinic-wise splits, ``lesion`` per-lesion reports.
+The optional ``mosaic_mpp`` column gives a mosaic's pixel size in µm for a file that carries
+none (a PNG, JPEG or BMP export, a TIFF without resolution tags); a pixel size in the file wins,
+and a mosaic with neither is taken at 0.5 µm/px.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
-from rcmseg.classes import UNLABELLED, WORKING_MPP
+from rcmseg.classes import MOSAIC_MPP, UNLABELLED, WORKING_MPP
 from rcmseg.errors import InputError
 from rcmseg.io.atomic import write_text_atomic
 from rcmseg.io.csvfiles import read_spreadsheet_text, spreadsheet_delimiter
@@ -35,23 +39,32 @@ __all__ = [
     "Case",
     "load_case",
     "manifest_path",
+    "pixel_size_note",
     "read_manifest",
     "write_manifest",
 ]
 
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS: tuple[str, ...] = ("mosaic", "labels", "patient", "lesion", "clinic")
+MPP_COLUMN = "mosaic_mpp"  # optional: µm/px of a mosaic whose file carries no pixel size
 
 
 @dataclass(frozen=True)
 class Case:
-    """One mosaic of a data set, with absolute paths."""
+    """One mosaic of a data set, with absolute paths; ``mosaic_mpp`` (µm/px) is the manifest's
+    pixel size for a file that carries none (None: not given)."""
 
     mosaic: Path
     labels: Path | None
     patient: str
     lesion: str
     clinic: str
+    mosaic_mpp: float | None = None
+
+    @property
+    def fallback_mpp(self) -> float:
+        """µm/px to read the mosaic at when its file carries no pixel size."""
+        return self.mosaic_mpp or MOSAIC_MPP
 
 
 def case_id(case: Case, root: Path) -> str:
@@ -91,7 +104,16 @@ def _case_from_row(manifest: Path, line: int, row: dict[str, str | None]) -> Cas
     labels = _resolve(manifest.parent, values["labels"]) if values["labels"] else None
     if labels is not None and not labels.is_file():
         raise InputError(manifest, f"line {line}: label map {values['labels']} does not exist")
-    return Case(mosaic, labels, values["patient"], values["lesion"], values["clinic"])
+    mpp_text = (row.get(MPP_COLUMN) or "").strip()
+    try:
+        mosaic_mpp = float(mpp_text.replace(",", ".")) if mpp_text else None
+    except ValueError:
+        mosaic_mpp = math.nan
+    if mosaic_mpp is not None and not 0 < mosaic_mpp < math.inf:
+        raise InputError(
+            manifest, f"line {line}: {MPP_COLUMN} '{mpp_text}' is not a pixel size in µm above 0"
+        )
+    return Case(mosaic, labels, values["patient"], values["lesion"], values["clinic"], mosaic_mpp)
 
 
 def read_manifest(root: str | Path) -> list[Case]:
@@ -141,14 +163,37 @@ def write_manifest(root: str | Path, cases: list[Case]) -> Path:
             else str(resolved)
         )
 
+    with_mpp = any(case.mosaic_mpp for case in cases)  # the column only where it says something
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerow([*MANIFEST_COLUMNS, *([MPP_COLUMN] if with_mpp else [])])
     for case in cases:
-        writer.writerow(
-            [shown(case.mosaic), shown(case.labels), case.patient, case.lesion, case.clinic]
-        )
+        row = [shown(case.mosaic), shown(case.labels), case.patient, case.lesion, case.clinic]
+        writer.writerow([*row, *([case.mosaic_mpp or ""] if with_mpp else [])])
     return write_text_atomic(manifest_path(root), buffer.getvalue())
+
+
+def pixel_size_note(cases: list[Case]) -> str | None:
+    """A one-line note when mosaics carry no pixel size and the manifest gives none (they are
+    taken at 0.5 µm/px, which sets the scale the network sees); None when every size is known.
+    Reads file headers only."""
+    from rcmseg.io.mosaics import probe_mosaic
+
+    unknown = []
+    for case in cases:
+        if case.mosaic_mpp is None:
+            try:
+                if probe_mosaic(case.mosaic).mpp_source == "fallback":
+                    unknown.append(case.mosaic.name)
+            except InputError:  # reading it will say why
+                continue
+    if not unknown:
+        return None
+    return (
+        f"{len(unknown)} mosaic(s) carry no pixel size ({', '.join(unknown[:3])}"
+        f"{', …' if len(unknown) > 3 else ''}); {MOSAIC_MPP} µm/px assumed: give theirs in a "
+        f"{MPP_COLUMN} column of the manifest"
+    )
 
 
 def _labels_at(labels: np.ndarray, factor: float, shape: tuple[int, int]) -> np.ndarray:
@@ -190,9 +235,9 @@ def load_case(
     from rcmseg.io.mosaics import probe_mosaic, read_mosaic
 
     if case.labels is None:
-        image, _info = read_mosaic(case.mosaic, target_mpp=target_mpp)
+        image, _info = read_mosaic(case.mosaic, target_mpp, case.fallback_mpp)
         return image, np.full(image.shape, UNLABELLED, dtype=np.uint8)
-    info = probe_mosaic(case.mosaic)
+    info = probe_mosaic(case.mosaic, case.fallback_mpp)
     labels = read_label_map(case.labels, remap=remap)
     if labels.shape != (info.height_px, info.width_px):
         raise InputError(
@@ -201,5 +246,5 @@ def load_case(
             f"{case.mosaic.name} is {info.width_px}x{info.height_px} px (width x height); "
             "they must match at full resolution",
         )
-    image, info = read_mosaic(case.mosaic, target_mpp=target_mpp)
+    image, info = read_mosaic(case.mosaic, target_mpp, case.fallback_mpp)
     return image, _labels_at(labels, target_mpp / info.mosaic_mpp, image.shape)
