@@ -153,10 +153,10 @@ def cv_command(
         from rcmseg.evaluation.cv import run_cv
         from rcmseg.evaluation.report import format_value
         from rcmseg.evaluation.study import Variant
-
-        note_unknown_pixel_sizes(data)
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training.bundle import bundle_train_settings, with_overrides, with_variant
+
+        note_unknown_pixel_sizes(data)
 
         base = bundle_train_settings(bundle)
         variant = Variant.parse(f"{network or base['network']}:{loss or base['loss']}")

@@ -50,9 +50,9 @@ def evaluate_command(
         from rcmseg.bundle import default_bundle_dir
         from rcmseg.evaluation.evaluate import evaluate_bundle
         from rcmseg.evaluation.report import format_value
+        from rcmseg.io.labels import load_remap_table
 
         note_unknown_pixel_sizes(data)
-        from rcmseg.io.labels import load_remap_table
 
         table = load_remap_table(remap) if remap is not None else None
         evaluation = evaluate_bundle(

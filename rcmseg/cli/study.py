@@ -78,9 +78,9 @@ def study_command(
         from rcmseg.errors import InputError
         from rcmseg.evaluation.study import STUDIES, Variant, run_study
         from rcmseg.io.labels import load_remap_table
+        from rcmseg.training.bundle import bundle_train_settings, with_overrides
 
         note_unknown_pixel_sizes(data)
-        from rcmseg.training.bundle import bundle_train_settings, with_overrides
 
         if study is not None and study not in STUDIES:
             raise InputError(None, f"unknown study {study!r}; choose from {', '.join(STUDIES)}")
