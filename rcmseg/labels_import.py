@@ -50,8 +50,14 @@ from rcmseg.classes import (
 )
 from rcmseg.errors import InputError
 from rcmseg.io.atomic import atomic_path, is_utf8_name, write_text_atomic
-from rcmseg.io.csvfiles import read_spreadsheet_text
-from rcmseg.io.dataset import MANIFEST_NAME, Case, read_manifest, write_manifest
+from rcmseg.io.dataset import (
+    MANIFEST_NAME,
+    Case,
+    cases_near,
+    has_rows,
+    read_manifest,
+    write_manifest,
+)
 from rcmseg.io.geojson import AnnotationSet, RasterCounts, class_table, rasterise, read_annotations
 from rcmseg.io.labels import RemapTable, read_label_map
 from rcmseg.io.mosaics import (
@@ -317,21 +323,11 @@ def _find_mosaics(source: Path, folder: Path, dataset: Path) -> list[Path]:
     ]
 
 
-def _has_rows(manifest: Path) -> bool:
-    rows = csv.reader(io.StringIO(read_spreadsheet_text(manifest), newline=""))
-    return sum(1 for row in rows if any(cell.strip() for cell in row)) > 1
-
-
 def _known_cases(source: Path, dataset: Path) -> dict[Path, Case]:
     """Cases of the manifests under/next to the mosaics and of the data set, by mosaic path."""
     folder = source if source.is_dir() else source.parent
-    manifests = sorted(folder.rglob(MANIFEST_NAME)) or [folder.parent / MANIFEST_NAME]
-    manifests.append(dataset / MANIFEST_NAME)
-    cases = {}
-    for manifest in dict.fromkeys(m.resolve() for m in manifests):
-        if manifest.is_file() and _has_rows(manifest):
-            cases.update({case.mosaic.resolve(): case for case in read_manifest(manifest)})
-    return cases
+    cases = {case.mosaic.resolve(): case for case in cases_near(folder)}
+    return cases | _dataset_cases(dataset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +430,7 @@ def _summary_text(results: list[MosaicImport]) -> str:
 def _dataset_cases(dataset: Path) -> dict[Path, Case]:
     """The data set's own manifest rows, in file order, by resolved mosaic path."""
     manifest = dataset / MANIFEST_NAME
-    if not (manifest.is_file() and _has_rows(manifest)):
+    if not (manifest.is_file() and has_rows(manifest)):
         return {}
     return {case.mosaic.resolve(): case for case in read_manifest(manifest)}
 

@@ -399,3 +399,15 @@ def test_a_manifests_pixel_size_is_used_recorded_and_checked_by_continue(tmp_pat
     assert again.exit_code == 0, again.output
     assert "pixel size 1.0 µm/px → 2.0 µm/px (manifest)" in " ".join(again.output.split())
     assert tifffile.imread(out / "mosaics" / "m.labels.tif").shape == (600, 640)
+
+
+def test_a_manifest_that_lists_nothing_yet_does_not_stop_a_batch(tmp_path):
+    """A `manifest.csv` with its header alone (a data set being put together) beside the
+    mosaics: the batch segments them under their file names instead of refusing to start."""
+    from rcmseg.batch import plan_jobs
+
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "m.png")
+    (tmp_path / "manifest.csv").write_text("mosaic,labels,patient,lesion,clinic\n")
+    assert [(job.relative, job.lesion) for job in plan_jobs(tmp_path, tmp_path / "out")] == [
+        ("m.png", "m")
+    ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rcmseg.errors import InputError
-from rcmseg.io.dataset import MANIFEST_NAME, Case, read_manifest
+from rcmseg.io.dataset import cases_near
 from rcmseg.io.mosaics import MOSAIC_SUFFIXES, distinct_stems, find_mosaics, is_mosaic_file
 
 LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON, SUMMARY = (
@@ -44,19 +44,6 @@ class MosaicJob:
         return self.out_stem.with_name(f"{self.out_stem.name}.{kind}")
 
 
-def manifest_cases(in_dir: Path) -> list[Case]:
-    """The cases of every ``manifest.csv`` under ``in_dir`` (or next to it).
-
-    Manifests follow the data set layout (:mod:`rcmseg.io.dataset`); when the tree holds none,
-    ``in_dir/../manifest.csv`` is used, so that ``rcmseg batch DATA/mosaics`` finds
-    ``DATA/manifest.csv``.
-    """
-    manifests = sorted(in_dir.rglob(MANIFEST_NAME))
-    if not manifests and (in_dir.parent / MANIFEST_NAME).is_file():
-        manifests = [in_dir.parent / MANIFEST_NAME]
-    return [case for manifest in manifests for case in read_manifest(manifest)]
-
-
 def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
     """Every mosaic under the folder ``source`` (or the one mosaic file ``source``) with its
     output stem and lesion id, sorted by path.
@@ -81,7 +68,7 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
         mosaics = find_mosaics(source, [out_dir], skip_endings=OUTPUT_IMAGE_ENDINGS)
     else:
         raise InputError(source, "no such mosaic file or folder")
-    cases = manifest_cases(root)
+    cases = cases_near(root)
     lesions = {case.mosaic.resolve(): case.lesion for case in cases if case.lesion}
     declared = {case.mosaic.resolve(): case.mosaic_mpp for case in cases if case.mosaic_mpp}
     if source.is_dir():  # a file named on purpose is segmented whatever a manifest says

@@ -37,6 +37,8 @@ __all__ = [
     "MANIFEST_COLUMNS",
     "MANIFEST_NAME",
     "Case",
+    "cases_near",
+    "has_rows",
     "load_case",
     "manifest_path",
     "pixel_size_note",
@@ -145,6 +147,29 @@ def read_manifest(root: str | Path) -> list[Case]:
     if not cases:
         raise InputError(manifest, "manifest lists no mosaics (empty data set)")
     return cases
+
+
+def has_rows(manifest: Path) -> bool:
+    """Whether a manifest lists any mosaic (a header alone, or blank lines, list none)."""
+    rows = csv.reader(io.StringIO(read_spreadsheet_text(manifest), newline=""))
+    return sum(1 for row in rows if any(cell.strip() for cell in row)) > 1
+
+
+def cases_near(folder: Path) -> list[Case]:
+    """The cases of every ``manifest.csv`` under ``folder``, or of ``folder/../manifest.csv`` when
+    the tree holds none (so that a command on ``DATA/mosaics`` finds ``DATA/manifest.csv``).
+    Manifests that list no mosaic are passed over.
+
+    Raises:
+        InputError: a manifest that cannot be read (see :func:`read_manifest`).
+    """
+    manifests = sorted(folder.rglob(MANIFEST_NAME)) or [folder.parent / MANIFEST_NAME]
+    return [
+        case
+        for manifest in manifests
+        if manifest.is_file() and has_rows(manifest)
+        for case in read_manifest(manifest)
+    ]
 
 
 def write_manifest(root: str | Path, cases: list[Case]) -> Path:
