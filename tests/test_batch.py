@@ -327,7 +327,14 @@ def test_ctrl_c_keeps_finished_mosaics_reports_the_rest_pending_and_says_how_to_
         write_tiff(in_dir / f"m{index}.tif", image)
     command = [sys.executable, "-m", "rcmseg.cli.main", "batch", str(in_dir), "--out", str(out)]
     command += ["--device", "cpu", "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # as at a terminal, even when the tests run in a background job, which ignores SIGINT
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     while process.poll() is None and time.monotonic() < deadline:
         if list(out.glob("*.summary.json")) if out.is_dir() else []:

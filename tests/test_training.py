@@ -474,7 +474,12 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(dataset: Path, tmp_p
     command += ["--device", "cpu", "--no-progress", "--network", "dynunet_tiny"]
     command += ["--val-every", "50"]
     process = subprocess.Popen(
-        [*command, "--epochs", "500"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*command, "--epochs", "500"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # as at a terminal, even when the tests run in a background job, which ignores SIGINT
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     last = out / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 300
