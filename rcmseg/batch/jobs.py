@@ -40,6 +40,10 @@ class MosaicJob:
     lesion: str
     declared_mpp: float | None = None
 
+    def fallback_mpp(self, default: float) -> float:
+        """µm/px to read the mosaic at when its file carries no pixel size (``--mpp``: default)."""
+        return self.declared_mpp or default
+
     def output(self, kind: str) -> Path:
         return self.out_stem.with_name(f"{self.out_stem.name}.{kind}")
 

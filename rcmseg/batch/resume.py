@@ -45,7 +45,7 @@ class Provenance:
             found.append(f"settings '{record.engine or record.preset}' → '{self.engine}'")
         if record.mpp_source in ("fallback", "manifest"):  # the file carries no pixel size
             source = "manifest" if job.declared_mpp else "fallback"
-            mpp = job.declared_mpp or self.fallback_mpp
+            mpp = job.fallback_mpp(self.fallback_mpp)
             if (record.mpp_source, record.mosaic_mpp) != (source, mpp):
                 found.append(f"pixel size {record.mosaic_mpp} µm/px → {mpp} µm/px ({source})")
         return found

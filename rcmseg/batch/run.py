@@ -159,7 +159,7 @@ class Segmenter:
     def read(self, job: MosaicJob) -> LoadedMosaic:
         """Read one mosaic at the working resolution; raise on a bad file."""
         started = time.perf_counter()
-        mpp = job.declared_mpp or self.options.fallback_mpp
+        mpp = job.fallback_mpp(self.options.fallback_mpp)
         info = probe_mosaic(job.path, fallback_mpp=mpp)  # first: its errors name the problem
         stat = job.path.stat()
         height, width = info.working_shape(self.bundle.working_mpp)
