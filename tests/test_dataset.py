@@ -189,3 +189,27 @@ def test_a_manifest_gives_the_pixel_size_of_mosaics_whose_files_carry_none(tmp_p
     assert read_manifest(tmp_path) == cases
     write_manifest(tmp_path, plain)
     assert (tmp_path / "manifest.csv").read_text().splitlines()[0].endswith(",clinic")
+
+
+def test_the_label_app_sizes_studies_from_their_manifest_and_rereads_it(tmp_path: Path) -> None:
+    """`rcmseg label serve`: STUDIES/manifest.csv sizes the mosaics it lists, --mpp the rest;
+    an edited manifest applies to the next request, a header-only one sizes nothing."""
+    from rcmseg.label_app.pixel_sizes import StudyPixelSizes
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "b.png")
+    sizes = StudyPixelSizes(tmp_path, 0.8)
+    assert sizes.fallback_mpp(tmp_path / "a.png") == 0.8  # no manifest yet
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("mosaic;labels;patient;lesion;clinic;mosaic_mpp\na.png;;p;l;;1,25\n")
+    assert sizes.fallback_mpp(tmp_path / "a.png") == 1.25
+    assert sizes.fallback_mpp(tmp_path / "b.png") == 0.8
+    manifest.write_text("mosaic,labels,patient,lesion,clinic,mosaic_mpp\na.png,,p,l,,2\n")
+    assert sizes.fallback_mpp(tmp_path / "a.png") == 2.0
+    manifest.write_text("mosaic,labels,patient,lesion,clinic\n")
+    assert sizes.fallback_mpp(tmp_path / "a.png") == 0.8
+    manifest.write_text("mosaic,labels,patient,lesion,clinic,mosaic_mpp\nc.png,,p,l,,2\n")
+    with pytest.raises(InputError, match="c.png"):  # a listed file that is not there
+        sizes.fallback_mpp(tmp_path / "a.png")
+    with pytest.raises(InputError, match="--mpp inf"):
+        StudyPixelSizes(tmp_path, float("inf"))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rcmseg.errors import InputError
-from rcmseg.io.dataset import cases_near
+from rcmseg.io.dataset import cases_near, declared_mpps
 from rcmseg.io.mosaics import MOSAIC_SUFFIXES, distinct_stems, find_mosaics, is_mosaic_file
 
 LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON, SUMMARY = (
@@ -74,7 +74,7 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
         raise InputError(source, "no such mosaic file or folder")
     cases = cases_near(root)
     lesions = {case.mosaic.resolve(): case.lesion for case in cases if case.lesion}
-    declared = {case.mosaic.resolve(): case.mosaic_mpp for case in cases if case.mosaic_mpp}
+    declared = declared_mpps(cases)
     if source.is_dir():  # a file named on purpose is segmented whatever a manifest says
         label_maps = {case.labels.resolve() for case in cases if case.labels is not None}
         mosaics = [path for path in mosaics if path.resolve() not in label_maps]

@@ -12,7 +12,6 @@ reports. All options are checked before any mosaic is touched.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,7 +42,7 @@ from rcmseg.inference import (
     configure_threads,
     resolve_device,
 )
-from rcmseg.io.mosaics import MosaicInfo, probe_mosaic, read_mosaic
+from rcmseg.io.mosaics import MosaicInfo, check_fallback_mpp, probe_mosaic, read_mosaic
 from rcmseg.report import MosaicRecord, summary_table, write_reports
 
 
@@ -91,8 +90,7 @@ class BatchOptions:
 
     def check(self) -> None:
         """Refuse contradictory or impossible options with one line."""
-        if not 0 < self.fallback_mpp < math.inf:  # also refuses NaN
-            raise InputError(None, f"--mpp {self.fallback_mpp}: a pixel size must be above 0 µm")
+        check_fallback_mpp(self.fallback_mpp)
         if self.resume and self.overwrite:
             raise InputError(None, "--continue and --overwrite exclude each other")
 

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from rcmseg.classes import MOSAIC_MPP
 from rcmseg.cli.common import (
     BackendOption,
     OpenVINOCacheOption,
@@ -21,6 +22,7 @@ from rcmseg.cli.common import (
     user_errors,
 )
 from rcmseg.errors import InputError
+from rcmseg.label_app.pixel_sizes import StudyPixelSizes
 
 label_app = typer.Typer(
     help="Annotate mosaics in QuPath with the bundle's network in the loop (MONAI Label).",
@@ -127,6 +129,13 @@ def serve(
     epochs: Annotated[
         int | None, typer.Option(help="Fine-tuning epochs (default: the bundle's train.json).")
     ] = None,
+    mpp: Annotated[
+        float,
+        typer.Option(
+            help="µm/px of mosaics whose file carries no pixel size and that "
+            "STUDIES/manifest.csv (column mosaic_mpp) does not size."
+        ),
+    ] = MOSAIC_MPP,
 ) -> None:
     """Start the MONAI Label server with rcmseg's app (infer, train, active learning)."""
     with user_errors():
@@ -135,6 +144,8 @@ def serve(
             raise InputError(studies, "not a folder (the mosaics to annotate go here)")
         if bundle is not None and not bundle.is_dir():
             raise InputError(bundle, "bundle folder not found")
+        # A bad --mpp or manifest is refused now, in one line, not at the first request.
+        StudyPixelSizes(studies, mpp).declared()
         check_port_free(host, port)
         from rcmseg.inference import check_backend, resolve_device
 
@@ -142,6 +153,7 @@ def serve(
         studies = studies.resolve()
         app_dir = prepare_app_dir(studies, bundle.resolve() if bundle else None)
         conf = {"preset": preset, "device": device, "precision": precision, "backend": backend}
+        conf["mpp"] = str(mpp)
         if openvino_cache is not None:
             conf["openvino_cache"] = str(openvino_cache.resolve())
         if epochs is not None:

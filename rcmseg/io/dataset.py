@@ -198,6 +198,12 @@ def write_manifest(root: str | Path, cases: list[Case]) -> Path:
     return write_text_atomic(manifest_path(root), buffer.getvalue())
 
 
+def declared_mpps(cases: list[Case]) -> dict[Path, float]:
+    """The manifest's pixel sizes (``mosaic_mpp``, µm/px) by resolved mosaic path, for the
+    mosaics that have one."""
+    return {case.mosaic.resolve(): case.mosaic_mpp for case in cases if case.mosaic_mpp}
+
+
 def pixel_size_note(cases: list[Case]) -> str | None:
     """A one-line note when mosaics carry no pixel size and the manifest gives none (they are
     taken at 0.5 µm/px, which sets the scale the network sees); None when every size is known.

@@ -109,6 +109,14 @@ class MosaicInfo:
         return self.width_px * self.height_px * (self.mosaic_mpp * 1e-3) ** 2
 
 
+def check_fallback_mpp(mpp: float) -> float:
+    """``mpp`` (``--mpp``: µm/px of mosaics whose file carries none) if it is a pixel size,
+    above 0 µm and finite; else a one-line error."""
+    if not 0 < mpp < math.inf:  # also refuses NaN
+        raise InputError(None, f"--mpp {mpp}: a pixel size must be above 0 µm")
+    return mpp
+
+
 def mosaic_suffix(path: str | Path) -> str:
     """The file ending that decides the reader, lower case (``".nii.gz"`` counts as one)."""
     name = Path(path).name.lower()

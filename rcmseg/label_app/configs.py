@@ -9,6 +9,8 @@ App options come from MONAI Label's ``--conf KEY VALUE`` (``rcmseg label serve``
     backend  ``torch`` or ``openvino`` (CPU, extra ``rcmseg[openvino]``; default ``torch``)
     openvino_cache  a folder to keep the network converted for OpenVINO in (default: none)
     epochs   fine-tuning epochs (default: the bundle's ``train.json``)
+    mpp      µm/px of mosaics whose file carries no pixel size and that ``STUDIES/manifest.csv``
+             does not size (default 0.5; :mod:`rcmseg.label_app.pixel_sizes`)
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from rcmseg.bundle import default_bundle_dir
-from rcmseg.classes import CLASS_NAMES
+from rcmseg.classes import CLASS_NAMES, MOSAIC_MPP
 from rcmseg.label_app.infer import MEDNetInfer, Runtime, whole_mosaic_entropy
+from rcmseg.label_app.pixel_sizes import StudyPixelSizes
 from rcmseg.label_app.strategy import (
     EntropyCache,
     EntropyScoring,
@@ -54,12 +57,17 @@ class MEDNetTaskConfig(TaskConfig):
             backend=conf.get("backend", "torch"),
             openvino_cache=conf.get("openvino_cache") or None,
         )
+        self.pixel_sizes = StudyPixelSizes(
+            self.workspace.studies, float(conf.get("mpp") or MOSAIC_MPP)
+        )
         self.served = ServedModel(self.workspace.bundle_dir, self.device)
         self.cache = EntropyCache(self.workspace.entropy_path)
         self.entropy = MosaicEntropy(
             self.served,
             self.cache,
-            lambda mosaic, bundle: whole_mosaic_entropy(mosaic, bundle, self.preset, self.runtime),
+            lambda mosaic, bundle: whole_mosaic_entropy(
+                mosaic, bundle, self.preset, self.runtime, self.pixel_sizes
+            ),
         )
 
     def infer(self) -> InferTask:
@@ -68,13 +76,14 @@ class MEDNetTaskConfig(TaskConfig):
             preset=self.preset,
             on_whole_mosaic=self.cache.put,
             runtime=self.runtime,
+            pixel_sizes=self.pixel_sizes,
         )
 
     def trainer(self) -> TrainTask:
         defaults: dict[str, Any] = {}
         if self.conf.get("epochs"):
             defaults["max_epochs"] = int(self.conf["epochs"])
-        return MEDNetTrain(self.workspace, self.served, self.device, defaults)
+        return MEDNetTrain(self.workspace, self.served, self.device, defaults, self.pixel_sizes)
 
     def strategy(self) -> dict[str, Strategy]:
         return {"entropy": EntropyStrategy(self.entropy)}

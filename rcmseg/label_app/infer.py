@@ -38,11 +38,12 @@ from monailabel.utils.others.pathology import (
 
 from rcmseg.batch import check_size
 from rcmseg.bundle import LoadedBundle
-from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES
+from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES, MOSAIC_MPP
 from rcmseg.errors import InputError
 from rcmseg.inference import SegmentationEngine
 from rcmseg.io.geojson import collector_paused, label_polygons, signed_area
 from rcmseg.io.mosaics import MosaicInfo, read_mosaic
+from rcmseg.label_app.pixel_sizes import StudyPixelSizes
 from rcmseg.label_app.workspace import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -61,19 +62,25 @@ def client_errors() -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=2)
-def _read_working_image(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, MosaicInfo]:
+def _read_working_image(
+    path: str, mtime_ns: int, size: int, fallback_mpp: float
+) -> tuple[np.ndarray, MosaicInfo]:
     # Keyed on the file's stamp: viewers ask for many regions of one mosaic in a row.
     del mtime_ns, size
-    return read_mosaic(path)
+    return read_mosaic(path, fallback_mpp=fallback_mpp)
 
 
-def read_working_image(path: Path) -> tuple[np.ndarray, MosaicInfo]:
-    """The mosaic at the working resolution (float32 (H', W'), 0-255), cached per file version."""
+def read_working_image(
+    path: Path, pixel_sizes: StudyPixelSizes | None = None
+) -> tuple[np.ndarray, MosaicInfo]:
+    """The mosaic at the working resolution (float32 (H', W'), 0-255), cached per file version;
+    a file without a pixel size is read at the one ``pixel_sizes`` gives (none: 0.5 µm/px)."""
     try:
         stat = path.stat()
     except OSError:
         raise InputError(path, "mosaic not found") from None
-    return _read_working_image(str(path), stat.st_mtime_ns, stat.st_size)
+    fallback_mpp = pixel_sizes.fallback_mpp(path) if pixel_sizes is not None else MOSAIC_MPP
+    return _read_working_image(str(path), stat.st_mtime_ns, stat.st_size, fallback_mpp)
 
 
 @dataclass(frozen=True)
@@ -286,6 +293,7 @@ class MEDNetInfer(InferTask):
         on_whole_mosaic: called with ``(path, model, mean entropy)`` after a whole mosaic is
             segmented (the active-learning cache takes it for free).
         runtime: how the network runs (precision, backend, OpenVINO cache).
+        pixel_sizes: µm/px of mosaics whose file carries none (none: 0.5 µm/px).
     """
 
     def __init__(
@@ -294,6 +302,7 @@ class MEDNetInfer(InferTask):
         preset: str = "fast",
         on_whole_mosaic: Any = None,
         runtime: Runtime = Runtime(),
+        pixel_sizes: StudyPixelSizes | None = None,
     ) -> None:
         super().__init__(
             type=InferType.SEGMENTATION,
@@ -306,6 +315,7 @@ class MEDNetInfer(InferTask):
         self.preset = preset
         self.runtime = runtime
         self.on_whole_mosaic = on_whole_mosaic
+        self.pixel_sizes = pixel_sizes
 
     def is_valid(self) -> bool:
         return self.served.weights_path.is_file()
@@ -328,7 +338,7 @@ class MEDNetInfer(InferTask):
         bundle = self.served.get()
         if preset not in bundle.presets:
             raise InputError(path, f"unknown preset {preset!r}; choose {', '.join(bundle.presets)}")
-        image, info = read_working_image(path)
+        image, info = read_working_image(path, self.pixel_sizes)
         region = Region.from_request(request, info)
         read_done = time.perf_counter()
 
@@ -388,9 +398,13 @@ def latencies(started: float, read_done: float, infer_done: float, post_done: fl
 
 
 def whole_mosaic_entropy(
-    path: Path, bundle: LoadedBundle, preset: str, runtime: Runtime = Runtime()
+    path: Path,
+    bundle: LoadedBundle,
+    preset: str,
+    runtime: Runtime = Runtime(),
+    pixel_sizes: StudyPixelSizes | None = None,
 ) -> float:
     """Mean per-pixel entropy of a whole mosaic in nats (0 = certain, ln K = uniform)."""
-    image, info = read_working_image(path)
+    image, info = read_working_image(path, pixel_sizes)
     region = Region(0, 0, info.width_px, info.height_px)
     return segment_region(image, info, region, bundle, preset, runtime).mean_entropy

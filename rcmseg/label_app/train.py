@@ -36,6 +36,7 @@ from rcmseg.errors import InputError
 from rcmseg.io.dataset import Case, write_manifest
 from rcmseg.io.mosaics import mosaic_suffix
 from rcmseg.label_app.asap import ASAP_SUFFIX, rasterize_asap_labels
+from rcmseg.label_app.pixel_sizes import StudyPixelSizes
 from rcmseg.label_app.workspace import ServedModel, Workspace, replace_file
 from rcmseg.splits import SplitCase, holdout_fraction
 
@@ -78,8 +79,11 @@ def split_ids(ids: list[str], val_split: float, seed: int) -> Split:
     return Split(train=list(train), val=list(val))
 
 
-def labelled_cases(datastore: Datastore, run_dir: Path) -> dict[str, Case]:
-    """The datastore's mosaics with a final label, as data set cases (one patient each)."""
+def labelled_cases(
+    datastore: Datastore, run_dir: Path, pixel_sizes: StudyPixelSizes | None = None
+) -> dict[str, Case]:
+    """The datastore's mosaics with a final label, as data set cases (one patient each); a
+    mosaic whose file carries no pixel size is read at the one ``pixel_sizes`` gives."""
     cases: dict[str, Case] = {}
     for item in datastore.datalist():
         mosaic, labels = Path(item["image"]), Path(item["label"])
@@ -87,7 +91,12 @@ def labelled_cases(datastore: Datastore, run_dir: Path) -> dict[str, Case]:
         if labels.name.lower().endswith(ASAP_SUFFIX):
             labels = rasterize_asap_labels(labels, mosaic, run_dir / "labels" / f"{image_id}.png")
         cases[image_id] = Case(
-            mosaic=mosaic, labels=labels, patient=image_id, lesion=image_id, clinic=""
+            mosaic=mosaic,
+            labels=labels,
+            patient=image_id,
+            lesion=image_id,
+            clinic="",
+            mosaic_mpp=pixel_sizes.fallback_mpp(mosaic) if pixel_sizes is not None else None,
         )
     if not cases:
         raise InputError(None, "no mosaic has a final label yet: save labels before training")
@@ -131,6 +140,7 @@ class MEDNetTrain(TrainTask):
         served: the served model (its weights file is replaced after a better run).
         device: ``auto``, ``cpu``, ``cuda:0``, ...
         defaults: request defaults shown to clients (``max_epochs``, ``val_split``, ...).
+        pixel_sizes: µm/px of mosaics whose file carries none (none: 0.5 µm/px).
     """
 
     def __init__(
@@ -139,12 +149,14 @@ class MEDNetTrain(TrainTask):
         served: ServedModel,
         device: str = "auto",
         defaults: dict[str, Any] | None = None,
+        pixel_sizes: StudyPixelSizes | None = None,
     ) -> None:
         super().__init__("Fine-tune MED-Net on the labelled mosaics (partial labels)")
         self.workspace = workspace
         self.served = served
         self.device = device
         self.defaults = {"val_split": 0.2, "seed": 0, **(defaults or {})}
+        self.pixel_sizes = pixel_sizes
 
     def config(self) -> dict[str, Any]:
         return dict(self.defaults)
@@ -160,7 +172,7 @@ class MEDNetTrain(TrainTask):
         started = time.time()
         run_dir = self.workspace.runs_dir / time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
         run_dir.mkdir(parents=True, exist_ok=True)
-        cases = labelled_cases(datastore, run_dir)
+        cases = labelled_cases(datastore, run_dir, self.pixel_sizes)
         split = split_ids(list(cases), float(options["val_split"]), int(options["seed"]))
         write_manifest(run_dir, list(cases.values()))
 

@@ -39,6 +39,11 @@ class Workspace:
         return cls(Path(studies).resolve() / WORKSPACE_DIRNAME)
 
     @property
+    def studies(self) -> Path:
+        """The studies folder this working state belongs to."""
+        return self.root.parent
+
+    @property
     def bundle_dir(self) -> Path:
         return self.root / "bundle"
 

@@ -3,7 +3,8 @@
 The server is started by ``rcmseg label serve`` in its own process group and killed with it at
 the end. The studies folder holds synthetic mosaics (``rcmseg.synth``): a striped ``.tif``, a
 tiled ``.tiff`` (OpenSlide opens it: MONAI Label's own WSI tiling path), another ``.tif`` and a
-``.png`` without pixel size. The served bundle is a copy of rcmseg's with seeded random weights.
+``.png`` without pixel size, which the studies' ``manifest.csv`` sizes at 1 µm/px. The served
+bundle is a copy of rcmseg's with seeded random weights.
 Runs only where the ``rcmseg[label]`` extra is installed (``.ci/label``).
 """
 
@@ -43,6 +44,7 @@ START_TIMEOUT_S = 240
 REQUEST_TIMEOUT_S = 180
 TRAIN_TIMEOUT_S = 480
 UNLABELLED_IDS = ("m1", "m2", "m3")
+PNG_MPP = 1.0  # µm/px of m3.png, which carries none: from the studies' manifest
 
 
 @dataclass
@@ -93,6 +95,9 @@ def make_studies(studies: Path) -> None:
             write_mosaic_tiff(studies / name, image)
     image, _labels = make_mosaic(512, seed=3)
     Image.fromarray(image).save(studies / "m3.png")
+    (studies / "manifest.csv").write_text(
+        f"mosaic,labels,patient,lesion,clinic,mosaic_mpp\nm3.png,,p3,l3,,{PNG_MPP}\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +158,25 @@ def test_whole_mosaic_labels_at_mosaic_grid_match_rcmseg_batch(
     batch_labels = tifffile.imread(next((tmp_path / "out").glob("m1*labels.tif")), level=0)
     assert batch_labels.shape == (256, 256)  # 2 µm/px
     assert np.mean(whole_m1[::4, ::4] == batch_labels) > 0.999
+
+
+def test_a_mosaic_without_pixel_size_is_read_at_the_manifests(server: Server, tmp_path: Path):
+    response = server.post("/infer/mednet?image=m3&output=image")
+    path = tmp_path / "m3-labels.tif"
+    path.write_bytes(response.content)
+    assert probe_mosaic(path).mosaic_mpp == pytest.approx(PNG_MPP)
+    labels = tifffile.imread(path, level=0)
+    assert labels.shape == (512, 512)
+    batch_in = tmp_path / "in"
+    batch_in.mkdir()
+    shutil.copy(server.studies / "m3.png", batch_in)
+    options = BatchOptions(preset=PRESET, device="cpu", fallback_mpp=PNG_MPP)
+    run_batch(
+        batch_in, tmp_path / "out", bundle_dir=server.bundle, options=options, show_progress=False
+    )
+    batch_labels = tifffile.imread(next((tmp_path / "out").glob("m3*labels.tif")), level=0)
+    assert batch_labels.shape == (256, 256)  # 512 px at 1 µm/px is 256 px at 2 µm/px
+    assert np.mean(labels[::2, ::2] == batch_labels) > 0.999
 
 
 def test_region_requests_give_the_same_labels_and_viewer_polygons(
@@ -289,7 +313,7 @@ def test_entropy_strategy_picks_the_least_certain_unlabelled_mosaic(server: Serv
     expected = {}
     for image_id in UNLABELLED_IDS:
         path = next(server.studies.glob(f"{image_id}.*"))
-        image, _info = read_mosaic(path)
+        image, _info = read_mosaic(path, fallback_mpp=PNG_MPP if image_id == "m3" else 0.5)
         probabilities = segment_image(image, served.network, preset=PRESET)
         expected[image_id] = float(pixel_entropy(probabilities).mean())
     assert reply["id"] == max(expected, key=expected.get)
