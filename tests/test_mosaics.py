@@ -12,7 +12,14 @@ import tifffile
 from PIL import Image
 
 from rcmseg.errors import InputError
-from rcmseg.io.mosaics import MOSAIC_SUFFIXES, mosaic_suffix, probe_mosaic, read_mosaic
+from rcmseg.io.dataset import cases_near
+from rcmseg.io.mosaics import (
+    MOSAIC_SUFFIXES,
+    find_mosaics,
+    mosaic_suffix,
+    probe_mosaic,
+    read_mosaic,
+)
 
 HEIGHT, WIDTH = 67, 50  # not multiples of 4: the trailing rows/columns are dropped
 
@@ -516,3 +523,26 @@ def test_too_small_for_one_working_pixel(tmp_path):
     assert (info.width_px, info.height_px) == (3, 40)
     assert info.working_shape() == (10, 0)
     _assert_one_line_error(path, "smaller than one 2 µm pixel")
+
+
+def test_mosaics_in_linked_folders_are_found_once_and_hidden_folders_left_out(tmp_path: Path):
+    """A lab links each patient's folder from a share into one tree: those mosaics (and their
+    manifest) are found, a link loop ends, and a trash or checkpoint folder is not searched."""
+    image = np.full((16, 16), 128, dtype=np.uint8)
+    share = tmp_path / "share" / "patient01"
+    share.mkdir(parents=True)
+    Image.fromarray(image).save(share / "a.png")
+    (share / "manifest.csv").write_text(
+        "mosaic,labels,patient,lesion,clinic,mosaic_mpp\na.png,,P1,L1,,1\n"
+    )
+    tree = tmp_path / "tree"
+    (tree / ".Trash-1000" / "files").mkdir(parents=True)
+    Image.fromarray(image).save(tree / ".Trash-1000" / "files" / "old.png")
+    Image.fromarray(image).save(tree / "b.png")
+    (tree / "patient01").symlink_to(share, target_is_directory=True)
+    (tree / "again").symlink_to(share, target_is_directory=True)  # the same folder twice
+    (share / "loop").symlink_to(tmp_path / "share", target_is_directory=True)
+
+    found = [path.relative_to(tree).as_posix() for path in find_mosaics(tree)]
+    assert found == ["again/a.png", "b.png"]  # the first path to the folder, in sorted order
+    assert [(case.patient, case.mosaic_mpp) for case in cases_near(tree)] == [("P1", 1.0)]

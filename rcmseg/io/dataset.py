@@ -32,6 +32,7 @@ from rcmseg.errors import InputError
 from rcmseg.io.atomic import write_text_atomic
 from rcmseg.io.csvfiles import read_spreadsheet_text, spreadsheet_delimiter
 from rcmseg.io.labels import downsample_labels, read_label_map
+from rcmseg.io.mosaics import files_under, probe_mosaic, read_mosaic
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -156,14 +157,16 @@ def has_rows(manifest: Path) -> bool:
 
 
 def cases_near(folder: Path) -> list[Case]:
-    """The cases of every ``manifest.csv`` under ``folder``, or of ``folder/../manifest.csv`` when
+    """The cases of every ``manifest.csv`` under ``folder`` (through linked folders, hidden ones
+    left out: :func:`rcmseg.io.mosaics.files_under`), or of ``folder/../manifest.csv`` when
     the tree holds none (so that a command on ``DATA/mosaics`` finds ``DATA/manifest.csv``).
     Manifests that list no mosaic are passed over.
 
     Raises:
         InputError: a manifest that cannot be read (see :func:`read_manifest`).
     """
-    manifests = sorted(folder.rglob(MANIFEST_NAME)) or [folder.parent / MANIFEST_NAME]
+    found = [path for path in files_under(folder) if path.name == MANIFEST_NAME]
+    manifests = found or [folder.parent / MANIFEST_NAME]
     return [
         case
         for manifest in manifests
@@ -208,8 +211,6 @@ def pixel_size_note(cases: list[Case]) -> str | None:
     """A one-line note when mosaics carry no pixel size and the manifest gives none (they are
     taken at 0.5 µm/px, which sets the scale the network sees); None when every size is known.
     Reads file headers only."""
-    from rcmseg.io.mosaics import probe_mosaic
-
     unknown = []
     for case in cases:
         if case.mosaic_mpp is None:
@@ -263,8 +264,6 @@ def load_case(
         InputError: unreadable files, or a label map whose size differs from the mosaic's size at
             full resolution (the message names the label file and both sizes).
     """
-    from rcmseg.io.mosaics import probe_mosaic, read_mosaic
-
     if case.labels is None:
         image, _info = read_mosaic(case.mosaic, target_mpp, case.fallback_mpp)
         return image, np.full(image.shape, UNLABELLED, dtype=np.uint8)

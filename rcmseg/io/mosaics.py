@@ -145,10 +145,33 @@ def is_mosaic_file(path: Path) -> bool:
     return visible and mosaic_suffix(path) in MOSAIC_SUFFIXES
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Files under ``folder``, recursively and sorted by path, as reached from ``folder``.
+
+    Linked folders are followed (a lab links each patient's folder from a share into one tree;
+    ``Path.rglob`` before Python 3.13 passes over them without a word), each real folder once, so
+    a link loop ends. Hidden folders (``.Trash-1000``, ``.ipynb_checkpoints``, the label app's
+    ``.rcmseg``) are left out, as hidden files are by the callers. A folder reached twice is
+    listed under the first path in sorted order.
+    """
+    found: list[Path] = []
+    seen: set[str] = set()
+    for top, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found += [Path(top, name) for name in files]
+    return sorted(found)
+
+
 def find_mosaics(
     folder: Path, skip_folders: Iterable[Path] = (), skip_endings: Iterable[str] = ()
 ) -> list[Path]:
-    """Mosaic files under ``folder`` (recursively, sorted by path).
+    """Mosaic files under ``folder`` (:func:`files_under`: recursively through linked folders,
+    hidden folders left out; sorted by path).
 
     Files inside a ``skip_folders`` entry that lies strictly below ``folder`` (an output or
     annotation folder kept among the mosaics) are left out. A skip folder that is ``folder``
@@ -165,7 +188,7 @@ def find_mosaics(
     endings = tuple(ending.lower() for ending in skip_endings)
     return [
         path
-        for path in sorted(folder.rglob("*"))
+        for path in files_under(folder)
         if is_mosaic_file(path)
         and not path.name.lower().endswith(endings)
         and not any(path.resolve().is_relative_to(skipped) for skipped in below)
