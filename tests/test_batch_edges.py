@@ -196,6 +196,20 @@ def test_a_data_set_folder_gives_its_mosaics_not_its_label_maps(tmp_path):
     assert [job.relative for job in named] == ["m.png"]
 
 
+def test_a_studies_folder_gives_its_mosaics_not_the_labels_annotators_submitted(tmp_path):
+    """`rcmseg batch STUDIES` after annotating with `rcmseg label serve`: MONAI Label keeps the
+    submitted label maps in STUDIES/labels/{final,original}; they are not segmented."""
+    from rcmseg.batch import plan_jobs
+
+    for name in ("m.png", "labels/final/m.png", "labels/original/m.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / name)
+    relatives = ["labels/final/m.png", "labels/original/m.png", "m.png"]
+    assert [job.relative for job in plan_jobs(tmp_path, tmp_path / "out")] == relatives
+    (tmp_path / "datastore_v2.json").write_text('{"name": "new-dataset", "objects": {}}')
+    assert [job.relative for job in plan_jobs(tmp_path, tmp_path / "out")] == ["m.png"]
+
+
 def test_a_single_mosaic_file_is_segmented(mosaics, tmp_path):
     out = tmp_path / "one"
     result = rcmseg("batch", str(mosaics / "a.tif"), "--out", str(out), "--device", "cpu")

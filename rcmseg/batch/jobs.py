@@ -27,6 +27,7 @@ OUTPUT_KINDS = (SUMMARY, LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON)
 # Outputs whose endings are also mosaic endings: never segmented as mosaics, wherever they lie
 # (a batch with --out equal to its input folder, or a results folder kept among the mosaics).
 OUTPUT_IMAGE_ENDINGS = tuple(f".{kind}" for kind in (LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY))
+MONAI_LABEL_RECORD = "datastore_v2.json"  # MONAI Label's record, in a studies folder it serves
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
     The lesion id (and a pixel size for a file that carries none, ``mosaic_mpp``) comes from a
     manifest when one lists the mosaic; else the lesion is the file name. Files a
     manifest lists as label maps are not mosaics (``rcmseg batch DATA`` on a data set folder
-    segments its mosaics, not its ``labels/``). Stems are :func:`distinct_stems`.
+    segments its mosaics, not its ``labels/``), nor are the label maps of a MONAI Label studies
+    folder (:func:`monai_label_labels`). Stems are :func:`distinct_stems`.
 
     Raises:
         InputError: ``source`` does not exist or is a file of another type.
@@ -69,7 +71,8 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
         root, mosaics = source.parent, [source]
     elif source.is_dir():
         root = source
-        mosaics = find_mosaics(source, [out_dir], skip_endings=OUTPUT_IMAGE_ENDINGS)
+        skipped = [out_dir, *monai_label_labels(source)]
+        mosaics = find_mosaics(source, skipped, skip_endings=OUTPUT_IMAGE_ENDINGS)
     else:
         raise InputError(source, "no such mosaic file or folder")
     cases = cases_near(root)
@@ -89,6 +92,12 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
         )
         for path, relative, stem in zip(mosaics, relatives, distinct_stems(relatives), strict=True)
     ]
+
+
+def monai_label_labels(folder: Path) -> list[Path]:
+    """``folder/labels`` when ``folder`` is a studies folder MONAI Label serves (``rcmseg label
+    serve``): the label maps annotators submitted are kept there, and they are not mosaics."""
+    return [folder / "labels"] if (folder / MONAI_LABEL_RECORD).is_file() else []
 
 
 def parts_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:

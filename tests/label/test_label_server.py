@@ -28,7 +28,7 @@ import tifffile  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from rcmseg.batch import BatchOptions, run_batch  # noqa: E402
+from rcmseg.batch import BatchOptions, plan_jobs, run_batch  # noqa: E402
 from rcmseg.bundle import build_network, default_bundle_dir, load_bundle  # noqa: E402
 from rcmseg.classes import CLASS_NAMES, UNLABELLED  # noqa: E402
 from rcmseg.inference import pixel_entropy, segment_image  # noqa: E402
@@ -305,6 +305,12 @@ def test_saved_label_trains_and_replaces_the_served_model(server: Server):
     torch.manual_seed(0)
     fresh = build_network(server.bundle).state_dict()
     assert all(torch.equal(source[k], fresh[k]) for k in fresh)
+
+    # `rcmseg batch STUDIES` afterwards segments the mosaics only: not the submitted label
+    # (MONAI Label keeps it in STUDIES/labels/final), nor the app's working state (.rcmseg).
+    assert list((server.studies / "labels" / "final").glob("m0.*"))
+    jobs = plan_jobs(server.studies, server.studies / "segmented")
+    assert [job.relative for job in jobs] == ["m0.tif", "m1.tiff", "m2.tif", "m3.png"]
 
 
 def test_entropy_strategy_picks_the_least_certain_unlabelled_mosaic(server: Server):
