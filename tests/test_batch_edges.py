@@ -174,6 +174,24 @@ def test_a_file_name_that_is_not_utf8_is_segmented_reported_and_resumed(mosaics,
     assert b"caf\xe9" in (out / "patterns.csv").read_bytes()
 
 
+def test_a_link_to_a_missing_folder_is_named_and_the_rest_goes_on(mosaics, tmp_path):
+    """A patient's folder linked from a share that is not mounted: its mosaics cannot be found,
+    so the batch says which link leads nowhere (emacs's `.#` lock links are passed over)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(mosaics / "b.png", folder / "b.png")
+    (folder / "patient02").symlink_to(tmp_path / "unmounted" / "patient02")
+    (folder / ".#notes.txt").symlink_to("root@host.1234:1700000000")
+    out = tmp_path / "out"
+    result = rcmseg("batch", str(folder), "--out", str(out), "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "1 link(s) under" in output and "patient02 → " in output
+    assert "mosaics there are not searched" in output
+    rows = list(csv.DictReader((out / "mosaics.csv").open()))
+    assert [(row["mosaic"], row["status"]) for row in rows] == [("b.png", "done")]
+
+
 def test_a_data_set_folder_gives_its_mosaics_not_its_label_maps(tmp_path):
     """`rcmseg batch DATA` on a data set folder (rcmseg synth, labels import): the files its
     manifest lists as label maps are not segmented as mosaics; named on purpose, one is."""

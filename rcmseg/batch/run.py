@@ -42,7 +42,13 @@ from rcmseg.inference import (
     configure_threads,
     resolve_device,
 )
-from rcmseg.io.mosaics import MosaicInfo, check_fallback_mpp, probe_mosaic, read_mosaic
+from rcmseg.io.mosaics import (
+    MosaicInfo,
+    broken_links,
+    check_fallback_mpp,
+    probe_mosaic,
+    read_mosaic,
+)
 from rcmseg.report import MosaicRecord, summary_table, write_reports
 
 
@@ -379,6 +385,7 @@ def run_batch(
     options.check()
     check_out_dir(out_dir)
     jobs = plan_jobs(in_dir, out_dir)
+    announce_broken_links(in_dir)
     if not jobs:
         raise InputError(in_dir, "holds no mosaics (TIFF, SVS, BMP, PNG, JPEG or NIfTI files)")
     mine = select_part(jobs, options.num_parts, options.part_id)
@@ -435,6 +442,20 @@ def report_interruption(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def announce_broken_links(in_dir: Path) -> None:
+    """Say which links under ``in_dir`` lead nowhere: a linked folder of mosaics on a share that
+    is not mounted would otherwise be left out without a word."""
+    broken = broken_links(in_dir) if in_dir.is_dir() else []
+    if broken:
+        first = broken[0]
+        console.print(
+            f"[yellow]note:[/] {len(broken)} link(s) under {in_dir} lead nowhere, e.g. {first} → "
+            f"{os.readlink(first)}; mosaics there are not searched (is the drive mounted?)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def announce_fallback_mpp(records: list[MosaicRecord], fallback_mpp: float) -> None:

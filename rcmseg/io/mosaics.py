@@ -167,6 +167,20 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def broken_links(folder: Path) -> list[Path]:
+    """Visible links under ``folder`` whose target is gone and whose name is not a mosaic's
+    (those fail in a batch's report): a linked folder on a share that is not mounted, whose
+    mosaics cannot be searched."""
+    return [
+        path
+        for path in files_under(folder)
+        if path.is_symlink()
+        and not path.exists()
+        and not path.name.startswith(".")
+        and mosaic_suffix(path) not in MOSAIC_SUFFIXES
+    ]
+
+
 def find_mosaics(
     folder: Path, skip_folders: Iterable[Path] = (), skip_endings: Iterable[str] = ()
 ) -> list[Path]:
