@@ -389,3 +389,17 @@ def test_mosaics_that_differ_only_by_ending_get_label_maps_of_their_own(tmp_path
     for name, pattern in (("a.tif", "meshwork"), ("a.TIF", "ring")):
         labels = np.asarray(Image.open(tmp_path / "d" / rows[str(tmp_path / "mosaics" / name)]))
         assert labels[0, 0] == CLASS_NAMES.index(pattern), name
+
+
+def test_import_names_a_linked_folder_that_leads_nowhere(batch_run, imported, tmp_path):
+    """A patient's folder linked from a share that is not mounted: its mosaics cannot be paired
+    with their annotations, so the import says which link leads nowhere."""
+    mosaics, _pre = batch_run
+    exported, _dataset, _result = imported
+    linked = tmp_path / "mosaics"
+    shutil.copytree(mosaics, linked)
+    (linked / "patient02").symlink_to(tmp_path / "unmounted" / "patient02")
+    result = rcmseg("labels", "import", linked, "--annotations", exported, "--out", tmp_path / "d")
+    output = " ".join(result.output.split())
+    assert "note: 1 link(s) under" in output and "patient02 → " in output
+    assert (tmp_path / "d" / "manifest.csv").is_file()  # the rest is imported

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from rcmseg.batch.jobs import MosaicJob, plan_jobs, select_part
 from rcmseg.batch.outputs import requested_outputs, write_outputs
@@ -44,7 +45,7 @@ from rcmseg.inference import (
 )
 from rcmseg.io.mosaics import (
     MosaicInfo,
-    broken_links,
+    broken_links_note,
     check_fallback_mpp,
     probe_mosaic,
     read_mosaic,
@@ -447,15 +448,9 @@ def report_interruption(
 def announce_broken_links(in_dir: Path) -> None:
     """Say which links under ``in_dir`` lead nowhere: a linked folder of mosaics on a share that
     is not mounted would otherwise be left out without a word."""
-    broken = broken_links(in_dir) if in_dir.is_dir() else []
-    if broken:
-        first = broken[0]
-        console.print(
-            f"[yellow]note:[/] {len(broken)} link(s) under {in_dir} lead nowhere, e.g. {first} → "
-            f"{os.readlink(first)}; mosaics there are not searched (is the drive mounted?)",
-            highlight=False,
-            soft_wrap=True,
-        )
+    note = broken_links_note(in_dir)
+    if note:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def announce_fallback_mpp(records: list[MosaicRecord], fallback_mpp: float) -> None:

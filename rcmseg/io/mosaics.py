@@ -181,6 +181,18 @@ def broken_links(folder: Path) -> list[Path]:
     ]
 
 
+def broken_links_note(folder: Path) -> str | None:
+    """One line naming the links under ``folder`` that lead nowhere (:func:`broken_links`), for
+    a command that searches it for mosaics; None when there are none."""
+    broken = broken_links(folder) if folder.is_dir() else []
+    if not broken:
+        return None
+    return (
+        f"{len(broken)} link(s) under {folder} lead nowhere, e.g. {broken[0]} → "
+        f"{os.readlink(broken[0])}; mosaics there are not searched (is the drive mounted?)"
+    )
+
+
 def find_mosaics(
     folder: Path, skip_folders: Iterable[Path] = (), skip_endings: Iterable[str] = ()
 ) -> list[Path]:
