@@ -61,7 +61,7 @@ class MEDNetTaskConfig(TaskConfig):
             self.workspace.studies, float(conf.get("mpp") or MOSAIC_MPP)
         )
         self.served = ServedModel(self.workspace.bundle_dir, self.device)
-        self.cache = EntropyCache(self.workspace.entropy_path)
+        self.cache = EntropyCache(self.workspace.entropy_path, self.pixel_sizes)
         self.entropy = MosaicEntropy(
             self.served,
             self.cache,

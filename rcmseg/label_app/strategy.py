@@ -23,6 +23,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from rcmseg.errors import InputError
 from rcmseg.io.atomic import write_text_atomic
+from rcmseg.label_app.pixel_sizes import StudyPixelSizes
 from rcmseg.label_app.workspace import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -31,24 +32,26 @@ EntropyFunction = Callable[[Path], float]
 
 
 class EntropyCache:
-    """Mean entropies on disk, keyed by mosaic path, file version and model id.
+    """Mean entropies on disk, keyed by mosaic path, file version (and the pixel size a file
+    without one is read at, from ``pixel_sizes``) and model id.
 
     Shared by the server and MONAI Label's scoring subprocess: writes merge under a file lock
     and land with one rename.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pixel_sizes: StudyPixelSizes | None = None) -> None:
         self.path = path
+        self.pixel_sizes = pixel_sizes
         self._lock = FileLock(str(path) + ".lock")
 
     @staticmethod
     def _key(mosaic: Path) -> str:
         return str(mosaic.resolve())
 
-    @staticmethod
-    def _version(mosaic: Path) -> list[int]:
+    def _version(self, mosaic: Path) -> list[float]:
         stat = mosaic.stat()
-        return [stat.st_mtime_ns, stat.st_size]
+        mpp = [self.pixel_sizes.fallback_mpp(mosaic)] if self.pixel_sizes is not None else []
+        return [stat.st_mtime_ns, stat.st_size, *mpp]
 
     def _load(self) -> dict[str, Any]:
         try:

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("monailabel", reason="needs the rcmseg[label] extra (see .ci/label)")
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from rcmseg.bundle import LoadedBundle  # noqa: E402
 from rcmseg.classes import CLASS_NAMES  # noqa: E402
@@ -28,6 +29,7 @@ from rcmseg.label_app.infer import (  # noqa: E402
     working_index,
 )
 from rcmseg.label_app.main import datastore_patterns  # noqa: E402
+from rcmseg.label_app.pixel_sizes import StudyPixelSizes  # noqa: E402
 from rcmseg.label_app.strategy import EntropyCache  # noqa: E402
 from rcmseg.label_app.train import should_replace, split_ids  # noqa: E402
 
@@ -275,3 +277,15 @@ def test_entropy_cache_is_per_model_and_per_file_version(tmp_path: Path):
     assert cache.get(mosaic, "MEDNet@b") is None  # fine-tuned model: score again
     os.utime(mosaic, ns=(1, 1))
     assert cache.get(mosaic, "MEDNet@a") is None  # the file changed
+
+
+def test_entropy_cache_scores_again_when_the_manifest_changes_a_pixel_size(tmp_path: Path):
+    mosaic = tmp_path / "m.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(mosaic)
+    cache = EntropyCache(tmp_path / ".rcmseg" / "entropy.json", StudyPixelSizes(tmp_path))
+    cache.put(mosaic, "MEDNet@a", 0.25)
+    assert cache.get(mosaic, "MEDNet@a") == 0.25
+    (tmp_path / "manifest.csv").write_text(
+        "mosaic,labels,patient,lesion,clinic,mosaic_mpp\nm.png,,p,l,,1\n"
+    )
+    assert cache.get(mosaic, "MEDNet@a") is None  # read at 1 µm/px now, not 0.5
