@@ -186,10 +186,73 @@ def test_a_link_to_a_missing_folder_is_named_and_the_rest_goes_on(mosaics, tmp_p
     result = rcmseg("batch", str(folder), "--out", str(out), "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert "1 link(s) under" in output and "patient02 → " in output
+    assert "1 link(s) lead nowhere" in output and "patient02 → " in output
     assert "mosaics there are not searched" in output
     rows = list(csv.DictReader((out / "mosaics.csv").open()))
     assert [(row["mosaic"], row["status"]) for row in rows] == [("b.png", "done")]
+
+
+def test_a_windows_drive_gives_its_mosaics_not_its_recycle_bin_or_restore_points(tmp_path):
+    """`rcmseg batch /media/usb` on a drive a Windows PC used: deleted mosaics in `$RECYCLE.BIN`
+    (and the `$I…` records named like them) and `System Volume Information` are not the lab's
+    mosaics, so they are not segmented."""
+    from rcmseg.batch import plan_jobs
+
+    mosaic = np.zeros((300, 300), np.uint8)
+    Image.fromarray(mosaic).save(tmp_path / "m.png")
+    recycled = tmp_path / "$RECYCLE.BIN" / "S-1-5-21-1004336348-1177238915-682003330-1001"
+    recycled.mkdir(parents=True)
+    Image.fromarray(mosaic).save(recycled / "$RAB12CD.png")
+    (recycled / "$IAB12CD.png").write_bytes(b"\x02" + bytes(40))
+    (tmp_path / "System Volume Information").mkdir()
+    Image.fromarray(mosaic).save(tmp_path / "System Volume Information" / "tracking.png")
+    (tmp_path / "patients" / "$recycle.bin").mkdir(parents=True)  # any case, at any depth
+    Image.fromarray(mosaic).save(tmp_path / "patients" / "$recycle.bin" / "$R1.png")
+    Image.fromarray(mosaic).save(tmp_path / "patients" / "p.png")
+    jobs = plan_jobs(tmp_path, tmp_path / "out")
+    assert [job.relative for job in jobs] == ["m.png", "patients/p.png"]
+
+
+def test_a_folder_that_cannot_be_read_is_named_and_the_rest_goes_on(mosaics, tmp_path):
+    """A patient's folder on a share that this user may not read: its mosaics cannot be found,
+    so the batch names it and segments the rest. Run as an unprivileged user, since root reads
+    every folder."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: no user here is refused a folder")
+    shared = Path(tempfile.mkdtemp())  # pytest's tmp_path is private to root
+    try:
+        shared.chmod(0o777)
+        folder, out = shared / "in", shared / "out"
+        (folder / "patient03").mkdir(parents=True)
+        shutil.copy(mosaics / "b.png", folder / "b.png")
+        shutil.copy(mosaics / "b.png", folder / "patient03" / "c.png")
+        folder.chmod(0o777)
+        (folder / "patient03").chmod(0o000)
+        command = [sys.executable, "-m", "rcmseg.cli.main", "batch", str(folder)]
+        command += ["--out", str(out), "--device", "cpu", "--no-progress"]
+        if os.geteuid() == 0:
+            user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            command = [*user, *command]
+        environment = {**os.environ, "HOME": str(shared), "COLUMNS": "200"}
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=600, env=environment
+        )
+        output = " ".join((result.stdout + result.stderr).split())
+        assert result.returncode == 0, output
+        assert (
+            f"1 folder(s) cannot be read, e.g. {folder / 'patient03'} (Permission denied)" in output
+        )
+        assert "mosaics there are not searched" in output
+        rows = list(csv.DictReader((out / "mosaics.csv").open()))
+        assert [(row["mosaic"], row["status"]) for row in rows] == [("b.png", "done")]
+    finally:
+        (shared / "in" / "patient03").chmod(0o755)
+        shutil.rmtree(shared)
 
 
 def test_a_data_set_folder_gives_its_mosaics_not_its_label_maps(tmp_path):

@@ -401,5 +401,5 @@ def test_import_names_a_linked_folder_that_leads_nowhere(batch_run, imported, tm
     (linked / "patient02").symlink_to(tmp_path / "unmounted" / "patient02")
     result = rcmseg("labels", "import", linked, "--annotations", exported, "--out", tmp_path / "d")
     output = " ".join(result.output.split())
-    assert "note: 1 link(s) under" in output and "patient02 → " in output
+    assert "note: under" in output and "1 link(s) lead nowhere" in output
     assert (tmp_path / "d" / "manifest.csv").is_file()  # the rest is imported

@@ -45,10 +45,10 @@ from rcmseg.inference import (
 )
 from rcmseg.io.mosaics import (
     MosaicInfo,
-    broken_links_note,
     check_fallback_mpp,
     probe_mosaic,
     read_mosaic,
+    unsearched_note,
 )
 from rcmseg.report import MosaicRecord, summary_table, write_reports
 
@@ -386,7 +386,7 @@ def run_batch(
     options.check()
     check_out_dir(out_dir)
     jobs = plan_jobs(in_dir, out_dir)
-    announce_broken_links(in_dir)
+    announce_unsearched(in_dir)
     if not jobs:
         raise InputError(in_dir, "holds no mosaics (TIFF, SVS, BMP, PNG, JPEG or NIfTI files)")
     mine = select_part(jobs, options.num_parts, options.part_id)
@@ -445,10 +445,11 @@ def report_interruption(
     )
 
 
-def announce_broken_links(in_dir: Path) -> None:
-    """Say which links under ``in_dir`` lead nowhere: a linked folder of mosaics on a share that
-    is not mounted would otherwise be left out without a word."""
-    note = broken_links_note(in_dir)
+def announce_unsearched(in_dir: Path) -> None:
+    """Say what under ``in_dir`` could not be searched (a linked folder on a share that is not
+    mounted, a folder without read permission): its mosaics would otherwise be left out without
+    a word."""
+    note = unsearched_note(in_dir)
     if note:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 

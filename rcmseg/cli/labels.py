@@ -87,10 +87,10 @@ def import_command(
 ) -> None:
     with user_errors():
         from rcmseg.io.labels import read_remap
-        from rcmseg.io.mosaics import broken_links_note
+        from rcmseg.io.mosaics import unsearched_note
         from rcmseg.labels_import import SUMMARY_NAME, import_labels
 
-        if note := broken_links_note(mosaics):
+        if note := unsearched_note(mosaics):
             typer.echo(f"note: {note}", err=True)
         table = read_remap(remap) if remap is not None else None
         results = import_labels(mosaics, annotations, out, fmt=format, remap=table, colours=colours)

@@ -145,52 +145,97 @@ def is_mosaic_file(path: Path) -> bool:
     return visible and mosaic_suffix(path) in MOSAIC_SUFFIXES
 
 
-def files_under(folder: Path) -> list[Path]:
-    """Files under ``folder``, recursively and sorted by path, as reached from ``folder``.
+# Folders an operating system keeps on a drive for itself, never a lab's mosaics: Windows's recycle
+# bin (deleted mosaics, and `$I…` records named like them) and restore points on an NTFS or exFAT
+# drive, and ext4's `lost+found` (fragments recovered by fsck).
+SYSTEM_FOLDERS = frozenset({"$recycle.bin", "recycler", "system volume information", "lost+found"})
+
+
+@dataclass(frozen=True)
+class FolderTree:
+    """What one walk of a folder found (:func:`walk_folder`).
+
+    Attributes:
+        files: files (and links to files or to nothing), sorted by path as reached from the
+            folder.
+        unreadable: folders the walk could not list, each with the reason, e.g.
+            ``(IN/patient03, "Permission denied")``.
+    """
+
+    files: list[Path]
+    unreadable: list[tuple[Path, str]]
+
+
+def walk_folder(folder: Path) -> FolderTree:
+    """Walk ``folder`` recursively, as the commands that search it for mosaics do.
 
     Linked folders are followed (a lab links each patient's folder from a share into one tree;
     ``Path.rglob`` before Python 3.13 passes over them without a word), each real folder once, so
     a link loop ends. Hidden folders (``.Trash-1000``, ``.ipynb_checkpoints``, the label app's
-    ``.rcmseg``) are left out, as hidden files are by the callers. A folder reached twice is
-    listed under the first path in sorted order.
+    ``.rcmseg``) and :data:`SYSTEM_FOLDERS` are left out, as hidden files are by the callers. A
+    folder reached twice is listed under the first path in sorted order. Folders that cannot be
+    listed (permissions, a share gone mid-walk) are returned, not raised, so that one locked
+    folder does not hide the rest.
     """
     found: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
     seen: set[str] = set()
-    for top, folders, files in os.walk(folder, followlinks=True):
+
+    def note_unreadable(error: OSError) -> None:
+        unreadable.append((Path(error.filename), error.strerror or str(error)))
+
+    for top, folders, files in os.walk(folder, onerror=note_unreadable, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:
             folders.clear()
             continue
         seen.add(real)
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        folders[:] = sorted(name for name in folders if searched_folder(name))
         found += [Path(top, name) for name in files]
-    return sorted(found)
+    return FolderTree(sorted(found), sorted(unreadable))
 
 
-def broken_links(folder: Path) -> list[Path]:
-    """Visible links under ``folder`` whose target is gone and whose name is not a mosaic's
-    (those fail in a batch's report): a linked folder on a share that is not mounted, whose
-    mosaics cannot be searched."""
-    return [
+def searched_folder(name: str) -> bool:
+    """Whether a folder of this name may hold a lab's mosaics (not hidden, not the system's)."""
+    return not name.startswith(".") and name.lower() not in SYSTEM_FOLDERS
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Files under ``folder``, recursively and sorted by path (:func:`walk_folder`)."""
+    return walk_folder(folder).files
+
+
+def unsearched_note(folder: Path) -> str | None:
+    """One line naming what under ``folder`` could not be searched for mosaics, for a command
+    that searches it; None when all of it could.
+
+    Two things are named: links that lead nowhere and whose name is not a mosaic's (a linked
+    folder on a share that is not mounted; a broken link named like a mosaic fails in a batch's
+    report instead), and folders that cannot be listed (permissions).
+    """
+    if not folder.is_dir():
+        return None
+    tree = walk_folder(folder)
+    broken = [
         path
-        for path in files_under(folder)
+        for path in tree.files
         if path.is_symlink()
         and not path.exists()
         and not path.name.startswith(".")
         and mosaic_suffix(path) not in MOSAIC_SUFFIXES
     ]
-
-
-def broken_links_note(folder: Path) -> str | None:
-    """One line naming the links under ``folder`` that lead nowhere (:func:`broken_links`), for
-    a command that searches it for mosaics; None when there are none."""
-    broken = broken_links(folder) if folder.is_dir() else []
-    if not broken:
+    problems = []
+    if broken:
+        problems.append(
+            f"{len(broken)} link(s) lead nowhere, e.g. {broken[0]} → {os.readlink(broken[0])} "
+            "(is the drive mounted?)"
+        )
+    if tree.unreadable:
+        path, reason = tree.unreadable[0]
+        problems.append(f"{len(tree.unreadable)} folder(s) cannot be read, e.g. {path} ({reason})")
+    if not problems:
         return None
-    return (
-        f"{len(broken)} link(s) under {folder} lead nowhere, e.g. {broken[0]} → "
-        f"{os.readlink(broken[0])}; mosaics there are not searched (is the drive mounted?)"
-    )
+    return f"under {folder}, {'; '.join(problems)}; mosaics there are not searched"
 
 
 def find_mosaics(
