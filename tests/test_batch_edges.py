@@ -213,10 +213,12 @@ def test_a_windows_drive_gives_its_mosaics_not_its_recycle_bin_or_restore_points
     assert [job.relative for job in jobs] == ["m.png", "patients/p.png"]
 
 
-def test_a_folder_that_cannot_be_read_is_named_and_the_rest_goes_on(mosaics, tmp_path):
-    """A patient's folder on a share that this user may not read: its mosaics cannot be found,
-    so the batch names it and segments the rest. Run as an unprivileged user, since root reads
-    every folder."""
+@pytest.fixture
+def unprivileged(mosaics):
+    """A folder any user may write (pytest's tmp_path is private to root) holding `in/b.png`,
+    and a function that runs `rcmseg ARGS` there as an unprivileged user (root reads and writes
+    every folder, so permissions are tried as `nobody`), returning (exit status, output on one
+    line)."""
     import os
     import subprocess
     import sys
@@ -224,35 +226,167 @@ def test_a_folder_that_cannot_be_read_is_named_and_the_rest_goes_on(mosaics, tmp
 
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
         pytest.skip("running as root without setpriv: no user here is refused a folder")
-    shared = Path(tempfile.mkdtemp())  # pytest's tmp_path is private to root
-    try:
-        shared.chmod(0o777)
-        folder, out = shared / "in", shared / "out"
-        (folder / "patient03").mkdir(parents=True)
-        shutil.copy(mosaics / "b.png", folder / "b.png")
-        shutil.copy(mosaics / "b.png", folder / "patient03" / "c.png")
-        folder.chmod(0o777)
-        (folder / "patient03").chmod(0o000)
-        command = [sys.executable, "-m", "rcmseg.cli.main", "batch", str(folder)]
-        command += ["--out", str(out), "--device", "cpu", "--no-progress"]
+    shared = Path(tempfile.mkdtemp())
+    shared.chmod(0o777)
+    (shared / "in").mkdir(mode=0o777)
+    (shared / "in").chmod(0o777)
+    shutil.copy(mosaics / "b.png", shared / "in" / "b.png")
+
+    def run(*args: str) -> tuple[int, str]:
+        command = [sys.executable, "-m", "rcmseg.cli.main", *args]
         if os.geteuid() == 0:
-            user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-            command = [*user, *command]
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
         environment = {**os.environ, "HOME": str(shared), "COLUMNS": "200"}
         result = subprocess.run(
-            command, capture_output=True, text=True, timeout=600, env=environment
+            command, capture_output=True, text=True, timeout=600, env=environment, cwd=shared
         )
-        output = " ".join((result.stdout + result.stderr).split())
-        assert result.returncode == 0, output
-        assert (
-            f"1 folder(s) cannot be read, e.g. {folder / 'patient03'} (Permission denied)" in output
-        )
-        assert "mosaics there are not searched" in output
-        rows = list(csv.DictReader((out / "mosaics.csv").open()))
-        assert [(row["mosaic"], row["status"]) for row in rows] == [("b.png", "done")]
-    finally:
-        (shared / "in" / "patient03").chmod(0o755)
-        shutil.rmtree(shared)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.returncode, " ".join((result.stdout + result.stderr).split())
+
+    yield shared, run
+    for folder, _, _ in os.walk(shared):
+        os.chmod(folder, 0o755)
+    shutil.rmtree(shared)
+
+
+def test_a_folder_that_cannot_be_read_is_named_and_the_rest_goes_on(unprivileged):
+    """A patient's folder on a share that this user may not read: its mosaics cannot be found,
+    so the batch names it and segments the rest."""
+    shared, run = unprivileged
+    folder = shared / "in"
+    (folder / "patient03").mkdir()
+    shutil.copy(folder / "b.png", folder / "patient03" / "c.png")
+    (folder / "patient03").chmod(0o000)
+    status, output = run("batch", "in", "--out", "out", "--device", "cpu", "--no-progress")
+    assert status == 0, output
+    assert "1 folder(s) cannot be read, e.g. in/patient03 (Permission denied)" in output
+    assert "mosaics there are not searched" in output
+    rows = list(csv.DictReader((shared / "out" / "mosaics.csv").open()))
+    assert [(row["mosaic"], row["status"]) for row in rows] == [("b.png", "done")]
+
+
+def test_a_mosaic_that_cannot_be_read_fails_as_such_not_as_a_corrupt_file(unprivileged):
+    """A mosaic this user may not read fails in the report saying so; it is not called corrupt
+    (a lab would delete a good file as broken)."""
+    shared, run = unprivileged
+    shutil.copy(shared / "in" / "b.png", shared / "in" / "locked.png")
+    (shared / "in" / "locked.png").chmod(0o000)
+    status, output = run("batch", "in", "--out", "out", "--device", "cpu", "--no-progress")
+    assert status == 1, output
+    rows = {row["mosaic"]: row for row in csv.DictReader((shared / "out" / "mosaics.csv").open())}
+    assert (rows["b.png"]["status"], rows["locked.png"]["status"]) == ("done", "failed")
+    assert rows["locked.png"]["error"] == "in/locked.png: cannot be read (Permission denied)"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["batch", "in", "--device", "cpu", "--no-progress"],
+        ["evaluate", "data", "--device", "cpu"],
+        ["labels", "import", "in", "--annotations", "in"],
+        ["train", "model", "data", "--epochs", "1"],
+        ["cv", "data"],
+        ["study", "data", "--study", "levels"],
+        ["synth"],
+    ],
+)
+@pytest.mark.parametrize("out", ["locked", "locked/new"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
+    unprivileged, command, out
+):
+    """`--out` on a folder this user may not write (a colleague's results, a share mounted
+    read-only): one line naming the folder and why, exit 2, before any work, instead of a
+    traceback, or a batch whose every mosaic fails."""
+    shared, run = unprivileged
+    (shared / "locked").mkdir(mode=0o555)
+    (shared / "locked").chmod(0o555)
+    args = [*command, out] if command == ["synth"] else [*command, "--out", out]
+    status, output = run(*args)
+    assert status == 2, output
+    option = "OUT" if command == ["synth"] else "--out"
+    assert (
+        f"error: locked: cannot be written to (Permission denied); choose another {option}"
+        in output
+    )
+    assert list((shared / "locked").iterdir()) == []
+
+
+def test_a_bundle_that_cannot_be_written_is_refused_before_training(unprivileged):
+    """`rcmseg train bundle` writes the weights and the run into the bundle: one installed where
+    this user may not write (a lab's shared install) is refused in one line before an epoch is
+    spent, saying to train a copy."""
+    shared, run = unprivileged
+    bundle = shared / "installed_bundle"
+    shutil.copytree(default_bundle_dir(), bundle, ignore=shutil.ignore_patterns("runs"))
+    for folder in (bundle / "models", bundle):
+        folder.chmod(0o555)
+    status, output = run("train", "bundle", str(bundle), "--data", "data")
+    assert status == 2, output
+    assert f"error: {bundle / 'models'}: cannot be written to (Permission denied)" in output
+    assert "choose another bundle (train a copy of it)" in output
+    assert not (bundle / "runs").exists()
+
+
+def test_a_full_drive_stops_the_batch_keeps_what_is_finished_and_continue_does_the_rest(
+    mosaics, tmp_path
+):
+    """The output drive fills up: the mosaic being written fails naming the output folder and
+    why, keeps no outputs, and the batch stops instead of segmenting mosaics it cannot keep (the
+    rest stay pending in the reports). With room made, `--continue` does the rest. A small
+    tmpfs in a private mount namespace plays the drive."""
+    import subprocess
+    import sys
+
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(
+            ["unshare", "--mount", "true"], capture_output=True, check=False
+        ).returncode
+    ):
+        pytest.skip("no private mount namespace here (needs root and unshare)")
+    folder, measured = tmp_path / "in", tmp_path / "measured"
+    folder.mkdir()
+    for name in ("m0.png", "m1.png", "m2.png", "m3.png"):
+        shutil.copy(mosaics / "b.png", folder / name)
+    options = ["--device", "cpu", "--no-progress", "--probabilities"]
+    measure = rcmseg("batch", str(folder / "m0.png"), "--out", str(measured), *options)
+    assert measure.exit_code == 0, measure.output
+    pages = sum(-(-path.stat().st_size // 4096) for path in measured.glob("m0.*"))
+    assert pages >= 16  # room for the reports once the failed mosaic's outputs are gone
+    drive, kept = tmp_path / "drive", tmp_path / "kept"
+    drive.mkdir()
+    batch = [sys.executable, "-m", "rcmseg.cli.main", "batch", str(folder), "--out", str(drive)]
+    script = f"""
+        mount -t tmpfs -o size={pages * 3 // 2 * 4}k tmpfs {drive}
+        {" ".join(batch + options)} > {tmp_path}/first.txt 2>&1; echo $? > {tmp_path}/first.rc
+        cp -r {drive} {tmp_path}/full
+        mount -o remount,size={pages * 8 * 4}k {drive}
+        {" ".join(batch + options)} --continue > {tmp_path}/then.txt 2>&1
+        echo $? > {tmp_path}/then.rc
+        cp -r {drive} {kept}
+    """
+    subprocess.run(["unshare", "--mount", "sh", "-c", script], check=True, timeout=900)
+    first = " ".join((tmp_path / "first.txt").read_text().split())
+    assert (tmp_path / "first.rc").read_text().strip() == "1", first
+    assert "Traceback" not in first
+    failed = f"{drive}: the outputs of m1.png cannot be written (No space left on device)"
+    assert f"stopped: {failed}; 1 of 4 mosaic(s) finished and kept" in first
+    assert "--continue" in first
+    full = tmp_path / "full"
+    rows = {row["mosaic"]: row for row in csv.DictReader((full / "mosaics.csv").open())}
+    statuses = [rows[name]["status"] for name in ("m0.png", "m1.png", "m2.png", "m3.png")]
+    assert statuses == ["done", "failed", "pending", "pending"]
+    assert rows["m1.png"]["error"] == failed
+    assert sorted(path.name for path in full.glob("m1.*")) == ["m1.summary.json"]  # no outputs
+    assert not list(full.glob("*.partial-*"))
+    then = (tmp_path / "then.txt").read_text()
+    assert (tmp_path / "then.rc").read_text().strip() == "0", then
+    rows = {row["mosaic"]: row["status"] for row in csv.DictReader((kept / "mosaics.csv").open())}
+    assert rows == {"m0.png": "skipped", "m1.png": "done", "m2.png": "done", "m3.png": "done"}
+    first_labels = tifffile.imread(kept / "m0.labels.tif")
+    assert all(
+        np.array_equal(tifffile.imread(kept / f"m{i}.labels.tif"), first_labels) for i in (1, 2, 3)
+    )
 
 
 def test_a_data_set_folder_gives_its_mosaics_not_its_label_maps(tmp_path):

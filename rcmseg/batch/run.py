@@ -12,6 +12,7 @@ reports. All options are checked before any mosaic is touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +44,7 @@ from rcmseg.inference import (
     configure_threads,
     resolve_device,
 )
+from rcmseg.io.atomic import check_output_folder
 from rcmseg.io.mosaics import (
     MosaicInfo,
     check_fallback_mpp,
@@ -137,6 +139,20 @@ class LoadedMosaic:
     read_seconds: float
 
 
+# A write refused for one of these reasons is refused for every later mosaic too (a full drive,
+# a quota, a drive remounted read-only): the batch stops rather than segment what it cannot keep.
+OUTPUT_STOPPERS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+class OutputsNotWritten(InputError):
+    """A mosaic was segmented but its outputs could not be written (``cause``: the OSError)."""
+
+    def __init__(self, out_dir: Path, job: MosaicJob, cause: OSError) -> None:
+        reason = cause.strerror or type(cause).__name__
+        super().__init__(out_dir, f"the outputs of {job.relative} cannot be written ({reason})")
+        self.stops_batch = cause.errno in OUTPUT_STOPPERS
+
+
 @dataclass
 class Segmenter:
     """What segments every mosaic of a run: the bundle, its engine and the run's options.
@@ -149,6 +165,7 @@ class Segmenter:
     bundle: LoadedBundle
     engine: SegmentationEngine
     options: BatchOptions
+    stopped: str = ""  # why the batch stopped early (outputs could no longer be written)
 
     @property
     def provenance(self) -> Provenance:
@@ -209,9 +226,14 @@ class Segmenter:
             "preset": provenance.preset,
             "settings": provenance.engine,
         }
-        outputs = write_outputs(
-            job, mosaic.image, info.mosaic_mpp, bundle, maps, provenance.outputs, description
-        )
+        try:
+            outputs = write_outputs(
+                job, mosaic.image, info.mosaic_mpp, bundle, maps, provenance.outputs, description
+            )
+        except OSError as error:
+            with contextlib.suppress(OSError):  # a failed mosaic keeps no outputs (frees room)
+                remove_outputs(job, finished=True)
+            raise OutputsNotWritten(job.out_stem.parent, job, error) from error
         write_seconds = time.perf_counter() - started
         record = MosaicRecord(
             mosaic=job.relative,
@@ -301,18 +323,23 @@ class Segmenter:
                     continue
                 if writing is not None:  # one mosaic waits to be written, no more
                     records[writing[0]] = self.written(*writing[1:])
+                    writing = None
+                    if self.stopped:  # this mosaic and the rest stay pending
+                        break
                 future = writer.submit(self.write, job, mosaic, maps, infer_seconds, note)
                 writing = (index, job, future)
                 progress.mosaic_done()
             if writing is not None:
                 records[writing[0]] = self.written(*writing[1:])
-        return [records[index] for index in range(len(jobs))]
+        return [records[index] for index in range(len(jobs)) if index in records]
 
     def written(self, job: MosaicJob, future: Future) -> MosaicRecord:
         """The record of a write, or a failure record if writing failed."""
         try:
             return future.result()
         except Exception as error:
+            if getattr(error, "stops_batch", False):
+                self.stopped = str(error)
             return self.failed(job, error, 0.0)
 
     def failed(self, job: MosaicJob, error: BaseException, seconds: float) -> MosaicRecord:
@@ -347,15 +374,6 @@ def device_for_part(device: str) -> str:
     return device
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse an output path that is a file (or lies under one)."""
-    for folder in (out_dir, *out_dir.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise InputError(folder, "is a file, not a folder for outputs (--out)")
-            return
-
-
 def run_batch(
     in_dir: str | Path,
     out_dir: str | Path,
@@ -373,7 +391,7 @@ def run_batch(
     built from ``options``.
 
     Raises:
-        InputError: a missing input, an output path that is a file, bad options (device,
+        InputError: a missing input, an output folder that cannot be written, bad options (device,
             precision, preset, pixel size, parts), a bad bundle or manifest, no mosaics, or
             finished outputs without ``resume``/``overwrite``. All are checked before any mosaic
             is segmented. Failures of single mosaics do not raise: they are recorded and the
@@ -384,7 +402,7 @@ def run_batch(
         raise InputError(None, "both an input folder and an output folder are needed")
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     options.check()
-    check_out_dir(out_dir)
+    check_output_folder(out_dir)
     jobs = plan_jobs(in_dir, out_dir)
     announce_unsearched(in_dir)
     if not jobs:
@@ -423,8 +441,20 @@ def run_batch(
             console.print(f"[red]failed[/red] {record.error}", highlight=False, soft_wrap=True)
 
     announce_fallback_mpp(records, options.fallback_mpp)
+    if segmenter.stopped:
+        finished = sum(record.status in ("done", "skipped") for record in records)
+        console.print(
+            f"[red]stopped:[/] {segmenter.stopped}; {finished} of {len(mine)} mosaic(s) finished "
+            f"and kept; make room and run the same command with --continue to do the rest",
+            highlight=False,
+            soft_wrap=True,
+        )
     all_records = batch_records(jobs, records)
-    mosaics_csv, patterns_csv = write_reports(out_dir, all_records, bundle.class_names)
+    try:
+        mosaics_csv, patterns_csv = write_reports(out_dir, all_records, bundle.class_names)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise InputError(out_dir, f"the reports cannot be written ({reason})") from error
     return BatchResult(records, all_records, mosaics_csv, patterns_csv)
 
 

@@ -153,9 +153,11 @@ def cv_command(
         from rcmseg.evaluation.cv import run_cv
         from rcmseg.evaluation.report import format_value
         from rcmseg.evaluation.study import Variant
+        from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training.bundle import bundle_train_settings, with_overrides, with_variant
 
+        check_output_folder(out)
         note_unknown_pixel_sizes(data)
 
         base = bundle_train_settings(bundle)

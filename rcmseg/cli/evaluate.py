@@ -50,8 +50,10 @@ def evaluate_command(
         from rcmseg.bundle import default_bundle_dir
         from rcmseg.evaluation.evaluate import evaluate_bundle
         from rcmseg.evaluation.report import format_value
+        from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.labels import load_remap_table
 
+        check_output_folder(out)
         note_unknown_pixel_sizes(data)
 
         table = load_remap_table(remap) if remap is not None else None

@@ -42,10 +42,12 @@ def from_geojson(
     remap: Remap = None,
 ) -> None:
     with user_errors():
+        from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.labels import read_remap
         from rcmseg.io.mosaics import probe_mosaic
         from rcmseg.labels_import import geojson_label_map, value_counts, write_label_map
 
+        check_output_folder(out.parent)
         names = read_remap(remap).names if remap is not None else None
         info = probe_mosaic(mosaic)
         labels, found, counts = geojson_label_map(geojson, (info.height_px, info.width_px), names)
@@ -86,10 +88,12 @@ def import_command(
     remap: Remap = None,
 ) -> None:
     with user_errors():
+        from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.labels import read_remap
         from rcmseg.io.mosaics import unsearched_note
         from rcmseg.labels_import import SUMMARY_NAME, import_labels
 
+        check_output_folder(out)
         if note := unsearched_note(mosaics):
             typer.echo(f"note: {note}", err=True)
         table = read_remap(remap) if remap is not None else None

@@ -77,9 +77,11 @@ def study_command(
     with user_errors():
         from rcmseg.errors import InputError
         from rcmseg.evaluation.study import STUDIES, Variant, run_study
+        from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training.bundle import bundle_train_settings, with_overrides
 
+        check_output_folder(out)
         note_unknown_pixel_sizes(data)
 
         if study is not None and study not in STUDIES:

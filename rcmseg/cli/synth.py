@@ -34,11 +34,11 @@ def synth(
     and OUT/manifest.csv, deterministic per seed."""
     with user_errors():
         from rcmseg.errors import InputError
+        from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.dataset import manifest_path
         from rcmseg.synth import write_dataset
 
-        if out.exists() and not out.is_dir():
-            raise InputError(out, "exists and is not a folder")
+        check_output_folder(out, "OUT")
         if manifest_path(out).exists() and not overwrite:
             raise InputError(out, "already holds a manifest.csv; pass --overwrite to replace it")
         cases = write_dataset(

@@ -140,9 +140,11 @@ def train_model_command(
     OUT/train_log.csv/.json.
     """
     with user_errors():
+        from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training import TrainConfig, train
 
+        check_output_folder(out)
         note_unknown_pixel_sizes(data)
 
         if not progress:  # one line per epoch instead of the bar
@@ -216,6 +218,7 @@ def train_bundle_command(
     """
     with user_errors():
         from rcmseg.bundle import default_bundle_dir
+        from rcmseg.io.atomic import check_output_folder
         from rcmseg.training.bundle import train_bundle
 
         note_unknown_pixel_sizes(data)
@@ -230,6 +233,9 @@ def train_bundle_command(
             "num_workers": workers,
         }
         bundle = bundle or default_bundle_dir()
+        for written in ("models", "runs"):  # the trained weights and the run go into the bundle
+            if bundle.is_dir():  # a missing bundle or a zip is load_bundle's to name
+                check_output_folder(bundle / written, "bundle (train a copy of it)")
         with exit_on_interrupt(lambda: _kept_checkpoint(bundle / "runs" / "train" / "checkpoints")):
             result = train_bundle(
                 bundle,

@@ -14,8 +14,11 @@ import csv
 import io
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+from rcmseg.errors import InputError
 
 PARTIAL_MARKER = ".partial-"
 TEXT_ERRORS = "surrogateescape"  # how rcmseg's text files hold file names that are not UTF-8
@@ -34,6 +37,32 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(handle)
         finally:
             os.close(handle)
+
+
+def check_output_folder(folder: str | Path, option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that cannot be written.
+
+    ``folder`` need not exist: the nearest folder above it that does is where it would be
+    created. A file in its place, a folder this user may not write to, or a read-only drive
+    is refused in one line naming the folder and the reason, rather than after hours of work
+    or as a failure of every mosaic. The check creates and removes one unnamed temporary file.
+
+    Raises:
+        InputError: ``folder`` or a folder above it is a file, or the nearest existing folder
+            does not take a new file.
+    """
+    folder = Path(folder)
+    existing = next(path for path in (folder, *folder.parents, Path(".")) if path.exists())
+    if not existing.is_dir():
+        raise InputError(existing, f"is a file, not a folder for outputs ({option})")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise InputError(
+            existing, f"cannot be written to ({reason}); choose another {option}"
+        ) from error
 
 
 @contextlib.contextmanager

@@ -468,12 +468,19 @@ def _check_sample_type(source: _Source) -> None:
 
 @contextlib.contextmanager
 def _library_errors(path: Path, what: str) -> Iterator[None]:
-    """Turn a reader library's exception into a one-line :class:`InputError`."""
+    """Turn a reader library's exception into a one-line :class:`InputError`.
+
+    A refusal by the system (permissions, an I/O error of a failing drive, a stale share: an
+    ``OSError`` carrying an errno) is named as such; anything else a reader raises means a bad
+    file. (Pillow's "truncated" and "cannot identify" errors are ``OSError`` without an errno.)
+    """
     try:
         yield
     except (InputError, MemoryError):
         raise
     except Exception as error:  # noqa: BLE001 - any reader failure is a bad file to the user
+        if isinstance(error, OSError) and error.errno is not None:
+            raise InputError(path, f"cannot be read ({error.strerror})") from error
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         detail = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
         raise InputError(
