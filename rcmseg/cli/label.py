@@ -22,6 +22,7 @@ from rcmseg.cli.common import (
     user_errors,
 )
 from rcmseg.errors import InputError
+from rcmseg.io.atomic import check_output_folder
 from rcmseg.label_app.pixel_sizes import StudyPixelSizes
 
 label_app = typer.Typer(
@@ -142,6 +143,7 @@ def serve(
         check_label_extra()
         if not studies.is_dir():
             raise InputError(studies, "not a folder (the mosaics to annotate go here)")
+        check_output_folder(studies, "--studies (MONAI Label keeps its records and labels there)")
         if bundle is not None and not bundle.is_dir():
             raise InputError(bundle, "bundle folder not found")
         # A bad --mpp or manifest is refused now, in one line, not at the first request.

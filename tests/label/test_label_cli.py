@@ -61,6 +61,39 @@ def test_serve_refuses_a_bad_pixel_size_in_the_option_or_the_manifest(tmp_path: 
 
 
 @pytest.mark.skipif(not HAS_MONAILABEL, reason="needs the rcmseg[label] extra (see .ci/label)")
+def test_serve_refuses_a_studies_folder_it_cannot_write():
+    """MONAI Label writes its records and the submitted labels into STUDIES: a folder this user
+    may not write is one line before any server starts, not a traceback. Run as `nobody`,
+    since root writes everywhere."""
+    import os
+    import shutil
+    import tempfile
+
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: no user here is refused a folder")
+    shared = Path(tempfile.mkdtemp())  # pytest's tmp_path is private to root
+    try:
+        shared.chmod(0o777)
+        studies = shared / "studies"
+        studies.mkdir()
+        studies.chmod(0o555)
+        user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        command = [sys.executable, "-m", "rcmseg.cli.main", "label", "serve"]
+        result = subprocess.run(
+            [*(user if os.geteuid() == 0 else []), *command, "--studies", str(studies)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "HOME": str(shared), "COLUMNS": "300"},
+        )
+        assert_one_line_error(result, f"{studies}: cannot be written to (Permission denied)")
+        assert list(studies.iterdir()) == []
+    finally:
+        shutil.rmtree(shared)
+
+
+@pytest.mark.skipif(not HAS_MONAILABEL, reason="needs the rcmseg[label] extra (see .ci/label)")
 def test_serve_refuses_a_port_in_use(tmp_path: Path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
