@@ -317,9 +317,13 @@ def test_a_run_killed_while_writing_leaves_no_finished_looking_file(tmp_path):
     assert not list(out.glob(f"*{PARTIAL_MARKER}*"))  # the killed run's leftovers are gone
 
 
-def test_ctrl_c_keeps_finished_mosaics_reports_the_rest_pending_and_says_how_to_go_on(tmp_path):
-    """Ctrl-C (SIGINT) mid-batch: exit 130 with one line naming what is kept, reports that say
-    ``done`` only for finished mosaics, and a ``--continue`` that does the rest."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_keeps_finished_mosaics_reports_the_rest_pending_and_says_how_to_go_on(
+    tmp_path, stop
+):
+    """Ctrl-C (SIGINT) mid-batch, or SIGTERM (a cluster scheduler's time limit, `kill`): exit
+    130 or 143 with one line naming what is kept, reports that say ``done`` only for finished
+    mosaics, and a ``--continue`` that does the rest."""
     in_dir, out = tmp_path / "in", tmp_path / "out"
     rng = np.random.default_rng(1)
     for index in range(8):
@@ -338,11 +342,11 @@ def test_ctrl_c_keeps_finished_mosaics_reports_the_rest_pending_and_says_how_to_
     deadline = time.monotonic() + 240
     while process.poll() is None and time.monotonic() < deadline:
         if list(out.glob("*.summary.json")) if out.is_dir() else []:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(stop)
             break
         time.sleep(0.01)
     output = process.communicate(timeout=120)[0]
-    assert process.returncode == 130, output
+    assert process.returncode == 128 + stop, output
     assert "Traceback" not in output
     assert "interrupted:" in output and "--continue" in output
     rows = read_csv(out / "mosaics.csv")

@@ -460,9 +460,13 @@ def test_train_model_cli_distils_a_small_network_from_a_bundle(
     )
 
 
-def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(dataset: Path, tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT) while training: exit 130, no traceback, one line naming the kept
-    checkpoint and --resume, which then goes on from that epoch."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(
+    dataset: Path, tmp_path: Path, stop: str
+) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM (a cluster scheduler's time limit) while training: exit 130 or
+    143, no traceback, one line naming the kept checkpoint and --resume, which then goes on
+    from that epoch."""
     import signal
     import subprocess
     import sys
@@ -485,9 +489,9 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(dataset: Path, tmp_p
     deadline = time.monotonic() + 300
     while process.poll() is None and not last.is_file() and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, stop))
     output = process.communicate(timeout=120)[0]
-    assert process.returncode == 130, output
+    assert process.returncode == 128 + getattr(signal, stop), output
     assert "Traceback" not in output
     assert f"interrupted: the last finished epoch is kept in {last}" in " ".join(output.split())
     done = torch.load(last, weights_only=False)["epochs_done"]

@@ -4,6 +4,8 @@ how the network runs (the same on every command that segments)."""
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
@@ -27,17 +29,36 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(code=2) from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: a cluster scheduler's time limit, a service stopped, `kill PID`. Handled as
+    Ctrl-C is (what is finished is kept and said), not as a sudden death."""
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread, like SIGINT's
+    ``KeyboardInterrupt``: a batch stopped by SLURM at its time limit then finishes writing the
+    mosaic already segmented and its reports, and `label serve` stops its server."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    if threading.current_thread() is threading.main_thread():  # only there can it be set
+        signal.signal(signal.SIGTERM, terminate)
+
+
 @contextlib.contextmanager
 def exit_on_interrupt(kept: str | Callable[[], str] | None) -> Iterator[None]:
-    """Ctrl-C: exit status 130 without a traceback, after one line saying what is ``kept`` and
-    how to go on (a callable: asked then; None: the command said it already)."""
+    """Ctrl-C (exit status 130) or SIGTERM (143) without a traceback, after one line saying
+    what is ``kept`` and how to go on (a callable: asked then; None: the command said it
+    already)."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if kept:
             line = kept() if callable(kept) else kept
             console.print(f"[yellow]interrupted:[/] {line}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=130) from None
+        code = 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+        raise typer.Exit(code=code) from None
 
 
 def note_unknown_pixel_sizes(data_dir: Path) -> None:

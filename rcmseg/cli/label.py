@@ -17,6 +17,7 @@ from rcmseg.cli.common import (
     BackendOption,
     OpenVINOCacheOption,
     PrecisionOption,
+    Terminated,
     console,
     exit_on_interrupt,
     user_errors,
@@ -178,5 +179,26 @@ def serve(
             soft_wrap=True,
         )
     with exit_on_interrupt(None):  # the server stopped: nothing to keep
-        completed = subprocess.run(server_command(app_dir, studies, host, port, conf), check=False)
-    raise typer.Exit(code=completed.returncode)
+        returncode = run_server(server_command(app_dir, studies, host, port, conf))
+    raise typer.Exit(code=returncode)
+
+
+def run_server(command: list[str], grace_s: float = 30.0) -> int:
+    """Run the MONAI Label server until it exits; return its exit status.
+
+    Ctrl-C at a terminal reaches the server too; SIGTERM (``kill PID``, a service stopped) is
+    passed on to it. Either way the server gets ``grace_s`` to stop its training and scoring
+    tasks before it is killed, and the interruption is raised again.
+    """
+    server = subprocess.Popen(command)
+    try:
+        return server.wait()
+    except KeyboardInterrupt as interrupt:
+        if isinstance(interrupt, Terminated):
+            server.terminate()
+        try:
+            server.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        raise

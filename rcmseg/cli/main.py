@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from rcmseg.cli import batch, cv, evaluate, label, labels, study, synth, train
+from rcmseg.cli.common import stop_on_sigterm
 
 app = typer.Typer(
     name="rcmseg",
@@ -53,6 +54,7 @@ def main(
     ] = False,
 ) -> None:
     """Options before the command (``--version``); the app's help is ``app``'s."""
+    stop_on_sigterm()
     # A file name that is not UTF-8 (held as lone surrogates) must print, not end the run.
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":

@@ -112,3 +112,30 @@ def test_local_server_that_cannot_start_raises_with_the_log_tail(tmp_path: Path)
     assert message.startswith("server exited (2):")
     assert "error:" in message
     assert ("not a folder" if HAS_MONAILABEL else "rcmseg[label]") in message
+
+
+@pytest.mark.skipif(not HAS_MONAILABEL, reason="needs the rcmseg[label] extra (see .ci/label)")
+def test_sigterm_to_serve_stops_its_server_too(tmp_path: Path):
+    """`kill PID` on `rcmseg label serve` (a service being stopped) must not leave the MONAI
+    Label server running on the port: the signal is passed on, the whole process group ends,
+    and serve exits 143."""
+    import os
+    import signal
+    import time
+
+    from rcmseg.label_app.local_server import group_alive
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    server = LocalServer(studies, tmp_path / "server.log", start_timeout_s=300)
+    try:
+        os.kill(server.process.pid, signal.SIGTERM)  # serve alone, not its group
+        assert server.process.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 60
+        while group_alive(server.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not group_alive(server.process.pid)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", server.port))  # the port is free again
+    finally:
+        server.stop()
