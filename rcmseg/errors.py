@@ -22,6 +22,11 @@ class InputError(Exception):
         super().__init__(f"{path}: {self.problem}" if path is not None else self.problem)
 
 
+def os_reason(error: OSError) -> str:
+    """The system's reason for a refused file operation, e.g. ``"No space left on device"``."""
+    return error.strerror or type(error).__name__
+
+
 def or_exit(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``function(*args, **kwargs)``, with an :class:`InputError` printed as one line on stderr
     and the process ended with status 2 (for bundle configs run by ``python -m monai.bundle``,

@@ -41,7 +41,7 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, os_reason
 from rcmseg.io.atomic import copy_atomic
 from rcmseg.networks.blocks import edge_layers_in_float32, inference_copy, is_edge_convolution
 from rcmseg.transforms import window_starts  # the one window grid (MONAI's)
@@ -417,7 +417,7 @@ class OpenVINONetwork:
                 copy_atomic(written, xml)
         except OSError as error:
             what = "keep the converted network" if cache_dir else "convert the network (scratch)"
-            raise InputError(where, f"cannot {what} here: {error.strerror or error}") from None
+            raise InputError(where, f"cannot {what} here: {os_reason(error)}") from None
         return core.read_model(xml)
 
     def compiled(self, window: tuple[int, int]) -> object:

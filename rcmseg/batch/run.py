@@ -36,7 +36,7 @@ from rcmseg.batch.resume import (
 )
 from rcmseg.bundle import LoadedBundle, load_bundle
 from rcmseg.classes import MOSAIC_MPP
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, os_reason
 from rcmseg.inference import (
     MIN_SIDE_PX,
     SegmentationEngine,
@@ -148,7 +148,7 @@ class OutputsNotWritten(InputError):
     """A mosaic was segmented but its outputs could not be written (``cause``: the OSError)."""
 
     def __init__(self, out_dir: Path, job: MosaicJob, cause: OSError) -> None:
-        reason = cause.strerror or type(cause).__name__
+        reason = os_reason(cause)
         super().__init__(out_dir, f"the outputs of {job.relative} cannot be written ({reason})")
         self.stops_batch = cause.errno in OUTPUT_STOPPERS
 
@@ -338,7 +338,7 @@ class Segmenter:
         try:
             return future.result()
         except Exception as error:
-            if getattr(error, "stops_batch", False):
+            if isinstance(error, OutputsNotWritten) and error.stops_batch:
                 self.stopped = str(error)
             return self.failed(job, error, 0.0)
 
@@ -453,8 +453,7 @@ def run_batch(
     try:
         mosaics_csv, patterns_csv = write_reports(out_dir, all_records, bundle.class_names)
     except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise InputError(out_dir, f"the reports cannot be written ({reason})") from error
+        raise InputError(out_dir, f"the reports cannot be written ({os_reason(error)})") from error
     return BatchResult(records, all_records, mosaics_csv, patterns_csv)
 
 

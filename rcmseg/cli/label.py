@@ -22,7 +22,7 @@ from rcmseg.cli.common import (
     exit_on_interrupt,
     user_errors,
 )
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, os_reason
 from rcmseg.io.atomic import check_output_folder
 from rcmseg.label_app.pixel_sizes import StudyPixelSizes
 
@@ -51,7 +51,7 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise InputError(None, f"cannot listen on {host}:{port} ({error.strerror})") from None
+            raise InputError(None, f"cannot listen on {host}:{port} ({os_reason(error)})") from None
 
 
 def is_loopback(host: str) -> bool:

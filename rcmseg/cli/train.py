@@ -233,8 +233,8 @@ def train_bundle_command(
             "num_workers": workers,
         }
         bundle = bundle or default_bundle_dir()
-        for written in ("models", "runs"):  # the trained weights and the run go into the bundle
-            if bundle.is_dir():  # a missing bundle or a zip is load_bundle's to name
+        if bundle.is_dir():  # a missing bundle or a zip is load_bundle's to name
+            for written in ("models", "runs"):  # the trained weights and the run go there
                 check_output_folder(bundle / written, "bundle (train a copy of it)")
         with exit_on_interrupt(lambda: _kept_checkpoint(bundle / "runs" / "train" / "checkpoints")):
             result = train_bundle(

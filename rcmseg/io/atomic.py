@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, os_reason
 
 PARTIAL_MARKER = ".partial-"
 TEXT_ERRORS = "surrogateescape"  # how rcmseg's text files hold file names that are not UTF-8
@@ -52,17 +52,15 @@ def check_output_folder(folder: str | Path, option: str = "--out") -> None:
             does not take a new file.
     """
     folder = Path(folder)
-    existing = next(path for path in (folder, *folder.parents, Path(".")) if path.exists())
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
     if not existing.is_dir():
         raise InputError(existing, f"is a file, not a folder for outputs ({option})")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise InputError(
-            existing, f"cannot be written to ({reason}); choose another {option}"
-        ) from error
+        problem = f"cannot be written to ({os_reason(error)}); choose another {option}"
+        raise InputError(existing, problem) from error
 
 
 @contextlib.contextmanager

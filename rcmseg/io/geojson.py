@@ -55,7 +55,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES, UNLABELLED, WORKING_MPP
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, os_reason
 from rcmseg.io.atomic import write_text_atomic
 
 __all__ = [
@@ -508,7 +508,7 @@ def _load_json(path: Path) -> object:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise InputError(path, f"cannot read GeoJSON ({error.strerror})") from None
+        raise InputError(path, f"cannot read GeoJSON ({os_reason(error)})") from None
     try:
         if data[:2] == b"\x1f\x8b":
             data = gzip.decompress(data)

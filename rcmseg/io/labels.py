@@ -27,7 +27,7 @@ from rcmseg.classes import (
     invalid_label_values,
     remap_labels,
 )
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, os_reason
 from rcmseg.io.csvfiles import read_spreadsheet_text, spreadsheet_delimiter
 from rcmseg.io.mosaics import main_tiff_series
 
@@ -243,7 +243,7 @@ def _remap_pairs(path: Path) -> list[tuple[object, object]]:
     try:
         text = read_spreadsheet_text(path)
     except OSError as error:
-        raise InputError(path, f"cannot read remapping table ({error.strerror})") from None
+        raise InputError(path, f"cannot read remapping table ({os_reason(error)})") from None
     if path.suffix.lower() == ".json":
         try:
             entries = json.loads(text)

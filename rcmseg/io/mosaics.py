@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from rcmseg.classes import MOSAIC_MPP, WORKING_MPP
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, os_reason
 
 MOSAIC_SUFFIXES: tuple[str, ...] = (
     ".tif",
@@ -182,7 +182,7 @@ def walk_folder(folder: Path) -> FolderTree:
     seen: set[str] = set()
 
     def note_unreadable(error: OSError) -> None:
-        unreadable.append((Path(error.filename), error.strerror or str(error)))
+        unreadable.append((Path(error.filename), os_reason(error)))
 
     for top, folders, files in os.walk(folder, onerror=note_unreadable, followlinks=True):
         real = os.path.realpath(top)
@@ -480,7 +480,7 @@ def _library_errors(path: Path, what: str) -> Iterator[None]:
         raise
     except Exception as error:  # noqa: BLE001 - any reader failure is a bad file to the user
         if isinstance(error, OSError) and error.errno is not None:
-            raise InputError(path, f"cannot be read ({error.strerror})") from error
+            raise InputError(path, f"cannot be read ({os_reason(error)})") from error
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         detail = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
         raise InputError(
