@@ -136,6 +136,10 @@ def test_sigterm_to_serve_stops_its_server_too(tmp_path: Path):
             time.sleep(0.2)
         assert not group_alive(server.process.pid)
         with socket.socket() as probe:
-            probe.bind(("127.0.0.1", server.port))  # the port is free again
+            # As a new server binds it: connections the old one closed may linger in TIME_WAIT,
+            # which SO_REUSEADDR allows; a socket still listening on the port does not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", server.port))
+            probe.listen()
     finally:
         server.stop()
