@@ -62,11 +62,12 @@ from rcmseg.io.geojson import AnnotationSet, RasterCounts, class_table, rasteris
 from rcmseg.io.labels import RemapTable, read_label_map
 from rcmseg.io.mosaics import (
     MOSAIC_SUFFIXES,
+    FolderTree,
     distinct_stems,
-    find_mosaics,
     main_tiff_series,
     mosaic_suffix,
     probe_mosaic,
+    walk_folder,
 )
 
 __all__ = [
@@ -298,8 +299,8 @@ def find_annotations(
     return None
 
 
-def _find_mosaics(source: Path, folder: Path, dataset: Path) -> list[Path]:
-    """Mosaic files under ``source`` (or ``source`` itself), sorted.
+def _find_mosaics(source: Path, tree: FolderTree, folder: Path, dataset: Path) -> list[Path]:
+    """Mosaic files under ``source`` (or ``source`` itself; ``tree`` is its walk), sorted.
 
     Left out: the annotation folder and the data set's label maps where they lie inside
     ``source``, ``rcmseg batch``'s outputs, and, where annotations share the mosaics' folder,
@@ -308,11 +309,7 @@ def _find_mosaics(source: Path, folder: Path, dataset: Path) -> list[Path]:
     """
     if source.is_file():
         return [source]
-    if not source.is_dir():
-        raise InputError(source, "mosaic folder does not exist")
-    found = find_mosaics(
-        source, [folder, dataset / LABELS_FOLDER], skip_endings=OUTPUT_IMAGE_ENDINGS
-    )
+    found = tree.mosaics([folder, dataset / LABELS_FOLDER], skip_endings=OUTPUT_IMAGE_ENDINGS)
     # Whatever --format says: a labelled image beside its mosaic is never a mosaic itself.
     relatives = {path: path.relative_to(source).as_posix() for path in found}
     paired = {find_annotations(folder, relatives[path], "image", mosaic=path) for path in found}
@@ -323,10 +320,10 @@ def _find_mosaics(source: Path, folder: Path, dataset: Path) -> list[Path]:
     ]
 
 
-def _known_cases(source: Path, dataset: Path) -> dict[Path, Case]:
-    """Cases of the manifests under/next to the mosaics and of the data set, by mosaic path."""
-    folder = source if source.is_dir() else source.parent
-    cases = {case.mosaic.resolve(): case for case in cases_near(folder)}
+def _known_cases(tree: FolderTree, dataset: Path) -> dict[Path, Case]:
+    """Cases of the manifests under/next to the mosaics (``tree``: their folder's walk) and of
+    the data set, by mosaic path."""
+    cases = {case.mosaic.resolve(): case for case in cases_near(tree)}
     return cases | _dataset_cases(dataset)
 
 
@@ -463,12 +460,15 @@ def import_labels(
     fmt: str = "auto",
     remap: RemapTable | None = None,
     colours: str = "auto",
+    tree: FolderTree | None = None,
 ) -> list[MosaicImport]:
     """Import the annotations of every mosaic under ``mosaics`` into the data set ``dataset``.
 
     A mosaic without annotations is listed (``no annotations``); a bad annotation file fails that
     mosaic only (one-line ``error``). Writes label maps, ``manifest.csv`` and
     ``import_summary.csv`` atomically (see the module docstring). Returns one result per mosaic.
+    ``tree`` is the walk of the mosaics' folder (of a mosaic file's folder) when the caller has
+    made it.
 
     Raises:
         InputError: the mosaic or annotation folder does not exist, or a manifest is unreadable.
@@ -476,11 +476,15 @@ def import_labels(
     source, folder, dataset = Path(mosaics), Path(annotations), Path(dataset)
     if not folder.is_dir():
         raise InputError(folder, "annotation folder does not exist")
-    found = _find_mosaics(source, folder, dataset)
+    if not (source.is_file() or source.is_dir()):
+        raise InputError(source, "mosaic folder does not exist")
+    if tree is None:
+        tree = walk_folder(source if source.is_dir() else source.parent)
+    found = _find_mosaics(source, tree, folder, dataset)
     if not found:
         raise InputError(source, f"no mosaics ({', '.join(MOSAIC_SUFFIXES)}) found")
     remap = remap or RemapTable()
-    known = _known_cases(source, dataset)
+    known = _known_cases(tree, dataset)
     relatives = _relative_names(source, found)
     results = []
     for mosaic, relative, stem in zip(found, relatives, distinct_stems(relatives), strict=True):

@@ -192,6 +192,49 @@ def test_a_link_to_a_missing_folder_is_named_and_the_rest_goes_on(mosaics, tmp_p
     assert [(row["mosaic"], row["status"]) for row in rows] == [("b.png", "done")]
 
 
+def test_batch_and_import_walk_the_input_folder_once(mosaics, tmp_path, monkeypatch):
+    """On a share every walk of a lab's tree costs a listing per folder: the plan, the manifest
+    search and the note on what could not be searched share one walk, in `batch` and in
+    `labels import`."""
+    import os
+
+    folder = tmp_path / "in"
+    (folder / "p1").mkdir(parents=True)
+    shutil.copy(mosaics / "b.png", folder / "p1" / "b.png")
+    (folder / "manifest.csv").write_text("mosaic,labels,patient,lesion,clinic\np1/b.png,,P1,L7,\n")
+    (folder / "p2").symlink_to(tmp_path / "unmounted" / "p2")
+    walked: list[Path] = []
+    walk = os.walk
+
+    def counted_walk(top, *args, **kwargs):
+        walked.append(Path(top))
+        return walk(top, *args, **kwargs)
+
+    monkeypatch.setattr(os, "walk", counted_walk)
+    out = tmp_path / "out"
+    result = rcmseg("batch", str(folder), "--out", str(out), "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "1 link(s) lead nowhere" in " ".join(result.output.split())
+    rows = list(csv.DictReader((out / "mosaics.csv").open()))
+    assert [(row["mosaic"], row["lesion"], row["status"]) for row in rows] == [
+        ("p1/b.png", "L7", "done")
+    ]
+    assert walked.count(folder) == 1
+
+    walked.clear()
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    dataset = tmp_path / "dataset"
+    result = rcmseg(
+        "labels", "import", str(folder), "--annotations", str(exports), "--out", str(dataset)
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 link(s) lead nowhere" in " ".join(result.output.split())
+    manifest = list(csv.DictReader((dataset / "manifest.csv").open()))
+    assert [(row["patient"], row["lesion"]) for row in manifest] == [("P1", "L7")]
+    assert walked.count(folder) == 1
+
+
 def test_a_windows_drive_gives_its_mosaics_not_its_recycle_bin_or_restore_points(tmp_path):
     """`rcmseg batch /media/usb` on a drive a Windows PC used: deleted mosaics in `$RECYCLE.BIN`
     (and the `$I…` records named like them) and `System Volume Information` are not the lab's

@@ -15,10 +15,10 @@ from rcmseg.errors import InputError
 from rcmseg.io.dataset import cases_near
 from rcmseg.io.mosaics import (
     MOSAIC_SUFFIXES,
-    find_mosaics,
     mosaic_suffix,
     probe_mosaic,
     read_mosaic,
+    walk_folder,
 )
 
 HEIGHT, WIDTH = 67, 50  # not multiples of 4: the trailing rows/columns are dropped
@@ -543,6 +543,7 @@ def test_mosaics_in_linked_folders_are_found_once_and_hidden_folders_left_out(tm
     (tree / "again").symlink_to(share, target_is_directory=True)  # the same folder twice
     (share / "loop").symlink_to(tmp_path / "share", target_is_directory=True)
 
-    found = [path.relative_to(tree).as_posix() for path in find_mosaics(tree)]
+    walked = walk_folder(tree)
+    found = [path.relative_to(tree).as_posix() for path in walked.mosaics()]
     assert found == ["again/a.png", "b.png"]  # the first path to the folder, in sorted order
-    assert [(case.patient, case.mosaic_mpp) for case in cases_near(tree)] == [("P1", 1.0)]
+    assert [(case.patient, case.mosaic_mpp) for case in cases_near(walked)] == [("P1", 1.0)]

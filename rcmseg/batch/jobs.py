@@ -13,7 +13,13 @@ from pathlib import Path
 
 from rcmseg.errors import InputError
 from rcmseg.io.dataset import cases_near, declared_mpps
-from rcmseg.io.mosaics import MOSAIC_SUFFIXES, distinct_stems, find_mosaics, is_mosaic_file
+from rcmseg.io.mosaics import (
+    MOSAIC_SUFFIXES,
+    FolderTree,
+    distinct_stems,
+    is_mosaic_file,
+    walk_folder,
+)
 
 LABELS, PROBABILITIES, UNCERTAINTY, OVERLAY, GEOJSON, SUMMARY = (
     "labels.tif",
@@ -49,7 +55,7 @@ class MosaicJob:
         return self.out_stem.with_name(f"{self.out_stem.name}.{kind}")
 
 
-def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
+def plan_jobs(source: Path, out_dir: Path, tree: FolderTree | None = None) -> list[MosaicJob]:
     """Every mosaic under the folder ``source`` (or the one mosaic file ``source``) with its
     output stem and lesion id, sorted by path.
 
@@ -62,20 +68,24 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
     segments its mosaics, not its ``labels/``), nor are the label maps of a MONAI Label studies
     folder (:func:`monai_label_labels`). Stems are :func:`distinct_stems`.
 
+    ``tree`` is the walk of :func:`batch_root` when the caller has made it (one walk serves the
+    plan and the note on what could not be searched).
+
     Raises:
         InputError: ``source`` does not exist or is a file of another type.
     """
-    if source.is_file():
-        if not is_mosaic_file(source):
-            raise InputError(source, f"not a mosaic file (endings: {' '.join(MOSAIC_SUFFIXES)})")
-        root, mosaics = source.parent, [source]
-    elif source.is_dir():
-        root = source
-        skipped = [out_dir, *monai_label_labels(source)]
-        mosaics = find_mosaics(source, skipped, skip_endings=OUTPUT_IMAGE_ENDINGS)
-    else:
+    if not (source.is_file() or source.is_dir()):
         raise InputError(source, "no such mosaic file or folder")
-    cases = cases_near(root)
+    if source.is_file() and not is_mosaic_file(source):
+        raise InputError(source, f"not a mosaic file (endings: {' '.join(MOSAIC_SUFFIXES)})")
+    root = batch_root(source)
+    tree = walk_folder(root) if tree is None else tree
+    if source.is_file():
+        mosaics = [source]
+    else:
+        skipped = [out_dir, *monai_label_labels(source)]
+        mosaics = tree.mosaics(skipped, skip_endings=OUTPUT_IMAGE_ENDINGS)
+    cases = cases_near(tree)
     lesions = {case.mosaic.resolve(): case.lesion for case in cases if case.lesion}
     declared = declared_mpps(cases)
     if source.is_dir():  # a file named on purpose is segmented whatever a manifest says
@@ -92,6 +102,12 @@ def plan_jobs(source: Path, out_dir: Path) -> list[MosaicJob]:
         )
         for path, relative, stem in zip(mosaics, relatives, distinct_stems(relatives), strict=True)
     ]
+
+
+def batch_root(source: Path) -> Path:
+    """The folder a batch on ``source`` walks: ``source`` itself, or a mosaic file's folder
+    (searched for the manifest that names the file's lesion)."""
+    return source if source.is_dir() else source.parent
 
 
 def monai_label_labels(folder: Path) -> list[Path]:

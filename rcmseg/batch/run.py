@@ -46,11 +46,12 @@ from rcmseg.inference import (
 )
 from rcmseg.io.atomic import check_output_folder
 from rcmseg.io.mosaics import (
+    FolderTree,
     MosaicInfo,
     check_fallback_mpp,
     probe_mosaic,
     read_mosaic,
-    unsearched_note,
+    walk_folder,
 )
 from rcmseg.report import MosaicRecord, summary_table, write_reports
 
@@ -403,8 +404,9 @@ def run_batch(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     options.check()
     check_output_folder(out_dir)
-    jobs = plan_jobs(in_dir, out_dir)
-    announce_unsearched(in_dir)
+    tree = walk_folder(in_dir)  # empty for a mosaic file: plan_jobs walks its folder
+    jobs = plan_jobs(in_dir, out_dir, tree if in_dir.is_dir() else None)
+    announce_unsearched(tree)
     if not jobs:
         raise InputError(in_dir, "holds no mosaics (TIFF, SVS, BMP, PNG, JPEG or NIfTI files)")
     mine = select_part(jobs, options.num_parts, options.part_id)
@@ -474,11 +476,11 @@ def report_interruption(
     )
 
 
-def announce_unsearched(in_dir: Path) -> None:
-    """Say what under ``in_dir`` could not be searched (a linked folder on a share that is not
-    mounted, a folder without read permission): its mosaics would otherwise be left out without
-    a word."""
-    note = unsearched_note(in_dir)
+def announce_unsearched(tree: FolderTree) -> None:
+    """Say what under the input folder could not be searched (a linked folder on a share that
+    is not mounted, a folder without read permission): its mosaics would otherwise be left out
+    without a word."""
+    note = tree.unsearched_note()
     if note:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 

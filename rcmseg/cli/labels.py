@@ -90,14 +90,23 @@ def import_command(
     with user_errors():
         from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.labels import read_remap
-        from rcmseg.io.mosaics import unsearched_note
+        from rcmseg.io.mosaics import walk_folder
         from rcmseg.labels_import import SUMMARY_NAME, import_labels
 
         check_output_folder(out)
-        if note := unsearched_note(mosaics):
+        tree = walk_folder(mosaics)  # the one walk; empty for a mosaic file
+        if note := tree.unsearched_note():
             typer.echo(f"note: {note}", err=True)
         table = read_remap(remap) if remap is not None else None
-        results = import_labels(mosaics, annotations, out, fmt=format, remap=table, colours=colours)
+        results = import_labels(
+            mosaics,
+            annotations,
+            out,
+            fmt=format,
+            remap=table,
+            colours=colours,
+            tree=tree if mosaics.is_dir() else None,
+        )
         _print_table(results)
         failed = [result for result in results if result.status == "failed"]
         for result in failed:

@@ -32,7 +32,7 @@ from rcmseg.errors import InputError
 from rcmseg.io.atomic import write_text_atomic
 from rcmseg.io.csvfiles import read_spreadsheet_text, spreadsheet_delimiter
 from rcmseg.io.labels import downsample_labels, read_label_map
-from rcmseg.io.mosaics import files_under, probe_mosaic, read_mosaic
+from rcmseg.io.mosaics import FolderTree, probe_mosaic, read_mosaic
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -156,17 +156,17 @@ def has_rows(manifest: Path) -> bool:
     return sum(1 for row in rows if any(cell.strip() for cell in row)) > 1
 
 
-def cases_near(folder: Path) -> list[Case]:
-    """The cases of every ``manifest.csv`` under ``folder`` (through linked folders, hidden ones
-    left out: :func:`rcmseg.io.mosaics.files_under`), or of ``folder/../manifest.csv`` when
-    the tree holds none (so that a command on ``DATA/mosaics`` finds ``DATA/manifest.csv``).
-    Manifests that list no mosaic are passed over.
+def cases_near(tree: FolderTree) -> list[Case]:
+    """The cases of every ``manifest.csv`` in a folder's walk
+    (:func:`rcmseg.io.mosaics.walk_folder`), or of ``FOLDER/../manifest.csv`` when the tree
+    holds none (so that a command on ``DATA/mosaics`` finds ``DATA/manifest.csv``). Manifests
+    that list no mosaic are passed over.
 
     Raises:
         InputError: a manifest that cannot be read (see :func:`read_manifest`).
     """
-    found = [path for path in files_under(folder) if path.name == MANIFEST_NAME]
-    manifests = found or [folder.parent / MANIFEST_NAME]
+    found = [path for path in tree.files if path.name == MANIFEST_NAME]
+    manifests = found or [tree.folder.parent / MANIFEST_NAME]
     return [
         case
         for manifest in manifests

@@ -153,21 +153,82 @@ SYSTEM_FOLDERS = frozenset({"$recycle.bin", "recycler", "system volume informati
 
 @dataclass(frozen=True)
 class FolderTree:
-    """What one walk of a folder found (:func:`walk_folder`).
+    """What one walk of a folder found (:func:`walk_folder`): every command that searches a
+    folder for mosaics and manifests, and says what it could not search, reads one walk.
 
     Attributes:
+        folder: the folder walked.
         files: files (and links to files or to nothing), sorted by path as reached from the
             folder.
         unreadable: folders the walk could not list, each with the reason, e.g.
             ``(IN/patient03, "Permission denied")``.
     """
 
+    folder: Path
     files: list[Path]
     unreadable: list[tuple[Path, str]]
 
+    def mosaics(
+        self, skip_folders: Iterable[Path] = (), skip_endings: Iterable[str] = ()
+    ) -> list[Path]:
+        """The mosaic files among :attr:`files` (:func:`is_mosaic_file`), sorted by path.
+
+        Files inside a ``skip_folders`` entry that lies strictly below the folder (an output or
+        annotation folder kept among the mosaics) are left out. A skip folder that is the folder
+        itself or holds it is where the mosaics live, so only files whose names end with one of
+        ``skip_endings`` (case-insensitive; e.g. ``rcmseg batch``'s own outputs) are left out
+        there, as they are everywhere.
+        """
+        root = self.folder.resolve()
+        below = [
+            skipped.resolve()
+            for skipped in skip_folders
+            if skipped.resolve() != root and skipped.resolve().is_relative_to(root)
+        ]
+        endings = tuple(ending.lower() for ending in skip_endings)
+        return [
+            path
+            for path in self.files
+            if is_mosaic_file(path)
+            and not path.name.lower().endswith(endings)
+            and not any(path.resolve().is_relative_to(skipped) for skipped in below)
+        ]
+
+    def unsearched_note(self) -> str | None:
+        """One line naming what under the folder could not be searched for mosaics; None when
+        all of it could.
+
+        Two things are named: links that lead nowhere and whose name is not a mosaic's (a
+        linked folder on a share that is not mounted; a broken link named like a mosaic fails
+        in a batch's report instead), and folders that cannot be listed (permissions).
+        """
+        broken = [
+            path
+            for path in self.files
+            if path.is_symlink()
+            and not path.exists()
+            and not path.name.startswith(".")
+            and mosaic_suffix(path) not in MOSAIC_SUFFIXES
+        ]
+        problems = []
+        if broken:
+            problems.append(
+                f"{len(broken)} link(s) lead nowhere, e.g. {broken[0]} → {os.readlink(broken[0])} "
+                "(is the drive mounted?)"
+            )
+        if self.unreadable:
+            path, reason = self.unreadable[0]
+            problems.append(
+                f"{len(self.unreadable)} folder(s) cannot be read, e.g. {path} ({reason})"
+            )
+        if not problems:
+            return None
+        return f"under {self.folder}, {'; '.join(problems)}; mosaics there are not searched"
+
 
 def walk_folder(folder: Path) -> FolderTree:
-    """Walk ``folder`` recursively, as the commands that search it for mosaics do.
+    """Walk ``folder`` recursively, as the commands that search it for mosaics do; a path that is
+    not a folder gives an empty tree.
 
     Linked folders are followed (a lab links each patient's folder from a share into one tree;
     ``Path.rglob`` before Python 3.13 passes over them without a word), each real folder once, so
@@ -179,6 +240,8 @@ def walk_folder(folder: Path) -> FolderTree:
     """
     found: list[Path] = []
     unreadable: list[tuple[Path, str]] = []
+    if not folder.is_dir():
+        return FolderTree(folder, found, unreadable)
     seen: set[str] = set()
 
     def note_unreadable(error: OSError) -> None:
@@ -192,78 +255,12 @@ def walk_folder(folder: Path) -> FolderTree:
         seen.add(real)
         folders[:] = sorted(name for name in folders if searched_folder(name))
         found += [Path(top, name) for name in files]
-    return FolderTree(sorted(found), sorted(unreadable))
+    return FolderTree(folder, sorted(found), sorted(unreadable))
 
 
 def searched_folder(name: str) -> bool:
     """Whether a folder of this name may hold a lab's mosaics (not hidden, not the system's)."""
     return not name.startswith(".") and name.lower() not in SYSTEM_FOLDERS
-
-
-def files_under(folder: Path) -> list[Path]:
-    """Files under ``folder``, recursively and sorted by path (:func:`walk_folder`)."""
-    return walk_folder(folder).files
-
-
-def unsearched_note(folder: Path) -> str | None:
-    """One line naming what under ``folder`` could not be searched for mosaics, for a command
-    that searches it; None when all of it could.
-
-    Two things are named: links that lead nowhere and whose name is not a mosaic's (a linked
-    folder on a share that is not mounted; a broken link named like a mosaic fails in a batch's
-    report instead), and folders that cannot be listed (permissions).
-    """
-    if not folder.is_dir():
-        return None
-    tree = walk_folder(folder)
-    broken = [
-        path
-        for path in tree.files
-        if path.is_symlink()
-        and not path.exists()
-        and not path.name.startswith(".")
-        and mosaic_suffix(path) not in MOSAIC_SUFFIXES
-    ]
-    problems = []
-    if broken:
-        problems.append(
-            f"{len(broken)} link(s) lead nowhere, e.g. {broken[0]} → {os.readlink(broken[0])} "
-            "(is the drive mounted?)"
-        )
-    if tree.unreadable:
-        path, reason = tree.unreadable[0]
-        problems.append(f"{len(tree.unreadable)} folder(s) cannot be read, e.g. {path} ({reason})")
-    if not problems:
-        return None
-    return f"under {folder}, {'; '.join(problems)}; mosaics there are not searched"
-
-
-def find_mosaics(
-    folder: Path, skip_folders: Iterable[Path] = (), skip_endings: Iterable[str] = ()
-) -> list[Path]:
-    """Mosaic files under ``folder`` (:func:`files_under`: recursively through linked folders,
-    hidden folders left out; sorted by path).
-
-    Files inside a ``skip_folders`` entry that lies strictly below ``folder`` (an output or
-    annotation folder kept among the mosaics) are left out. A skip folder that is ``folder``
-    itself or holds it is where the mosaics live, so only files whose names end with one of
-    ``skip_endings`` (case-insensitive; e.g. ``rcmseg batch``'s own outputs) are left out there,
-    as they are everywhere.
-    """
-    root = folder.resolve()
-    below = [
-        skipped.resolve()
-        for skipped in skip_folders
-        if skipped.resolve() != root and skipped.resolve().is_relative_to(root)
-    ]
-    endings = tuple(ending.lower() for ending in skip_endings)
-    return [
-        path
-        for path in files_under(folder)
-        if is_mosaic_file(path)
-        and not path.name.lower().endswith(endings)
-        and not any(path.resolve().is_relative_to(skipped) for skipped in below)
-    ]
 
 
 def probe_mosaic(path: str | Path, fallback_mpp: float = MOSAIC_MPP) -> MosaicInfo:
