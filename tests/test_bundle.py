@@ -185,6 +185,47 @@ def _run_inference(tmp_path, in_dir, out, *overrides: str, configs: Path = CONFI
     )
 
 
+def test_sigterm_to_monai_bundle_run_keeps_finished_mosaics_and_exits_143(tmp_path):
+    """`python -m monai.bundle run` stopped by a cluster's time limit (SIGTERM) ends as `rcmseg
+    batch` does: the mosaic being written is finished, the reports say `done` only for finished
+    mosaics and `pending` for the rest, one line says how to go on, no traceback, status 143."""
+    import csv
+    import signal
+    import time
+
+    import numpy as np
+    import tifffile
+
+    in_dir, out = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(8):
+        image = rng.integers(0, 256, (2048, 2048), dtype=np.uint8)
+        tifffile.imwrite(in_dir / f"m{index}.tif", image)
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
+    command += [str(CONFIGS / "inference.json"), "--dataset_dir", str(in_dir)]
+    command += ["--output_dir", str(out), "--device", "$torch.device('cpu')"]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if list(out.glob("*.summary.json")) if out.is_dir() else []:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "Traceback" not in output
+    assert "interrupted:" in output and "--continue" in output
+    with open(out / "mosaics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    done = [row["mosaic"] for row in rows if row["status"] == "done"]
+    assert 1 <= len(done) < 8 and {row["status"] for row in rows} == {"done", "pending"}
+    for name in done:
+        assert tifffile.imread(out / f"{Path(name).stem}.labels.tif").shape == (512, 512)
+
+
 def test_monai_bundle_run_segments_a_folder_through_rcmseg_batch(tmp_path):
     import csv
 

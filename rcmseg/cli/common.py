@@ -4,8 +4,6 @@ how the network runs (the same on every command that segments)."""
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
@@ -14,36 +12,24 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, interrupted_status
 
 console = Console(stderr=True)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn :class:`InputError` into one red line on stderr and exit status 2."""
+    """Turn :class:`InputError` into one red line on stderr and exit status 2, and an
+    interruption that the command does not handle itself (:func:`exit_on_interrupt`) into one
+    line and the shell's status for it (130 for Ctrl-C, 143 for SIGTERM)."""
     try:
         yield
     except InputError as error:
         console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: a cluster scheduler's time limit, a service stopped, `kill PID`. Handled as
-    Ctrl-C is (what is finished is kept and said), not as a sudden death."""
-
-
-def stop_on_sigterm() -> None:
-    """Make SIGTERM raise :class:`Terminated` in the main thread, like SIGINT's
-    ``KeyboardInterrupt``: a batch stopped by SLURM at its time limit then finishes writing the
-    mosaic already segmented and its reports, and `label serve` stops its server."""
-
-    def terminate(signum: int, frame: object) -> None:
-        raise Terminated
-
-    if threading.current_thread() is threading.main_thread():  # only there can it be set
-        signal.signal(signal.SIGTERM, terminate)
+    except KeyboardInterrupt as interrupt:
+        console.print("[yellow]interrupted[/] before the command finished", highlight=False)
+        raise typer.Exit(code=interrupted_status(interrupt)) from None
 
 
 @contextlib.contextmanager
@@ -57,8 +43,7 @@ def exit_on_interrupt(kept: str | Callable[[], str] | None) -> Iterator[None]:
         if kept:
             line = kept() if callable(kept) else kept
             console.print(f"[yellow]interrupted:[/] {line}", highlight=False, soft_wrap=True)
-        code = 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
-        raise typer.Exit(code=code) from None
+        raise typer.Exit(code=interrupted_status(interrupt)) from None
 
 
 def note_unknown_pixel_sizes(data_dir: Path) -> None:

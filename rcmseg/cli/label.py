@@ -17,12 +17,11 @@ from rcmseg.cli.common import (
     BackendOption,
     OpenVINOCacheOption,
     PrecisionOption,
-    Terminated,
     console,
     exit_on_interrupt,
     user_errors,
 )
-from rcmseg.errors import InputError, os_reason
+from rcmseg.errors import InputError, Terminated, os_reason
 from rcmseg.io.atomic import check_output_folder
 from rcmseg.label_app.pixel_sizes import StudyPixelSizes
 

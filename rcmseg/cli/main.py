@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from rcmseg.cli import batch, cv, evaluate, label, labels, study, synth, train
-from rcmseg.cli.common import stop_on_sigterm
+from rcmseg.errors import stop_on_sigterm
 
 app = typer.Typer(
     name="rcmseg",
