@@ -319,7 +319,7 @@ def test_a_run_killed_while_writing_leaves_no_finished_looking_file(tmp_path):
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_keeps_finished_mosaics_reports_the_rest_pending_and_says_how_to_go_on(
-    tmp_path, stop
+    tmp_path, stop, signal_when
 ):
     """Ctrl-C (SIGINT) mid-batch, or SIGTERM (a cluster scheduler's time limit, `kill`): exit
     130 or 143 with one line naming what is kept, reports that say ``done`` only for finished
@@ -339,13 +339,7 @@ def test_ctrl_c_keeps_finished_mosaics_reports_the_rest_pending_and_says_how_to_
         # as at a terminal, even when the tests run in a background job, which ignores SIGINT
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline:
-        if list(out.glob("*.summary.json")) if out.is_dir() else []:
-            process.send_signal(stop)
-            break
-        time.sleep(0.01)
-    output = process.communicate(timeout=120)[0]
+    output = signal_when(process, lambda: any(out.glob("*.summary.json")), stop)
     assert process.returncode == 128 + stop, output
     assert "Traceback" not in output
     assert "interrupted:" in output and "--continue" in output

@@ -185,13 +185,12 @@ def _run_inference(tmp_path, in_dir, out, *overrides: str, configs: Path = CONFI
     )
 
 
-def test_sigterm_to_monai_bundle_run_keeps_finished_mosaics_and_exits_143(tmp_path):
+def test_sigterm_to_monai_bundle_run_keeps_finished_mosaics_and_exits_143(tmp_path, signal_when):
     """`python -m monai.bundle run` stopped by a cluster's time limit (SIGTERM) ends as `rcmseg
     batch` does: the mosaic being written is finished, the reports say `done` only for finished
     mosaics and `pending` for the rest, one line says how to go on, no traceback, status 143."""
     import csv
     import signal
-    import time
 
     import numpy as np
     import tifffile
@@ -208,13 +207,7 @@ def test_sigterm_to_monai_bundle_run_keeps_finished_mosaics_and_exits_143(tmp_pa
     process = subprocess.Popen(
         command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline:
-        if list(out.glob("*.summary.json")) if out.is_dir() else []:
-            process.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.01)
-    output = process.communicate(timeout=120)[0]
+    output = signal_when(process, lambda: any(out.glob("*.summary.json")), signal.SIGTERM)
     assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
     assert "Traceback" not in output
     assert "interrupted:" in output and "--continue" in output

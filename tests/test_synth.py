@@ -183,27 +183,22 @@ def test_lesion_regions_are_patchworks_of_foci() -> None:
     assert max(np.bincount(FOCUS_TEXTURES[ASPECIFIC])) < 5
 
 
-def test_sigterm_mid_synth_exits_143_with_one_line_and_no_manifest(tmp_path: Path) -> None:
+def test_sigterm_mid_synth_exits_143_with_one_line_and_no_manifest(
+    tmp_path: Path, signal_when
+) -> None:
     """A command without its own interruption handling still stops as the shell expects (SIGTERM:
     143), says so in one line, and leaves no manifest: the half-written set does not look
     finished."""
     import signal
     import subprocess
     import sys
-    import time
 
     out = tmp_path / "d"
     command = [sys.executable, "-m", "rcmseg.cli.main", "synth", str(out), "--n", "50"]
     process = subprocess.Popen(
         [*command, "--size", "2048"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        if list(out.glob("mosaics/*.tif")) if out.is_dir() else []:
-            process.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.01)
-    output = process.communicate(timeout=60)[0]
+    output = signal_when(process, lambda: any(out.glob("mosaics/*.tif")), signal.SIGTERM)
     assert process.returncode == 128 + signal.SIGTERM, output
     assert "Traceback" not in output and "interrupted" in output
     assert not (out / "manifest.csv").exists()

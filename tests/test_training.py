@@ -462,7 +462,7 @@ def test_train_model_cli_distils_a_small_network_from_a_bundle(
 
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(
-    dataset: Path, tmp_path: Path, stop: str
+    dataset: Path, tmp_path: Path, stop: str, signal_when
 ) -> None:
     """Ctrl-C (SIGINT) or SIGTERM (a cluster scheduler's time limit) while training: exit 130 or
     143, no traceback, one line naming the kept checkpoint and --resume, which then goes on
@@ -470,7 +470,6 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(
     import signal
     import subprocess
     import sys
-    import time
 
     out = tmp_path / "run"
     command = [sys.executable, "-m", "rcmseg.cli.main", "train", "model", str(dataset)]
@@ -486,11 +485,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     last = out / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 300
-    while process.poll() is None and not last.is_file() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(getattr(signal, stop))
-    output = process.communicate(timeout=120)[0]
+    output = signal_when(process, last.is_file, getattr(signal, stop))
     assert process.returncode == 128 + getattr(signal, stop), output
     assert "Traceback" not in output
     assert f"interrupted: the last finished epoch is kept in {last}" in " ".join(output.split())
