@@ -467,8 +467,8 @@ def import_labels(
     A mosaic without annotations is listed (``no annotations``); a bad annotation file fails that
     mosaic only (one-line ``error``). Writes label maps, ``manifest.csv`` and
     ``import_summary.csv`` atomically (see the module docstring). Returns one result per mosaic.
-    ``tree`` is the walk of the mosaics' folder (of a mosaic file's folder) when the caller has
-    made it.
+    ``tree`` is the caller's walk of ``mosaics``; it is used when it is the walk of the mosaics'
+    folder (of a mosaic file's folder).
 
     Raises:
         InputError: the mosaic or annotation folder does not exist, or a manifest is unreadable.
@@ -478,8 +478,9 @@ def import_labels(
         raise InputError(folder, "annotation folder does not exist")
     if not (source.is_file() or source.is_dir()):
         raise InputError(source, "mosaic folder does not exist")
-    if tree is None:
-        tree = walk_folder(source if source.is_dir() else source.parent)
+    root = source if source.is_dir() else source.parent
+    if tree is None or tree.folder != root:
+        tree = walk_folder(root)
     found = _find_mosaics(source, tree, folder, dataset)
     if not found:
         raise InputError(source, f"no mosaics ({', '.join(MOSAIC_SUFFIXES)}) found")

@@ -68,8 +68,8 @@ def plan_jobs(source: Path, out_dir: Path, tree: FolderTree | None = None) -> li
     segments its mosaics, not its ``labels/``), nor are the label maps of a MONAI Label studies
     folder (:func:`monai_label_labels`). Stems are :func:`distinct_stems`.
 
-    ``tree`` is the walk of :func:`batch_root` when the caller has made it (one walk serves the
-    plan and the note on what could not be searched).
+    ``tree`` is the caller's walk of ``source`` (one walk serves the plan and the note on what
+    could not be searched); it is used when it is the walk of :func:`batch_root`.
 
     Raises:
         InputError: ``source`` does not exist or is a file of another type.
@@ -79,7 +79,8 @@ def plan_jobs(source: Path, out_dir: Path, tree: FolderTree | None = None) -> li
     if source.is_file() and not is_mosaic_file(source):
         raise InputError(source, f"not a mosaic file (endings: {' '.join(MOSAIC_SUFFIXES)})")
     root = batch_root(source)
-    tree = walk_folder(root) if tree is None else tree
+    if tree is None or tree.folder != root:
+        tree = walk_folder(root)
     if source.is_file():
         mosaics = [source]
     else:

@@ -405,7 +405,7 @@ def run_batch(
     options.check()
     check_output_folder(out_dir)
     tree = walk_folder(in_dir)  # empty for a mosaic file: plan_jobs walks its folder
-    jobs = plan_jobs(in_dir, out_dir, tree if in_dir.is_dir() else None)
+    jobs = plan_jobs(in_dir, out_dir, tree)
     announce_unsearched(tree)
     if not jobs:
         raise InputError(in_dir, "holds no mosaics (TIFF, SVS, BMP, PNG, JPEG or NIfTI files)")

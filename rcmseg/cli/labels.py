@@ -105,7 +105,7 @@ def import_command(
             fmt=format,
             remap=table,
             colours=colours,
-            tree=tree if mosaics.is_dir() else None,
+            tree=tree,
         )
         _print_table(results)
         failed = [result for result in results if result.status == "failed"]
