@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +24,35 @@ class InputError(Exception):
         self.path = None if path is None else Path(path)
         self.problem = " ".join(str(problem).split())
         super().__init__(f"{path}: {self.problem}" if path is not None else self.problem)
+
+
+def input_error_in(error: BaseException) -> InputError | None:
+    """The :class:`InputError` behind ``error``, if any: MONAI's config parser wraps what a
+    component raises in a RuntimeError (``Failed to evaluate ConfigExpression``)."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, InputError):
+        cause = cause.__cause__
+    return cause
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def as_flag(value: object, name: str) -> bool:
+    """A yes/no setting as a bool. ``python -m monai.bundle run --tta false`` passes the string
+    ``"false"``, which Python takes for true; ``true``/``false``, ``yes``/``no``, ``on``/``off``
+    and ``1``/``0`` (any case) are read as meant.
+
+    Raises:
+        InputError: ``value`` is none of these, e.g. ``"maybe"``.
+    """
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise InputError(None, f"{name} must be true or false, not {value!r}")
 
 
 def os_reason(error: OSError) -> str:
@@ -51,16 +82,46 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, terminate)
 
 
+@contextlib.contextmanager
+def noted_on_interrupt(note: Callable[[], str]) -> Iterator[None]:
+    """Add ``note()``, what an interrupted command keeps (e.g. its last finished epoch), to a
+    Ctrl-C or SIGTERM passing through, for whoever says the interruption (:func:`or_exit`)."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        interrupt.add_note(note())
+        raise
+
+
 def interrupted_status(interrupt: KeyboardInterrupt) -> int:
     """The shell's exit status for a run stopped by SIGTERM (143) or Ctrl-C (130)."""
     return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+# set while a Python caller runs a bundle config and says errors and interruptions itself
+_caller_handles_errors: ContextVar[bool] = ContextVar("rcmseg_caller_handles_errors", default=False)
+
+
+@contextlib.contextmanager
+def errors_to_caller() -> Iterator[None]:
+    """Inside, :func:`or_exit` calls its function plainly: ``rcmseg train bundle`` (or any Python
+    caller) running a bundle config gets the InputError or the interruption back to say it its
+    own way (which checkpoint is kept, how to resume) instead of the process ending."""
+    token = _caller_handles_errors.set(True)
+    try:
+        yield
+    finally:
+        _caller_handles_errors.reset(token)
 
 
 def or_exit(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``function(*args, **kwargs)`` for bundle configs run by ``python -m monai.bundle``, which
     would otherwise print a long traceback: an :class:`InputError` is printed as one line on
     stderr and ends the process with status 2; SIGTERM is handled as Ctrl-C is (``function``
-    keeps what is finished and says so) and either ends it with status 143 or 130."""
+    keeps what is finished; a note it added, :func:`noted_on_interrupt`, is printed) and either
+    ends it with status 143 or 130. Under :func:`errors_to_caller` it is a plain call."""
+    if _caller_handles_errors.get():
+        return function(*args, **kwargs)
     stop_on_sigterm()
     try:
         return function(*args, **kwargs)
@@ -68,4 +129,6 @@ def or_exit(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as interrupt:
+        for note in getattr(interrupt, "__notes__", ()):
+            print(f"interrupted: {note}", file=sys.stderr)
         raise SystemExit(interrupted_status(interrupt)) from None

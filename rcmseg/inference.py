@@ -41,7 +41,7 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
-from rcmseg.errors import InputError, os_reason
+from rcmseg.errors import InputError, as_flag, os_reason
 from rcmseg.io.atomic import copy_atomic
 from rcmseg.networks.blocks import edge_layers_in_float32, inference_copy, is_edge_convolution
 from rcmseg.transforms import window_starts  # the one window grid (MONAI's)
@@ -246,9 +246,12 @@ def check_settings(
     device: str | torch.device = "cpu",
     presets: dict[str, Preset] | None = None,
     backend: str = "torch",
+    tta: object = False,
+    amp: object = True,
 ) -> None:
     """Refuse an unknown preset, precision, device or backend (fp16 on a CPU, OpenVINO on a GPU
-    or not installed: :func:`check_backend`) before any work; the
+    or not installed: :func:`check_backend`), or a ``tta`` or ``amp`` that is not yes or no
+    (:func:`rcmseg.errors.as_flag`), before any work; the
     bundle configs call it first, through :func:`rcmseg.errors.or_exit`, so that a bad override
     is one line rather than MONAI's traceback from inside a component.
 
@@ -256,6 +259,8 @@ def check_settings(
         InputError: the first bad setting.
     """
     get_preset(preset, presets)
+    as_flag(tta, "tta")
+    as_flag(amp, "amp")
     target = resolve_device(device)
     resolve_precision(precision, target)
     check_backend(backend, target)
@@ -612,6 +617,8 @@ class SegmentationEngine:
     precision_note: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
+        self.tta = as_flag(self.tta, "tta")
+        self.amp = as_flag(self.amp, "amp")
         self.settings = get_preset(self.preset, self.presets)
         self.preset_name = (
             self.preset

@@ -259,6 +259,17 @@ def small_mosaic(tmp_path_factory):
     return in_dir
 
 
+@pytest.mark.parametrize("tta", ["false", "true"])
+def test_monai_bundle_run_reads_a_flag_on_its_command_line_as_meant(tmp_path, small_mosaic, tta):
+    """`python -m monai.bundle run --tta false` hands the config the string "false", which
+    Python takes for true (8-fold TTA, 8x the time); rcmseg reads true/false as meant."""
+    out = tmp_path / "out"
+    done = _run_inference(tmp_path, small_mosaic, out, "--tta", tta)
+    assert done.returncode == 0, done.stderr[-2000:]
+    engine = json.loads((out / "m.summary.json").read_text())["engine"]
+    assert ("8-fold TTA" in engine) == (tta == "true"), engine
+
+
 def test_bundle_run_honours_ckpt_path_and_fails_in_one_line_without_it(tmp_path, small_mosaic):
     import tifffile
 
@@ -293,6 +304,8 @@ def test_bundle_run_honours_ckpt_path_and_fails_in_one_line_without_it(tmp_path,
         (INFER, ("--preset", "bogus"), "error: unknown preset 'bogus'; choose one of"),
         (INFER, ("--precision", "fp8"), "error: unknown precision 'fp8'; choose"),
         (INFER, ("--backend", "tensorrt"), "error: unknown backend 'tensorrt'; choose"),
+        (INFER, ("--tta", "maybe"), "error: tta must be true or false, not 'maybe'"),
+        (EVALUATE, ("--amp", "sometimes"), "error: amp must be true or false, not 'sometimes'"),
         (EVALUATE, ("--dataset_dir", "nowhere"), "error: nowhere"),
         (EVALUATE, ("--precision", "fp8"), "error: unknown precision 'fp8'; choose"),
         (EVALUATE, ("--ckpt_path", "nope.pt"), "error: nope.pt: missing: no such weights file"),

@@ -118,6 +118,75 @@ def test_a_bad_name_in_train_json_is_one_line_naming_the_config(
     assert not (bundle / "models" / "model.pt").exists()
 
 
+def monai_bundle_train(bundle: Path, data: Path, *args: str) -> list[str]:
+    """``python -m monai.bundle run`` on the bundle's train.json, as a user types it."""
+    config = str(bundle / "configs" / "train.json")
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config]
+    return [*command, "--bundle_root", str(bundle), "--dataset_dir", str(data), *args]
+
+
+def test_a_bad_data_set_is_one_line_on_every_training_route(bundle: Path, tmp_path: Path) -> None:
+    """A manifest whose mosaic is missing, found when training starts: train_bundle() raises the
+    InputError, `rcmseg train bundle` and `python -m monai.bundle run` say it in one line naming
+    the manifest (exit status 2), not MONAI's traceback of the config expression that failed."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.csv").write_text(
+        "mosaic,labels,patient,lesion,clinic\nnowhere.tif,nowhere.labels.tif,p1,l1,c1\n"
+    )
+    line = f"error: {data / 'manifest.csv'}: line 2: mosaic nowhere.tif does not exist"
+    with pytest.raises(InputError, match="nowhere.tif does not exist") as raised:
+        train_bundle(bundle, data, epochs=1, device="cpu")
+    assert raised.value.path == data / "manifest.csv"
+    result = CliRunner().invoke(app, ["train", "bundle", str(bundle), "--data", str(data)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [line]
+    done = subprocess.run(
+        monai_bundle_train(bundle, data, "--device", "$torch.device('cpu')"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == line
+    assert "Traceback" not in done.stderr
+    assert not (bundle / "models" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("route", ["rcmseg", "monai.bundle"])
+def test_sigterm_to_bundle_training_keeps_the_last_epoch(
+    bundle: Path, dataset: Path, route: str, signal_when
+) -> None:
+    """A cluster's time limit (SIGTERM) while a bundle trains, through `rcmseg train bundle` or
+    `python -m monai.bundle run`: exit 143 without a traceback, and one line naming the last
+    finished epoch's checkpoint, which is kept (the command's line also says how to resume)."""
+    import signal
+
+    config_file = bundle / "configs" / "train.json"
+    config = json.loads(config_file.read_text())
+    config["patch"] = {"size": 64, "window": 128, "window_overlap": 0.5}
+    config["val_every"] = 100
+    config_file.write_text(json.dumps(config))
+    if route == "rcmseg":
+        command = [sys.executable, "-m", "rcmseg.cli.main", "train", "bundle", str(bundle)]
+        command += ["--data", str(dataset), "--epochs", "500", "--iterations", "1"]
+        command += ["--batch-size", "2", "--workers", "0", "--device", "cpu"]
+    else:
+        command = monai_bundle_train(bundle, dataset, "--epochs", "500", "--num_workers", "0")
+        command += ["--iterations_per_epoch", "1", "--batch_size", "2"]
+        command += ["--device", "$torch.device('cpu')"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = bundle / "runs" / "train" / "checkpoints" / "last.pt"
+    output = signal_when(process, last.is_file, signal.SIGTERM)
+    assert process.returncode == 143, output[-3000:]
+    assert "Traceback" not in output
+    assert 1 <= torch.load(last, weights_only=False)["epochs_done"] < 500
+    kept = f"interrupted: the last finished epoch is kept in {last}"
+    assert kept in " ".join(output.split()), output[-3000:]
+    if route == "rcmseg":  # the command's own line, with how to go on
+        assert "run the same command with --resume to go on" in output, output[-3000:]
+
+
 def test_torchrun_two_cpu_processes_train_identical_weights(
     bundle: Path, dataset: Path, tmp_path: Path
 ) -> None:

@@ -362,6 +362,23 @@ def test_bad_settings_are_refused_before_training(
     assert not (tmp_path / "out").exists()
 
 
+def test_yes_no_settings_from_a_bundle_command_line_are_read_as_meant(tmp_path):
+    """`python -m monai.bundle run train.json --resume false` passes the string "false", which
+    Python takes for true: the run would have resumed. Flags read such words as meant, and
+    refuse a word that is neither in one line; the batch's options do the same."""
+    from rcmseg.batch import BatchOptions
+
+    config = TrainConfig(data_dir=tmp_path, output_dir=tmp_path, resume="false", amp="True")
+    assert (config.resume, config.amp, config.augment_appearance) == (False, True, False)
+    assert TrainConfig(data_dir=tmp_path, output_dir=tmp_path, progress="no").progress is False
+    with pytest.raises(InputError, match="amp must be true or false, not 'maybe'"):
+        TrainConfig(data_dir=tmp_path, output_dir=tmp_path, amp="maybe")
+    options = BatchOptions(geojson="yes", resume="0", tta="off")
+    assert (options.geojson, options.resume, options.tta) == (True, False, False)
+    with pytest.raises(InputError, match="overlay must be true or false, not 'sure'"):
+        BatchOptions(overlay="sure")
+
+
 def test_level_weights_reach_the_loss(tmp_path):
     """TrainConfig.level_weights weights the deep-supervision outputs (coarse to fine)."""
     from rcmseg.training.config import TrainConfig

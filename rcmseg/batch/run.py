@@ -36,7 +36,7 @@ from rcmseg.batch.resume import (
 )
 from rcmseg.bundle import LoadedBundle, load_bundle
 from rcmseg.classes import MOSAIC_MPP
-from rcmseg.errors import InputError, os_reason
+from rcmseg.errors import InputError, as_flag, os_reason
 from rcmseg.inference import (
     MIN_SIDE_PX,
     SegmentationEngine,
@@ -94,6 +94,11 @@ class BatchOptions:
     num_parts: int = 1
     part_id: int = 0
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        flags = ("tta", "probabilities", "uncertainty", "overlay", "geojson", "resume", "overwrite")
+        for name in flags:  # a bundle's command line hands over words ("false")
+            object.__setattr__(self, name, as_flag(getattr(self, name), name))
 
     def requested_outputs(self) -> tuple[str, ...]:
         return requested_outputs(self.probabilities, self.uncertainty, self.overlay, self.geojson)

@@ -39,12 +39,13 @@ def _summary(result: Any) -> str:
     )
 
 
-def _kept_checkpoint(checkpoints: Path) -> str:
+def _kept_checkpoint(run_dir: Path) -> str:
     """What an interrupted training keeps, and how to go on."""
-    last = checkpoints / "last.pt"
-    if not last.is_file():
-        return "no epoch had finished; nothing to resume"
-    return f"the last finished epoch is kept in {last}; run the same command with --resume to go on"
+    from rcmseg.training.loop import RunPaths
+
+    paths = RunPaths(run_dir)
+    resume = "; run the same command with --resume to go on" if paths.last.is_file() else ""
+    return paths.kept_note() + resume
 
 
 @train_app.command("model")
@@ -184,7 +185,7 @@ def train_model_command(
             progress=progress,
             label_remap=table,
         )
-        with exit_on_interrupt(lambda: _kept_checkpoint(out / "checkpoints")):
+        with exit_on_interrupt(lambda: _kept_checkpoint(out)):
             result = train(config)
         typer.echo(_summary(result))
 
@@ -236,7 +237,7 @@ def train_bundle_command(
         if bundle.is_dir():  # a missing bundle or a zip is load_bundle's to name
             for written in ("models", "runs"):  # the trained weights and the run go there
                 check_output_folder(bundle / written, "bundle (train a copy of it)")
-        with exit_on_interrupt(lambda: _kept_checkpoint(bundle / "runs" / "train" / "checkpoints")):
+        with exit_on_interrupt(lambda: _kept_checkpoint(bundle / "runs" / "train")):
             result = train_bundle(
                 bundle,
                 data,

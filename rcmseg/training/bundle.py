@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, errors_to_caller, input_error_in
 from rcmseg.training.config import TrainResult
 
 TRAIN_CONFIG = Path("configs/train.json")
@@ -157,7 +157,14 @@ def train_bundle(
     # every component "run" uses, so that a config error is one line before training starts
     used = [key for key in ("network", "loss") if workflow.parser.get(key) is not None]
     resolve_train_config(workflow.parser, config_file, also=used)
-    results = workflow.run()
+    with errors_to_caller():  # train.json's run says a bad data set in one line and exits...
+        try:
+            results = workflow.run()
+        except Exception as error:  # ... here the InputError is raised, not wrapped by MONAI
+            cause = input_error_in(error)
+            if cause is None:
+                raise
+            raise InputError(cause.path, cause.problem) from error
     workflow.finalize()
     return results[0]
 
@@ -173,9 +180,7 @@ def resolve_train_config(parser: Any, config_file: Path, also: Sequence[str] = (
         for key in ("imports", "train_config", *also):
             resolved[key] = parser.get_parsed_content(key)
     except Exception as error:  # MONAI raises several types for a bad config
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, InputError):
-            cause = cause.__cause__
+        cause = input_error_in(error)
         if cause is not None:
             raise InputError(cause.path or config_file, cause.problem) from error
         raise InputError(config_file, f"{key} does not resolve: {error}") from error

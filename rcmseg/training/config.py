@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, as_flag
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 AUGMENTATIONS: tuple[str, ...] = ("batched", "per_patch", "none")
@@ -169,6 +169,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        for name in ("augment_appearance", "amp", "resume", "progress"):
+            setattr(self, name, as_flag(getattr(self, name), name))
         self.output_dir = Path(self.output_dir)
         for name in ("export_path", "teacher", "teacher_weights"):
             if getattr(self, name) is not None:

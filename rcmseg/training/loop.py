@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import ExponentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, noted_on_interrupt
 from rcmseg.inference import SegmentationEngine, cpu_has_native_bf16, resolve_device
 from rcmseg.losses import make_loss
 from rcmseg.metrics import confusion_matrix, one_vs_rest
@@ -85,6 +85,12 @@ class RunPaths:
     @property
     def log(self) -> Path:
         return self.output_dir / "train_log.csv"
+
+    def kept_note(self) -> str:
+        """What an interrupted run keeps: its last finished epoch, if one had finished."""
+        if not self.last.is_file():
+            return "no epoch had finished; nothing to resume"
+        return f"the last finished epoch is kept in {self.last}"
 
 
 def make_optimizer(
@@ -500,7 +506,10 @@ def train(
     if config.stop_after_epochs is not None:
         stop_at = min(stop_at, run.state.epochs_done + config.stop_after_epochs)
 
-    with make_progress(config.progress and rank == 0) as progress:
+    with (
+        make_progress(config.progress and rank == 0) as progress,
+        noted_on_interrupt(run.paths.kept_note),
+    ):
         task = progress.add_task("training", total=None, status="")
         for epoch in range(run.state.epochs_done, stop_at):
             started = time.perf_counter()
