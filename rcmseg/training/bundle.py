@@ -8,6 +8,7 @@ run --config_file "['train.json','multi_gpu_train.json']"`` all train the same w
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -143,16 +144,23 @@ def train_bundle(
         from rcmseg.inference import resolve_device
 
         overrides["device"] = resolve_device(overrides["device"])
-    workflow = ConfigWorkflow(
-        config_file=str(config_file),
-        meta_file=str(root / METADATA) if (root / METADATA).is_file() else None,
-        logging_file=str(root / LOGGING) if (root / LOGGING).is_file() else False,
-        workflow_type=None,
-        bundle_root=str(root),
-        dataset_dir=str(data_dir),
-        resume=resume,
-        **overrides,
-    )
+    # MONAI's notes on the workflow type and the logging file are not the user's concern
+    workflow_log = logging.getLogger("monai.bundle.workflows")
+    level = workflow_log.level
+    workflow_log.setLevel(logging.ERROR)
+    try:
+        workflow = ConfigWorkflow(
+            config_file=str(config_file),
+            meta_file=str(root / METADATA) if (root / METADATA).is_file() else None,
+            logging_file=str(root / LOGGING) if (root / LOGGING).is_file() else False,
+            workflow_type=None,
+            bundle_root=str(root),
+            dataset_dir=str(data_dir),
+            resume=resume,
+            **overrides,
+        )
+    finally:
+        workflow_log.setLevel(level)
     workflow.initialize()
     # every component "run" uses, so that a config error is one line before training starts
     used = [key for key in ("network", "loss") if workflow.parser.get(key) is not None]
