@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -53,6 +54,15 @@ def as_flag(value: object, name: str) -> bool:
     if word in _TRUE or word in _FALSE:
         return word in _TRUE
     raise InputError(None, f"{name} must be true or false, not {value!r}")
+
+
+def read_flags(settings: Any) -> None:
+    """Read every ``bool`` field of the dataclass instance ``settings`` (frozen or not) with
+    :func:`as_flag`, in place: its yes/no settings may come from a bundle's command line."""
+    for item in dataclasses.fields(settings):
+        if item.init and item.type in ("bool", bool):
+            value = as_flag(getattr(settings, item.name), item.name)
+            object.__setattr__(settings, item.name, value)
 
 
 def os_reason(error: OSError) -> str:

@@ -41,7 +41,7 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
-from rcmseg.errors import InputError, as_flag, os_reason
+from rcmseg.errors import InputError, as_flag, os_reason, read_flags
 from rcmseg.io.atomic import copy_atomic
 from rcmseg.networks.blocks import edge_layers_in_float32, inference_copy, is_edge_convolution
 from rcmseg.transforms import window_starts  # the one window grid (MONAI's)
@@ -617,8 +617,7 @@ class SegmentationEngine:
     precision_note: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
-        self.tta = as_flag(self.tta, "tta")
-        self.amp = as_flag(self.amp, "amp")
+        read_flags(self)
         self.settings = get_preset(self.preset, self.presets)
         self.preset_name = (
             self.preset

@@ -36,7 +36,7 @@ from rcmseg.batch.resume import (
 )
 from rcmseg.bundle import LoadedBundle, load_bundle
 from rcmseg.classes import MOSAIC_MPP
-from rcmseg.errors import InputError, as_flag, os_reason
+from rcmseg.errors import InputError, os_reason, read_flags
 from rcmseg.inference import (
     MIN_SIDE_PX,
     SegmentationEngine,
@@ -96,9 +96,7 @@ class BatchOptions:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        flags = ("tta", "probabilities", "uncertainty", "overlay", "geojson", "resume", "overwrite")
-        for name in flags:  # a bundle's command line hands over words ("false")
-            object.__setattr__(self, name, as_flag(getattr(self, name), name))
+        read_flags(self)
 
     def requested_outputs(self) -> tuple[str, ...]:
         return requested_outputs(self.probabilities, self.uncertainty, self.overlay, self.geojson)

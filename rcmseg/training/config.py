@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rcmseg.errors import InputError, as_flag
+from rcmseg.errors import InputError, read_flags
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 AUGMENTATIONS: tuple[str, ...] = ("batched", "per_patch", "none")
@@ -169,8 +169,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
-        for name in ("augment_appearance", "amp", "resume", "progress"):
-            setattr(self, name, as_flag(getattr(self, name), name))
+        read_flags(self)
         self.output_dir = Path(self.output_dir)
         for name in ("export_path", "teacher", "teacher_weights"):
             if getattr(self, name) is not None:
