@@ -103,6 +103,12 @@ def noted_on_interrupt(note: Callable[[], str]) -> Iterator[None]:
         raise
 
 
+def interruption_lines(interrupt: KeyboardInterrupt) -> list[str]:
+    """What to say of an interruption: the notes the interrupted command added to it (what it
+    keeps, how to go on; :func:`noted_on_interrupt`), or that it did not finish."""
+    return list(getattr(interrupt, "__notes__", ())) or ["before the command finished"]
+
+
 def interrupted_status(interrupt: KeyboardInterrupt) -> int:
     """The shell's exit status for a run stopped by SIGTERM (143) or Ctrl-C (130)."""
     return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
@@ -139,6 +145,6 @@ def or_exit(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as interrupt:
-        for note in getattr(interrupt, "__notes__", ()):
-            print(f"interrupted: {note}", file=sys.stderr)
+        for line in interruption_lines(interrupt):
+            print(f"interrupted: {line}", file=sys.stderr)
         raise SystemExit(interrupted_status(interrupt)) from None

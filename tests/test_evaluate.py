@@ -357,3 +357,39 @@ def test_mosaics_without_a_pixel_size_get_one_note_until_the_manifest_gives_it(
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
     result = CliRunner().invoke(app, [*args, "--device", "cpu"])
     assert result.exit_code == 0 and "carry no pixel size" not in result.output
+
+
+class StopsOnMosaicB(IntensityBands):
+    """The crafted classifier, stopped by SIGTERM when it reaches mosaic b (intensity 220)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from rcmseg.errors import Terminated
+
+        if (x * INTENSITY_MAX > 200).any():
+            raise Terminated
+        return super().forward(x)
+
+
+def test_an_interrupted_evaluation_says_what_it_scored_and_writes_no_report(
+    crafted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM (or Ctrl-C) on the second mosaic: the bundle's evaluate.json route (`or_exit`)
+    and `rcmseg evaluate` (`user_errors`) each end with status 143 and one line saying what was
+    scored and that no report was written, and no report looks finished."""
+    import typer
+
+    from rcmseg.cli.common import user_errors
+    from rcmseg.errors import or_exit
+
+    cases = read_manifest(crafted)
+    out = tmp_path / "out"
+    said = f"interrupted: 1 of 2 labelled mosaic(s) scored; no report written to {out}; "
+    with pytest.raises(SystemExit) as ended:
+        or_exit(evaluate_cases, StopsOnMosaicB(), cases, crafted, out, progress=False)
+    assert ended.value.code == 143
+    assert said in capsys.readouterr().err
+    with pytest.raises(typer.Exit) as ended, user_errors():
+        evaluate_cases(StopsOnMosaicB(), cases, crafted, out, progress=False)
+    assert ended.value.exit_code == 143
+    assert said in " ".join(capsys.readouterr().err.split())
+    assert not (out / "metrics.json").exists() and not (out / "report.md").exists()

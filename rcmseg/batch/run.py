@@ -438,8 +438,8 @@ def run_batch(
     try:
         with batch_progress(show_progress, len(mine)) as progress:
             records = segmenter.segment_all(mine, progress)
-    except KeyboardInterrupt:
-        report_interruption(jobs, mine, out_dir, bundle.class_names)
+    except KeyboardInterrupt as interrupt:
+        interrupt.add_note(report_interruption(jobs, mine, out_dir, bundle.class_names))
         raise
     for record in records:
         if record.status == "failed":
@@ -464,18 +464,16 @@ def run_batch(
 
 def report_interruption(
     jobs: list[MosaicJob], mine: list[MosaicJob], out_dir: Path, class_names: tuple[str, ...]
-) -> None:
-    """After Ctrl-C (the mosaic being written is finished first): reports of what is on disk,
-    the rest ``pending``, and one line on how to go on."""
+) -> str:
+    """After Ctrl-C (the mosaic being written is finished first): write reports of what is on
+    disk, the rest ``pending``, and return the line that says what is kept and how to go on."""
     all_records = batch_records(jobs, [])
     write_reports(out_dir, all_records, class_names)
     mosaics = {job.relative for job in mine}
     finished = sum(r.status == "done" and r.mosaic in mosaics for r in all_records)
-    console.print(
-        f"[yellow]interrupted:[/] {finished} of {len(mine)} mosaic(s) finished and kept in "
-        f"{out_dir}; run the same command with --continue to do the rest",
-        highlight=False,
-        soft_wrap=True,
+    return (
+        f"{finished} of {len(mine)} mosaic(s) finished and kept in {out_dir}; run the same "
+        "command with --continue to do the rest"
     )
 
 

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from rcmseg.errors import InputError, interrupted_status
+from rcmseg.errors import InputError, interrupted_status, interruption_lines
 
 console = Console(stderr=True)
 
@@ -28,22 +28,28 @@ def user_errors() -> Iterator[None]:
         console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt as interrupt:
-        console.print("[yellow]interrupted[/] before the command finished", highlight=False)
+        say_interruption(interruption_lines(interrupt))
         raise typer.Exit(code=interrupted_status(interrupt)) from None
 
 
 @contextlib.contextmanager
 def exit_on_interrupt(kept: str | Callable[[], str] | None) -> Iterator[None]:
     """Ctrl-C (exit status 130) or SIGTERM (143) without a traceback, after one line saying
-    what is ``kept`` and how to go on (a callable: asked then; None: the command said it
-    already)."""
+    what is ``kept`` and how to go on (a callable: asked then; None: what the command noted on
+    the interruption, :func:`rcmseg.errors.noted_on_interrupt`, if anything)."""
     try:
         yield
     except KeyboardInterrupt as interrupt:
         if kept:
-            line = kept() if callable(kept) else kept
-            console.print(f"[yellow]interrupted:[/] {line}", highlight=False, soft_wrap=True)
+            say_interruption([kept() if callable(kept) else kept])
+        else:
+            say_interruption(getattr(interrupt, "__notes__", []))
         raise typer.Exit(code=interrupted_status(interrupt)) from None
+
+
+def say_interruption(lines: list[str]) -> None:
+    for line in lines:
+        console.print(f"[yellow]interrupted:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def note_unknown_pixel_sizes(data_dir: Path) -> None:

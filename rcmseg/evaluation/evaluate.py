@@ -22,7 +22,7 @@ from rich.progress import track
 
 from rcmseg.bundle import LoadedBundle, load_bundle
 from rcmseg.classes import CLASS_NAMES, WORKING_MPP
-from rcmseg.errors import InputError
+from rcmseg.errors import InputError, noted_on_interrupt
 from rcmseg.evaluation import report
 from rcmseg.inference import Preset, SegmentationEngine
 from rcmseg.io.atomic import write_csv_atomic, write_text_atomic
@@ -170,36 +170,46 @@ def evaluate_cases(
     ids = [case_id(case, root) for case in labelled]
     overlay_files = [stem.replace("/", "__") + ".png" for stem in distinct_stems(ids)]
     steps = list(zip(labelled, ids, overlay_files, strict=True))
-    for case, name, overlay_file in (
-        track(steps, description="evaluating", transient=True) if progress else steps
-    ):
-        try:
-            image, labels = load_case(case, target_mpp=target_mpp, remap=remap)
-            try:
-                prediction = engine.labels(image)
-            except InputError as error:  # e.g. a mosaic below the inference minimum size
-                raise InputError(case.mosaic, error.problem) from None
-        except InputError as error:
-            if not keep_going:
-                raise
-            failed.append(str(error))
-            Console(stderr=True).print(f"[red]failed[/red] {escape(str(error))}", soft_wrap=True)
-            continue
-        results.append(
-            CaseResult(
-                name,
-                str(case.patient),
-                str(case.lesion),
-                str(case.clinic),
-                confusion_matrix(prediction, labels, num_classes=len(CLASS_NAMES)),
-            )
+
+    def kept() -> str:
+        where = f" to {out_dir}" if out_dir is not None else ""
+        return (
+            f"{len(results)} of {len(labelled)} labelled mosaic(s) scored; no report written"
+            f"{where}; run the same command again to evaluate them all"
         )
-        if out_dir is not None and len(results) <= overlays:
-            save_png(
-                overlay_panels(image, labels, prediction),
-                Path(out_dir) / "overlays" / overlay_file,
+
+    with noted_on_interrupt(kept):
+        for case, name, overlay_file in (
+            track(steps, description="evaluating", transient=True) if progress else steps
+        ):
+            try:
+                image, labels = load_case(case, target_mpp=target_mpp, remap=remap)
+                try:
+                    prediction = engine.labels(image)
+                except InputError as error:  # e.g. a mosaic below the inference minimum size
+                    raise InputError(case.mosaic, error.problem) from None
+            except InputError as error:
+                if not keep_going:
+                    raise
+                failed.append(str(error))
+                line = f"[red]failed[/red] {escape(str(error))}"
+                Console(stderr=True).print(line, soft_wrap=True)
+                continue
+            results.append(
+                CaseResult(
+                    name,
+                    str(case.patient),
+                    str(case.lesion),
+                    str(case.clinic),
+                    confusion_matrix(prediction, labels, num_classes=len(CLASS_NAMES)),
+                )
             )
-            written.append(overlay_file)
+            if out_dir is not None and len(results) <= overlays:
+                save_png(
+                    overlay_panels(image, labels, prediction),
+                    Path(out_dir) / "overlays" / overlay_file,
+                )
+                written.append(overlay_file)
     if not results:
         raise InputError(root, f"no labelled mosaic could be evaluated ({len(failed)} failed)")
     evaluation = Evaluation(results, failed, written)
