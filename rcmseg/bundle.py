@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,8 +194,12 @@ def load_bundle(
     if len(class_names) != len(CLASS_NAMES):
         raise InputError(root / METADATA_FILE, f"{len(class_names)} output classes, expected 6")
     if working_mpp is None:
-        working_mpp = float(inference_config.get("working_mpp", WORKING_MPP))
-    if not working_mpp > 0:
+        working_mpp = inference_config.get("working_mpp", WORKING_MPP)
+    try:
+        valid = 0 < float(working_mpp) < math.inf
+    except (TypeError, ValueError):  # a word, e.g. from MONAI's command line
+        valid = False
+    if not valid:
         raise InputError(root / INFERENCE_FILE, f"working_mpp {working_mpp} must be above 0")
     amp = inference_config.get("amp", True)
     if not isinstance(amp, bool):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import os
 import signal
 import sys
 import threading
@@ -128,6 +130,34 @@ def errors_to_caller() -> Iterator[None]:
         yield
     finally:
         _caller_handles_errors.reset(token)
+
+
+def input_errors_in_one_line() -> None:
+    """For a bundle config's ``initialize``: an :class:`InputError` that ends the process while
+    ``python -m monai.bundle run`` builds the config's components (a bad ``--network_def#name``
+    or ``--inferer#overlap``, before any :func:`or_exit` call can catch it; MONAI wraps it in a
+    RuntimeError) is printed as one line with status 2, as :func:`or_exit` does, instead of a
+    traceback. Other errors keep their traceback; a hook another program installed, or a Python
+    caller under :func:`errors_to_caller`, is left alone."""
+    if _caller_handles_errors.get() or sys.excepthook is not sys.__excepthook__:
+        return
+
+    def say_input_error(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        found = input_error_in(error)
+        if found is None:
+            sys.__excepthook__(kind, error, trace)
+            return
+        # the process's own stderr: a hook that wraps this one (torch.distributed's, which
+        # prefixes each rank's lines) swaps sys.stderr for a buffer it writes only afterwards
+        stream = sys.__stderr__ or sys.stderr
+        print(f"error: {found}", file=stream)
+        logging.shutdown()
+        sys.stdout.flush()
+        stream.flush()
+        # after any hook the interpreter exits 1; this error came before any work was started
+        os._exit(2)
+
+    sys.excepthook = say_input_error
 
 
 def or_exit(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -15,6 +15,7 @@ from monai.networks.utils import convert_to_torchscript
 from torch.utils.flop_counter import FlopCounterMode
 
 from rcmseg.classes import NUM_CLASSES
+from rcmseg.errors import InputError
 from rcmseg.networks import (
     DEPTH_ORDERS,
     GATES,
@@ -201,7 +202,7 @@ def test_get_network_knows_its_names_and_passes_options() -> None:
     small = get_network("MEDNet2", in_channels=3, out_channels=2, widths=(4, 8, 8, 8, 8))
     assert isinstance(small, MEDNet) and small.num_levels == 2
     assert small.levels[-1].encoders[0].conv1.conv.in_channels == 3 + 2
-    with pytest.raises(ValueError, match="unknown network"):
+    with pytest.raises(InputError, match="unknown network 'resnet'; choose one of mednet"):
         get_network("resnet")
 
 

@@ -112,9 +112,13 @@ class MosaicInfo:
 def check_fallback_mpp(mpp: float) -> float:
     """``mpp`` (``--mpp``: µm/px of mosaics whose file carries none) if it is a pixel size,
     above 0 µm and finite; else a one-line error."""
-    if not 0 < mpp < math.inf:  # also refuses NaN
+    try:
+        size = float(mpp)
+    except (TypeError, ValueError):  # a word, e.g. from a bundle's command line
+        size = math.nan
+    if not 0 < size < math.inf:  # also refuses NaN
         raise InputError(None, f"--mpp {mpp}: a pixel size must be above 0 µm")
-    return mpp
+    return size
 
 
 def mosaic_suffix(path: str | Path) -> str:

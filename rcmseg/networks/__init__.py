@@ -13,6 +13,7 @@ from functools import partial
 from torch import nn
 
 from rcmseg.classes import NUM_CLASSES
+from rcmseg.errors import InputError
 from rcmseg.networks.baselines import DeepLab, DynUNet2D, FCN32s, SegNet, dynunet, unet
 from rcmseg.networks.mednet import (
     DEFAULT_WIDTHS,
@@ -111,10 +112,13 @@ def get_network(
 
 
 def network_factory(name: str) -> Callable[..., nn.Module]:
-    """The constructor behind ``name`` (any case), or ValueError naming the choices."""
-    key = name.lower()
+    """The constructor behind ``name`` (any case), or an InputError naming the choices (the name
+    comes from a config or the command line)."""
+    key = str(name).lower()
     if key not in _FACTORIES:
-        raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORK_NAMES)}")
+        raise InputError(
+            None, f"unknown network {name!r}; choose one of {', '.join(NETWORK_NAMES)}"
+        )
     return _FACTORIES[key]
 
 

@@ -161,7 +161,8 @@ def train_bundle(
         )
     finally:
         workflow_log.setLevel(level)
-    workflow.initialize()
+    with errors_to_caller():  # no process-wide hook (input_errors_in_one_line) in a caller
+        workflow.initialize()
     # every component "run" uses, so that a config error is one line before training starts
     used = [key for key in ("network", "loss") if workflow.parser.get(key) is not None]
     resolve_train_config(workflow.parser, config_file, also=used)
