@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 from rcmseg.classes import CLASS_NAMES, WORKING_MPP
 from rcmseg.errors import InputError
 from rcmseg.inference import PRESETS, Preset, SegmentationEngine, resolve_device
+from rcmseg.io.mosaics import pixel_size
 
 BUNDLE_ENV_VAR = "RCMSEG_BUNDLE"
 METADATA_FILE = Path("configs/metadata.json")
@@ -195,11 +195,7 @@ def load_bundle(
         raise InputError(root / METADATA_FILE, f"{len(class_names)} output classes, expected 6")
     if working_mpp is None:
         working_mpp = inference_config.get("working_mpp", WORKING_MPP)
-    try:
-        valid = 0 < float(working_mpp) < math.inf
-    except (TypeError, ValueError):  # a word, e.g. from MONAI's command line
-        valid = False
-    if not valid:
+    if pixel_size(working_mpp) is None:  # also a word from MONAI's command line
         raise InputError(root / INFERENCE_FILE, f"working_mpp {working_mpp} must be above 0")
     amp = inference_config.get("amp", True)
     if not isinstance(amp, bool):

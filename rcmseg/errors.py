@@ -105,10 +105,15 @@ def noted_on_interrupt(note: Callable[[], str]) -> Iterator[None]:
         raise
 
 
+def interruption_notes(interrupt: KeyboardInterrupt) -> list[str]:
+    """The notes the interrupted command added to ``interrupt``: what it keeps, how to go on
+    (:func:`noted_on_interrupt`)."""
+    return list(getattr(interrupt, "__notes__", ()))
+
+
 def interruption_lines(interrupt: KeyboardInterrupt) -> list[str]:
-    """What to say of an interruption: the notes the interrupted command added to it (what it
-    keeps, how to go on; :func:`noted_on_interrupt`), or that it did not finish."""
-    return list(getattr(interrupt, "__notes__", ())) or ["before the command finished"]
+    """What to say of an interruption: its notes, or that the command did not finish."""
+    return interruption_notes(interrupt) or ["before the command finished"]
 
 
 def interrupted_status(interrupt: KeyboardInterrupt) -> int:

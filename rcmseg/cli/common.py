@@ -12,7 +12,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from rcmseg.errors import InputError, interrupted_status, interruption_lines
+from rcmseg.errors import (
+    InputError,
+    interrupted_status,
+    interruption_lines,
+    interruption_notes,
+)
 
 console = Console(stderr=True)
 
@@ -43,7 +48,7 @@ def exit_on_interrupt(kept: str | Callable[[], str] | None) -> Iterator[None]:
         if kept:
             say_interruption([kept() if callable(kept) else kept])
         else:
-            say_interruption(getattr(interrupt, "__notes__", []))
+            say_interruption(interruption_notes(interrupt))
         raise typer.Exit(code=interrupted_status(interrupt)) from None
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
@@ -32,7 +31,7 @@ from rcmseg.errors import InputError
 from rcmseg.io.atomic import write_text_atomic
 from rcmseg.io.csvfiles import read_spreadsheet_text, spreadsheet_delimiter
 from rcmseg.io.labels import downsample_labels, read_label_map
-from rcmseg.io.mosaics import FolderTree, probe_mosaic, read_mosaic
+from rcmseg.io.mosaics import FolderTree, pixel_size, probe_mosaic, read_mosaic
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -108,11 +107,8 @@ def _case_from_row(manifest: Path, line: int, row: dict[str, str | None]) -> Cas
     if labels is not None and not labels.is_file():
         raise InputError(manifest, f"line {line}: label map {values['labels']} does not exist")
     mpp_text = (row.get(MPP_COLUMN) or "").strip()
-    try:
-        mosaic_mpp = float(mpp_text.replace(",", ".")) if mpp_text else None
-    except ValueError:
-        mosaic_mpp = math.nan
-    if mosaic_mpp is not None and not 0 < mosaic_mpp < math.inf:
+    mosaic_mpp = pixel_size(mpp_text.replace(",", ".")) if mpp_text else None
+    if mpp_text and mosaic_mpp is None:
         raise InputError(
             manifest, f"line {line}: {MPP_COLUMN} '{mpp_text}' is not a pixel size in µm above 0"
         )

@@ -109,14 +109,21 @@ class MosaicInfo:
         return self.width_px * self.height_px * (self.mosaic_mpp * 1e-3) ** 2
 
 
+def pixel_size(value: object) -> float | None:
+    """``value`` as a pixel size in µm/px if it is one (a finite number above 0), else None: a
+    word (a bundle's command line, a manifest cell), 0, a negative number, NaN or infinity."""
+    try:
+        size = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return size if 0 < size < math.inf else None
+
+
 def check_fallback_mpp(mpp: float) -> float:
     """``mpp`` (``--mpp``: µm/px of mosaics whose file carries none) if it is a pixel size,
     above 0 µm and finite; else a one-line error."""
-    try:
-        size = float(mpp)
-    except (TypeError, ValueError):  # a word, e.g. from a bundle's command line
-        size = math.nan
-    if not 0 < size < math.inf:  # also refuses NaN
+    size = pixel_size(mpp)
+    if size is None:
         raise InputError(None, f"--mpp {mpp}: a pixel size must be above 0 µm")
     return size
 
@@ -612,7 +619,7 @@ def _ome_mpp(tiff, image_index: int) -> float | None:
         except (TypeError, ValueError):  # absent, not a number, or a unit that is no length
             return None
     mpp = sum(sizes) / 2
-    return mpp if math.isfinite(mpp) and mpp > 0 else None
+    return pixel_size(mpp)
 
 
 # ImageJ/Fiji's ``unit=`` (its description) → µm; it escapes µ as the six characters \u00B5.
