@@ -313,6 +313,11 @@ def test_bundle_run_honours_ckpt_path_and_fails_in_one_line_without_it(tmp_path,
         (EVALUATE, ("--amp", "sometimes"), "error: amp must be true or false, not 'sometimes'"),
         # nested options and numbers, refused while MONAI builds the components
         (INFER, ("--network_def#name", "bogus"), "error: unknown network 'bogus'; choose"),
+        (
+            INFER,
+            ("--network_def#filters", "[8,16]"),
+            "error: network 'dynunet_ds': filters needs at least 4 stages",
+        ),
         (EVALUATE, ("--inferer#overlap", "2"), "error: window overlap 2.0 must lie in [0, 1)"),
         (INFER, ("--mosaic_mpp", "abc"), "error: --mpp abc: a pixel size must be above 0 µm"),
         (EVALUATE, ("--dataset_dir", "nowhere"), "error: nowhere"),

@@ -638,8 +638,23 @@ def test_batch_norm_tiny_dynunet_folds_every_norm_away_with_equal_logits() -> No
 
 
 def test_dynunet_refuses_an_unknown_norm() -> None:
-    with pytest.raises(ValueError, match="norm"):
+    with pytest.raises(InputError, match="network 'dynunet': norm must be"):
         get_network("dynunet", norm="layer")
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("dynunet_ds", {"filters": [8, 16]}, "filters needs at least 4 stages for 2 deep-super"),
+        ("dynunet_ds", {"filters": [8, 16, 32]}, "filters needs at least 4 stages"),
+        ("dynunet", {"filters": [8]}, "filters needs at least 3 stages, got 1"),
+        ("dynunet_ds", {"bogus": 3}, r"dynunet\(\) got an unexpected keyword argument 'bogus'"),
+        ("mednet", {"levels": 4}, "MED-Net has 1, 2 or 3 levels, got 4"),
+    ],
+)
+def test_settings_a_network_refuses_are_one_input_error(name, kwargs, message) -> None:
+    with pytest.raises(InputError, match=f"^network '{name}': {message}"):
+        get_network(name, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["dynunet", "mednet_unet_in", "mednet_dynunet"])

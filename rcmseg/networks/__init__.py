@@ -106,9 +106,15 @@ def get_network(
 ) -> nn.Module:
     """Build the network called ``name`` (one of :data:`NETWORK_NAMES`).
 
-    ``kwargs`` go to the network's constructor (e.g. ``widths`` for MED-Net).
+    ``kwargs`` go to the network's constructor (e.g. ``widths`` for MED-Net). The name and
+    settings come from a config or the command line, so settings the constructor refuses
+    (a wrong keyword, too few ``filters``) are an InputError naming the network.
     """
-    return network_factory(name)(in_channels=in_channels, out_channels=out_channels, **kwargs)
+    factory = network_factory(name)
+    try:
+        return factory(in_channels=in_channels, out_channels=out_channels, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise InputError(None, f"network {name!r}: {error}") from error
 
 
 def network_factory(name: str) -> Callable[..., nn.Module]:
