@@ -90,8 +90,8 @@ def test_train_bundle_rejects_bad_input(bundle: Path, dataset: Path, tmp_path: P
         ("loss", "nope", "unknown loss 'nope'; choose one of mdsc_tv, dice, ce, mdsc_tv_ce"),
         ("network_def", "nope", "unknown network 'nope'"),
         ("optimizer", {"_target_": "torch.optim.Nope"}, "torch.optim.Nope"),
-        # a constructor's own error: DynUNet refuses filters without one entry per stage
-        ("network_def", {"filters": [8, 16]}, "network does not resolve"),
+        # a constructor's own error: too few DynUNet stages, named with the network
+        ("network_def", {"filters": [8, 16]}, "network 'dynunet.*': filters needs at least 4"),
     ],
 )
 def test_a_bad_name_in_train_json_is_one_line_naming_the_config(
