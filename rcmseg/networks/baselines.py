@@ -94,11 +94,8 @@ class DynUNet2D(nn.Module):
         # MONAI's DynUNet fails on fewer stages with an IndexError deep in its builder
         fewest = deep_supr_num + 2 if deep_supervision else 3
         if len(filters) < fewest:
-            raise ValueError(
-                f"filters needs at least {fewest} stages"
-                f"{f' for {deep_supr_num} deep-supervision heads' if deep_supervision else ''},"
-                f" got {len(filters)}"
-            )
+            heads = f" for {deep_supr_num} deep-supervision heads" if deep_supervision else ""
+            raise ValueError(f"filters needs at least {fewest} stages{heads}, got {len(filters)}")
         self.deep_supervision = deep_supervision
         self.upsample_output = strides[0] > 1
         self._arguments = (in_channels, out_channels, tuple(filters), tuple(strides))
