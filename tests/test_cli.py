@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib.metadata import version
 
 from typer.testing import CliRunner
@@ -16,3 +18,24 @@ def test_version_names_rcmseg_and_what_it_runs_on():
     line = result.output.strip()
     assert line.startswith(f"rcmseg {rcmseg.__version__} (torch {version('torch')}, monai ")
     assert len(line.splitlines()) == 1
+
+
+def test_help_of_every_command_imports_neither_torch_nor_monai():
+    # torch and MONAI take 4-7 s to import on a 2-core CPU: `rcmseg --help` must not wait for them
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from rcmseg.cli.main import app\n"
+        "commands = [[]] + [[c.name] for c in app.registered_commands]\n"
+        "for group in app.registered_groups:\n"
+        "    commands.append([group.name])\n"
+        "    commands += [[group.name, c.name] for c in group.typer_instance.registered_commands]\n"
+        "for command in commands:\n"
+        "    result = CliRunner().invoke(app, [*command, '--help'])\n"
+        "    assert result.exit_code == 0, (command, result.output)\n"
+        "print(len(commands), sorted(m for m in ('torch', 'monai') if m in sys.modules))\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    count, imported = ran.stdout.split(" ", 1)
+    assert int(count) >= 12  # rcmseg, 5 commands, 3 groups and their commands
+    assert imported.strip() == "[]"
