@@ -39,3 +39,40 @@ def test_help_of_every_command_imports_neither_torch_nor_monai():
     count, imported = ran.stdout.split(" ", 1)
     assert int(count) >= 12  # rcmseg, 5 commands, 3 groups and their commands
     assert imported.strip() == "[]"
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_torch_loads(tmp_path):
+    # torch and MONAI take 4-7 s to load: a mistyped --out is refused before that
+    (tmp_path / "a_file").write_text("not a folder")
+    out = str(tmp_path / "a_file" / "out")
+    commands = [
+        ["batch", str(tmp_path), "--out", out],
+        ["evaluate", str(tmp_path), "--out", out],
+        ["train", "model", str(tmp_path), "--out", out],
+        ["cv", str(tmp_path), "--out", out],
+        ["study", str(tmp_path), "--study", "levels", "--out", out],
+        ["labels", "import", str(tmp_path), "--annotations", str(tmp_path), "--out", out],
+        [
+            "labels",
+            "from-geojson",
+            str(tmp_path),
+            "--mosaic",
+            str(tmp_path),
+            "--out",
+            f"{out}/x.png",
+        ],
+        ["synth", out],
+    ]
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from rcmseg.cli.main import app\n"
+        f"for command in {commands!r}:\n"
+        "    result = CliRunner().invoke(app, command)\n"
+        "    assert result.exit_code == 2, (command, result.output)\n"
+        "    assert 'is a file, not a folder for outputs' in result.output, result.output\n"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "[]"

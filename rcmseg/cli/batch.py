@@ -15,6 +15,7 @@ from rcmseg.cli.common import (
     exit_on_interrupt,
     user_errors,
 )
+from rcmseg.io.atomic import check_output_folder  # light: refuses --out before torch loads
 
 
 def batch(
@@ -81,9 +82,10 @@ def batch(
 ) -> None:
     """Segment every mosaic under IN_DIR into OUT: <name>.labels.tif per mosaic,
     OUT/mosaics.csv and OUT/patterns.csv. Exit status 1 when any mosaic failed."""
-    from rcmseg.batch import BatchOptions, parts_from_env, print_summary, run_batch
-
     with user_errors():
+        check_output_folder(out)  # run_batch checks it too, but only after torch has loaded
+        from rcmseg.batch import BatchOptions, parts_from_env, print_summary, run_batch
+
         env_parts, env_part_id = parts_from_env()
         options = BatchOptions(
             preset=preset,

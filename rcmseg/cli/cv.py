@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from rcmseg.cli.common import exit_on_interrupt, note_unknown_pixel_sizes, user_errors
+from rcmseg.io.atomic import check_output_folder  # light: refuses --out before torch loads
 
 # Options shared with `rcmseg study` (same split, same training budget flags).
 Data = Annotated[Path, typer.Argument(help="Dataset folder with manifest.csv (rcmseg layout).")]
@@ -150,14 +151,13 @@ def cv_command(
     report), OUT/summary.csv and OUT/report.md. Run again to resume: finished folds are kept.
     """
     with user_errors():
+        check_output_folder(out)
         from rcmseg.evaluation.cv import run_cv
         from rcmseg.evaluation.report import format_value
         from rcmseg.evaluation.study import Variant
-        from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training.bundle import bundle_train_settings, with_overrides, with_variant
 
-        check_output_folder(out)
         note_unknown_pixel_sizes(data)
 
         base = bundle_train_settings(bundle)

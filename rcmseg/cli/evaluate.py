@@ -14,6 +14,7 @@ from rcmseg.cli.common import (
     note_unknown_pixel_sizes,
     user_errors,
 )
+from rcmseg.io.atomic import check_output_folder  # light: refuses --out before torch loads
 
 
 def evaluate_command(
@@ -47,13 +48,12 @@ def evaluate_command(
     metrics_per_mosaic.csv, confusion_matrix.csv/.png, metrics.json and overlays/*.png.
     """
     with user_errors():
+        check_output_folder(out)
         from rcmseg.bundle import default_bundle_dir
         from rcmseg.evaluation.evaluate import evaluate_bundle
         from rcmseg.evaluation.report import format_value
-        from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.labels import load_remap_table
 
-        check_output_folder(out)
         note_unknown_pixel_sizes(data)
 
         table = load_remap_table(remap) if remap is not None else None

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from rcmseg.cli.common import user_errors
+from rcmseg.io.atomic import check_output_folder  # light: refuses --out before torch loads
 
 labels_app = typer.Typer(
     help="Import QuPath annotations (GeoJSON or labelled-image exports) as rcmseg label maps.",
@@ -42,12 +43,11 @@ def from_geojson(
     remap: Remap = None,
 ) -> None:
     with user_errors():
-        from rcmseg.io.atomic import check_output_folder
+        check_output_folder(out.parent)
         from rcmseg.io.labels import read_remap
         from rcmseg.io.mosaics import probe_mosaic
         from rcmseg.labels_import import geojson_label_map, value_counts, write_label_map
 
-        check_output_folder(out.parent)
         names = read_remap(remap).names if remap is not None else None
         info = probe_mosaic(mosaic)
         labels, found, counts = geojson_label_map(geojson, (info.height_px, info.width_px), names)
@@ -88,12 +88,11 @@ def import_command(
     remap: Remap = None,
 ) -> None:
     with user_errors():
-        from rcmseg.io.atomic import check_output_folder
+        check_output_folder(out)
         from rcmseg.io.labels import read_remap
         from rcmseg.io.mosaics import walk_folder
         from rcmseg.labels_import import SUMMARY_NAME, import_labels
 
-        check_output_folder(out)
         tree = walk_folder(mosaics)  # the one walk; empty for a mosaic file
         if note := tree.unsearched_note():
             typer.echo(f"note: {note}", err=True)

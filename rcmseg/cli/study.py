@@ -31,6 +31,7 @@ from rcmseg.cli.cv import (
     split_settings,
     train_options,
 )
+from rcmseg.io.atomic import check_output_folder  # light: refuses --out before torch loads
 
 
 def study_command(
@@ -75,13 +76,12 @@ def study_command(
     bundle's configs/train.json with the options given here on top. Resumable.
     """
     with user_errors():
+        check_output_folder(out)
         from rcmseg.errors import InputError
         from rcmseg.evaluation.study import STUDIES, Variant, run_study
-        from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training.bundle import bundle_train_settings, with_overrides
 
-        check_output_folder(out)
         note_unknown_pixel_sizes(data)
 
         if study is not None and study not in STUDIES:

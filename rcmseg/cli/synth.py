@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from rcmseg.cli.common import console, user_errors
+from rcmseg.io.atomic import check_output_folder  # light: refuses --out before torch loads
 
 
 def synth(
@@ -33,12 +34,11 @@ def synth(
     """Write N synthetic mosaics (8-bit TIFF, 0.5 µm/px) with label maps (PNG, 255 = unlabelled)
     and OUT/manifest.csv, deterministic per seed."""
     with user_errors():
+        check_output_folder(out, "OUT")
         from rcmseg.errors import InputError
-        from rcmseg.io.atomic import check_output_folder
         from rcmseg.io.dataset import manifest_path
         from rcmseg.synth import write_dataset
 
-        check_output_folder(out, "OUT")
         if manifest_path(out).exists() and not overwrite:
             raise InputError(out, "already holds a manifest.csv; pass --overwrite to replace it")
         cases = write_dataset(

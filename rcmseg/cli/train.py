@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from rcmseg.cli.common import exit_on_interrupt, note_unknown_pixel_sizes, user_errors
+from rcmseg.io.atomic import check_output_folder  # light: refuses --out before torch loads
 
 train_app = typer.Typer(
     help="Train a segmentation network (the bundle's DynUNet, MED-Net or a baseline) on labelled "
@@ -141,11 +142,10 @@ def train_model_command(
     OUT/train_log.csv/.json.
     """
     with user_errors():
-        from rcmseg.io.atomic import check_output_folder
+        check_output_folder(out)
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training import TrainConfig, train
 
-        check_output_folder(out)
         note_unknown_pixel_sizes(data)
 
         if not progress:  # one line per epoch instead of the bar
@@ -219,7 +219,6 @@ def train_bundle_command(
     """
     with user_errors():
         from rcmseg.bundle import default_bundle_dir
-        from rcmseg.io.atomic import check_output_folder
         from rcmseg.training.bundle import train_bundle
 
         note_unknown_pixel_sizes(data)
