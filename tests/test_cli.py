@@ -41,6 +41,24 @@ def test_help_of_every_command_imports_neither_torch_nor_monai():
     assert imported.strip() == "[]"
 
 
+def refusals_in_a_fresh_interpreter(commands: list[list[str]], message: str) -> str:
+    """Run each ``rcmseg`` command line in one fresh interpreter, check that each exits 2 with
+    ``message``, and return which of torch and MONAI had been imported (``"[]"``: neither)."""
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from rcmseg.cli.main import app\n"
+        f"for command in {commands!r}:\n"
+        "    result = CliRunner().invoke(app, command)\n"
+        "    assert result.exit_code == 2, (command, result.output)\n"
+        f"    assert {message!r} in result.output, result.output\n"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout.strip()
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_before_torch_loads(tmp_path):
     # torch and MONAI take 4-7 s to load: a mistyped --out is refused before that
     (tmp_path / "a_file").write_text("not a folder")
@@ -63,16 +81,14 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_torch_loads(t
         ],
         ["synth", out],
     ]
-    probe = (
-        "import sys\n"
-        "from typer.testing import CliRunner\n"
-        "from rcmseg.cli.main import app\n"
-        f"for command in {commands!r}:\n"
-        "    result = CliRunner().invoke(app, command)\n"
-        "    assert result.exit_code == 2, (command, result.output)\n"
-        "    assert 'is a file, not a folder for outputs' in result.output, result.output\n"
-        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n"
-    )
-    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.strip() == "[]"
+    assert refusals_in_a_fresh_interpreter(commands, "is a file, not a folder for outputs") == "[]"
+
+
+def test_a_batch_input_that_is_no_mosaic_or_folder_is_refused_before_torch_loads(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a mosaic")
+    out = str(tmp_path / "out")
+    missing = [["batch", str(tmp_path / "mosaics_typo"), "--out", out]]
+    assert refusals_in_a_fresh_interpreter(missing, "no such mosaic file or folder") == "[]"
+    other = [["batch", str(tmp_path / "notes.txt"), "--out", out]]
+    assert refusals_in_a_fresh_interpreter(other, "notes.txt: not a mosaic file") == "[]"
+    assert not (tmp_path / "out").exists()

@@ -14,10 +14,9 @@ from pathlib import Path
 from rcmseg.errors import InputError
 from rcmseg.io.dataset import cases_near, declared_mpps
 from rcmseg.io.mosaics import (
-    MOSAIC_SUFFIXES,
     FolderTree,
+    check_mosaic_source,
     distinct_stems,
-    is_mosaic_file,
     walk_folder,
 )
 
@@ -74,10 +73,7 @@ def plan_jobs(source: Path, out_dir: Path, tree: FolderTree | None = None) -> li
     Raises:
         InputError: ``source`` does not exist or is a file of another type.
     """
-    if not (source.is_file() or source.is_dir()):
-        raise InputError(source, "no such mosaic file or folder")
-    if source.is_file() and not is_mosaic_file(source):
-        raise InputError(source, f"not a mosaic file (endings: {' '.join(MOSAIC_SUFFIXES)})")
+    check_mosaic_source(source)
     root = batch_root(source)
     if tree is None or tree.folder != root:
         tree = walk_folder(root)

@@ -83,7 +83,11 @@ def batch(
     """Segment every mosaic under IN_DIR into OUT: <name>.labels.tif per mosaic,
     OUT/mosaics.csv and OUT/patterns.csv. Exit status 1 when any mosaic failed."""
     with user_errors():
-        check_output_folder(out)  # run_batch checks it too, but only after torch has loaded
+        from rcmseg.io.mosaics import check_mosaic_source
+
+        # run_batch checks both too, but only after torch has loaded: a typo is told at once
+        check_mosaic_source(in_dir)
+        check_output_folder(out)
         from rcmseg.batch import BatchOptions, parts_from_env, print_summary, run_batch
 
         env_parts, env_part_id = parts_from_env()

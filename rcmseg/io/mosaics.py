@@ -43,8 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from rcmseg.classes import MOSAIC_MPP, WORKING_MPP
 from rcmseg.errors import InputError, os_reason
@@ -154,6 +152,18 @@ def is_mosaic_file(path: Path) -> bool:
     broken_link = path.is_symlink() and not path.exists()
     visible = (path.is_file() or broken_link) and not path.name.startswith(".")
     return visible and mosaic_suffix(path) in MOSAIC_SUFFIXES
+
+
+def check_mosaic_source(source: Path) -> None:
+    """Refuse a batch's input that is neither a folder nor a mosaic file, in one line.
+
+    Raises:
+        InputError: ``source`` does not exist or is a file of another type.
+    """
+    if not (source.is_file() or source.is_dir()):
+        raise InputError(source, "no such mosaic file or folder")
+    if source.is_file() and not is_mosaic_file(source):
+        raise InputError(source, f"not a mosaic file (endings: {' '.join(MOSAIC_SUFFIXES)})")
 
 
 # Folders an operating system keeps on a drive for itself, never a lab's mosaics: Windows's recycle
@@ -343,6 +353,9 @@ def _block_mean(source: _Source, block: int) -> np.ndarray:
 
 
 def _resample(image: np.ndarray, size: tuple[int, int], upsample: bool) -> np.ndarray:
+    import torch  # here, not at the top: the commands check their inputs before torch loads
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(image)[None, None]
     if upsample:
         resized = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
