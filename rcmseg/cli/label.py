@@ -23,6 +23,7 @@ from rcmseg.cli.common import (
 )
 from rcmseg.errors import InputError, Terminated, os_reason
 from rcmseg.io.atomic import check_output_folder
+from rcmseg.label_app.pixel_sizes import StudyPixelSizes
 
 label_app = typer.Typer(
     help="Annotate mosaics in QuPath with the bundle's network in the loop (MONAI Label).",
@@ -146,8 +147,6 @@ def serve(
         if bundle is not None and not bundle.is_dir():
             raise InputError(bundle, "bundle folder not found")
         # A bad --mpp or manifest is refused now, in one line, not at the first request.
-        from rcmseg.label_app.pixel_sizes import StudyPixelSizes  # imports torch: not at --help
-
         StudyPixelSizes(studies, mpp).declared()
         check_port_free(host, port)
         from rcmseg.inference import check_backend, resolve_device
