@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -9,6 +10,12 @@ from collections.abc import Callable
 import pytest
 
 SignalWhen = Callable[[subprocess.Popen, Callable[[], bool], int], str]
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject.toml): one worker per core this process may run on, not per core
+    of the host, so a CI container limited to 2 of 64 cores runs 2 workers, not 64."""
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 @pytest.fixture
