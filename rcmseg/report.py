@@ -221,9 +221,12 @@ def dominant_pattern(record: MosaicRecord, class_names: Sequence[str]) -> str:
 def summary_table(
     records: Sequence[MosaicRecord], class_names: Sequence[str] = CLASS_NAMES
 ) -> Table:
-    """A rich table of this run: status, time, lesion area and dominant pattern per mosaic."""
+    """A rich table of this run: status, time, lesion area and dominant pattern per mosaic.
+
+    Why a mosaic failed is not a column: ``run_batch`` prints it in full, one line per mosaic,
+    just above the table; a column would fold it to a word per line on an 80-column terminal."""
     table = Table(title="rcmseg batch", show_lines=False)
-    for column in ("mosaic", "lesion", "status", "seconds", "lesion mm²", "main pattern", "error"):
+    for column in ("mosaic", "lesion", "status", "seconds", "lesion mm²", "main pattern"):
         table.add_column(column, overflow="fold")
     colours = {"done": "green", "skipped": "cyan", "failed": "red", "pending": "yellow"}
     for record in records:
@@ -240,13 +243,5 @@ def summary_table(
             f"{record.seconds:.1f}",
             _fmt(lesion_mm2, 3),
             dominant_pattern(record, class_names),
-            short_error(record),
         )
     return table
-
-
-def short_error(record: MosaicRecord, max_chars: int = 60) -> str:
-    """The problem of a failed mosaic without its path (the table names the mosaic), shortened."""
-    where, _, problem = record.error.partition(": ")
-    text = problem if problem and where.endswith(Path(record.mosaic).name) else record.error
-    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"

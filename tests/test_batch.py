@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import tifffile
 import tiffslide
 import torch
 from PIL import Image
+from rich.console import Console
 from typer.testing import CliRunner
 
 from rcmseg.batch import BatchOptions, run_batch
@@ -24,7 +26,7 @@ from rcmseg.classes import CLASS_NAMES
 from rcmseg.cli.main import app
 from rcmseg.io.atomic import PARTIAL_MARKER
 from rcmseg.io.writers import is_complete_label_tiff
-from rcmseg.report import MosaicRecord, lesion_rows
+from rcmseg.report import MosaicRecord, lesion_rows, summary_table
 from rcmseg.synth.mosaic import make_mosaic
 
 torch.set_num_threads(2)
@@ -239,6 +241,39 @@ def test_lesion_rows_sum_mosaics_and_weight_confidence_by_area():
     assert row["meshwork_mean_confidence"] == "0.6000"  # (15 + 9) / 40
     assert row["artifact_mean_confidence"] == "0.5000"
     assert row["nested_mean_confidence"] == ""  # no pixel: no mean
+
+
+def test_summary_table_fits_80_columns_with_whole_names_even_when_a_mosaic_failed():
+    # why a mosaic failed is printed in full above the table, not folded into a column
+    counts = (100, 0, 30, 0, 70, 0)
+    records = [
+        MosaicRecord(
+            f"synth_{i:04d}.tif",
+            f"synth_{i:04d}",
+            "done",
+            seconds=3.0,
+            working_mpp=2.0,
+            pixel_counts=counts,
+        )
+        for i in range(3)
+    ]
+    records.append(
+        MosaicRecord(
+            "broken_scan.tif",
+            "broken_scan",
+            "failed",
+            error="broken_scan.tif: cannot read as TIFF: not a TIFF file",
+        )
+    )
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(summary_table(records))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for record in records:  # one row each, the name and lesion unbroken
+        (row,) = [line for line in lines if record.mosaic in line]
+        assert record.lesion in row and record.status in row
+    assert "ring 70%" in "\n".join(lines)
+    assert "error" not in lines[1] + lines[2]
 
 
 def test_two_parts_cover_every_mosaic_exactly_once(input_folder, tmp_path):
