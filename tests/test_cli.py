@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from importlib.metadata import version
 
+import typer.main
 from typer.testing import CliRunner
 
 import rcmseg
@@ -39,6 +41,30 @@ def test_help_of_every_command_imports_neither_torch_nor_monai():
     count, imported = ran.stdout.split(" ", 1)
     assert int(count) >= 12  # rcmseg, 5 commands, 3 groups and their commands
     assert imported.strip() == "[]"
+
+
+def test_help_keeps_every_bracketed_word_it_was_written_with():
+    # typer renders help as rich markup: an unescaped "rcmseg[openvino]" showed as "rcmseg"
+
+    def commands(command, path: list[str]):  # typer's click commands, depth first
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, [*path, name])
+
+    checked = 0
+    for path, command in commands(typer.main.get_command(app), []):
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        written = {
+            w for text in texts for w in re.findall(r"\[[^\]\s]+\]", text.replace("\\[", "["))
+        }
+        if not written:
+            continue
+        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert shown.exit_code == 0, shown.output
+        for word in written:
+            assert word in shown.output, (path, word)
+            checked += 1
+    assert checked >= 1
 
 
 def refusals_in_a_fresh_interpreter(commands: list[list[str]], message: str) -> str:

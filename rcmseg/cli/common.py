@@ -81,7 +81,8 @@ PrecisionOption = Annotated[
 BackendOption = Annotated[
     str,
     typer.Option(
-        help="Network runtime: torch, or openvino (CPU, extra rcmseg[openvino]; converted "
+        # typer renders help as rich markup: an unescaped [openvino] is read as a style and vanishes
+        help="Network runtime: torch, or openvino (CPU, extra rcmseg\\[openvino]; converted "
         "once per run in memory)."
     ),
 ]
