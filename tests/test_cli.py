@@ -45,7 +45,6 @@ def test_help_of_every_command_imports_neither_torch_nor_monai():
 
 def test_help_keeps_every_bracketed_word_it_was_written_with():
     # typer renders help as rich markup: an unescaped "rcmseg[openvino]" showed as "rcmseg"
-
     def commands(command, path: list[str]):  # typer's click commands, depth first
         yield path, command
         for name, sub in getattr(command, "commands", {}).items():

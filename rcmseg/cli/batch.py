@@ -9,9 +9,13 @@ import typer
 
 from rcmseg.classes import MOSAIC_MPP
 from rcmseg.cli.common import (
+    BUNDLE_DEFAULT,
     BackendOption,
+    DeviceOption,
     OpenVINOCacheOption,
     PrecisionOption,
+    PresetOption,
+    TTAOption,
     exit_on_interrupt,
     user_errors,
 )
@@ -25,25 +29,14 @@ def batch(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for outputs and reports.")],
     bundle: Annotated[
         Path | None,
-        typer.Option(help="MONAI bundle folder (default: $RCMSEG_BUNDLE, else the bundled model)."),
+        typer.Option(help=f"MONAI bundle folder ({BUNDLE_DEFAULT})."),
     ] = None,
-    preset: Annotated[
-        str,
-        typer.Option(
-            help="Sliding window: 'fast' (256 px windows, stride 128) or 'paper' "
-            "(256 px windows, stride 32, as published), or one the bundle defines."
-        ),
-    ] = "fast",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    preset: PresetOption = "fast",
+    device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     backend: BackendOption = "torch",
     openvino_cache: OpenVINOCacheOption = None,
-    tta: Annotated[
-        bool,
-        typer.Option(
-            "--tta", help="Test-time augmentation: mean over 8 flips/rotations (8x slower)."
-        ),
-    ] = False,
+    tta: TTAOption = False,
     mpp: Annotated[
         float, typer.Option(help="µm/px of mosaics whose file carries no pixel size.")
     ] = MOSAIC_MPP,

@@ -70,6 +70,21 @@ def note_unknown_pixel_sizes(data_dir: Path) -> None:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
+# Which bundle a command uses when --bundle is not given (rcmseg.bundle.default_bundle_dir).
+BUNDLE_DEFAULT = "default: $RCMSEG_BUNDLE, else the bundled rcm_mednet"
+DEVICE_HELP = "auto, cpu, cuda, cuda:1, ..."
+DeviceOption = Annotated[str, typer.Option(help=DEVICE_HELP)]
+PresetOption = Annotated[
+    str,
+    typer.Option(
+        help="Sliding window: 'fast' (256 px windows, stride 128) or 'paper' "
+        "(256 px windows, stride 32, as published), or one the bundle defines."
+    ),
+]
+TTAOption = Annotated[
+    bool,
+    typer.Option("--tta", help="Test-time augmentation: mean over 8 flips/rotations (8x slower)."),
+]
 PrecisionOption = Annotated[
     str,
     typer.Option(

@@ -7,7 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
-from rcmseg.cli.common import exit_on_interrupt, note_unknown_pixel_sizes, user_errors
+from rcmseg.cli.common import (
+    BUNDLE_DEFAULT,
+    DeviceOption,
+    exit_on_interrupt,
+    note_unknown_pixel_sizes,
+    user_errors,
+)
 from rcmseg.io.atomic import check_output_folder  # light: refuses --out before torch loads
 
 # Options shared with `rcmseg study` (same split, same training budget flags).
@@ -47,15 +53,14 @@ Iterations = Annotated[
 ]
 LearningRate = Annotated[float | None, typer.Option("--lr", help="Base learning rate.")]
 Optimizer = Annotated[str | None, typer.Option(help="sgd, adam or adamw.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
 Preset = Annotated[str, typer.Option(help="Inference preset for the test mosaics: fast or paper.")]
 Remap = Annotated[Path | None, typer.Option(help="Label remapping table (.json/.csv).")]
 Threads = Annotated[int | None, typer.Option(help="torch threads for training.")]
 Bundle = Annotated[
     Path | None,
     typer.Option(
-        help="Bundle whose configs/train.json gives the training recipe (default: the bundled "
-        "rcm_mednet); the options below override it."
+        help="Bundle whose configs/train.json gives the training recipe "
+        f"({BUNDLE_DEFAULT}); the options below override it."
     ),
 ]
 PatchSize = Annotated[
@@ -137,7 +142,7 @@ def cv_command(
     lr: LearningRate = None,
     optimizer: Optimizer = None,
     seed: Seed = 0,
-    device: Device = "auto",
+    device: DeviceOption = "auto",
     preset: Preset = "fast",
     remap: Remap = None,
     threads: Threads = None,

@@ -8,9 +8,13 @@ from typing import Annotated
 import typer
 
 from rcmseg.cli.common import (
+    BUNDLE_DEFAULT,
     BackendOption,
+    DeviceOption,
     OpenVINOCacheOption,
     PrecisionOption,
+    PresetOption,
+    TTAOption,
     note_unknown_pixel_sizes,
     user_errors,
 )
@@ -22,18 +26,14 @@ def evaluate_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report and tables.")],
     bundle: Annotated[
         Path | None,
-        typer.Option(
-            help="MONAI bundle folder (default: the bundled rcm_mednet or $RCMSEG_BUNDLE)."
-        ),
+        typer.Option(help=f"MONAI bundle folder ({BUNDLE_DEFAULT})."),
     ] = None,
-    preset: Annotated[str, typer.Option(help="Sliding-window preset: fast or paper.")] = "fast",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    preset: PresetOption = "fast",
+    device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     backend: BackendOption = "torch",
     openvino_cache: OpenVINOCacheOption = None,
-    tta: Annotated[
-        bool, typer.Option("--tta", help="Test-time augmentation: 8 flips/rotations (8x slower).")
-    ] = False,
+    tta: TTAOption = False,
     remap: Annotated[
         Path | None,
         typer.Option(help="Label remapping table (.json/.csv) for label maps in another encoding."),

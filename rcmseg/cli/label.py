@@ -14,9 +14,12 @@ import typer
 
 from rcmseg.classes import MOSAIC_MPP
 from rcmseg.cli.common import (
+    BUNDLE_DEFAULT,
     BackendOption,
+    DeviceOption,
     OpenVINOCacheOption,
     PrecisionOption,
+    PresetOption,
     console,
     exit_on_interrupt,
     user_errors,
@@ -116,14 +119,14 @@ def serve(
     ],
     bundle: Annotated[
         Path | None,
-        typer.Option(help="Bundle to serve (default: rcmseg's); copied to STUDIES/.rcmseg."),
+        typer.Option(help=f"Bundle to serve ({BUNDLE_DEFAULT}); copied to STUDIES/.rcmseg."),
     ] = None,
     host: Annotated[
         str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it to the network.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    preset: Annotated[str, typer.Option(help="Sliding-window preset: fast or paper.")] = "fast",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    preset: PresetOption = "fast",
+    device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     backend: BackendOption = "torch",
     openvino_cache: OpenVINOCacheOption = None,

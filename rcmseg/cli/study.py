@@ -6,12 +6,11 @@ from typing import Annotated
 
 import typer
 
-from rcmseg.cli.common import exit_on_interrupt, note_unknown_pixel_sizes, user_errors
+from rcmseg.cli.common import DeviceOption, exit_on_interrupt, note_unknown_pixel_sizes, user_errors
 from rcmseg.cli.cv import (
     BatchSize,
     Bundle,
     Data,
-    Device,
     Epochs,
     Folds,
     GroupColumn,
@@ -65,7 +64,7 @@ def study_command(
     lr: LearningRate = None,
     optimizer: Optimizer = None,
     seed: Seed = 0,
-    device: Device = "auto",
+    device: DeviceOption = "auto",
     preset: Preset = "fast",
     remap: Remap = None,
     threads: Threads = None,

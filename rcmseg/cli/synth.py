@@ -31,8 +31,10 @@ def synth(
         bool, typer.Option("--overwrite", help="Replace a data set already in OUT.")
     ] = False,
 ) -> None:
-    """Write N synthetic mosaics (8-bit TIFF, 0.5 µm/px) with label maps (PNG, 255 = unlabelled)
-    and OUT/manifest.csv, deterministic per seed."""
+    """Write a synthetic data set: N mosaics, their label maps and OUT/manifest.csv.
+
+    Mosaics are 8-bit TIFFs at 0.5 µm/px, label maps PNGs (255 = unlabelled); the same seed
+    writes the same data set."""
     with user_errors():
         check_output_folder(out, "OUT")
         from rcmseg.errors import InputError

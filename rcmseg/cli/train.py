@@ -10,7 +10,14 @@ from typing import Annotated, Any
 
 import typer
 
-from rcmseg.cli.common import exit_on_interrupt, note_unknown_pixel_sizes, user_errors
+from rcmseg.cli.common import (
+    BUNDLE_DEFAULT,
+    DEVICE_HELP,
+    DeviceOption,
+    exit_on_interrupt,
+    note_unknown_pixel_sizes,
+    user_errors,
+)
 from rcmseg.io.atomic import check_output_folder  # light: refuses --out before torch loads
 
 train_app = typer.Typer(
@@ -23,7 +30,7 @@ Epochs = Annotated[int | None, typer.Option(help="Epochs (paper: 200).")]
 Fold = Annotated[
     int | None, typer.Option(help="Validation fold of the patient-wise split (0-based).")
 ]
-Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
+Device = Annotated[str | None, typer.Option(help=DEVICE_HELP)]
 Seed = Annotated[int | None, typer.Option(help="Seed of every random choice.")]
 Iterations = Annotated[
     int | None,
@@ -100,7 +107,9 @@ def train_model_command(
     augment_appearance: Annotated[
         bool,
         typer.Option(
-            help="Also randomise sharpness, tone curve and contrast (beyond the paper; batched)."
+            # a flag alone: its off switch made the option column of this help twice as wide
+            "--augment-appearance",
+            help="Also randomise sharpness, tone curve and contrast (beyond the paper; batched).",
         ),
     ] = False,
     teacher: Annotated[
@@ -116,7 +125,7 @@ def train_model_command(
     teacher_blend: Annotated[
         float, typer.Option(help="The teacher's weight at labelled pixels, 0-1.")
     ] = 0.0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    device: DeviceOption = "auto",
     amp: Annotated[
         bool, typer.Option(help="Mixed precision: fp16 on CUDA, bf16 on CPUs with native bf16.")
     ] = True,
@@ -194,9 +203,7 @@ def train_model_command(
 def train_bundle_command(
     bundle: Annotated[
         Path | None,
-        typer.Argument(
-            help="MONAI bundle folder (default: the bundled rcm_mednet or $RCMSEG_BUNDLE)."
-        ),
+        typer.Argument(help=f"MONAI bundle folder ({BUNDLE_DEFAULT})."),
     ] = None,
     data: Annotated[Path, typer.Option("--data", help="Dataset folder with manifest.csv.")] = ...,
     epochs: Epochs = None,
