@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -13,15 +14,17 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
+from rich.console import Console
 from shapely.geometry import shape as to_shape
 from typer.testing import CliRunner
 
 from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES, UNLABELLED
+from rcmseg.cli.labels import import_table
 from rcmseg.cli.main import app
 from rcmseg.errors import InputError
 from rcmseg.io.atomic import PARTIAL_MARKER
 from rcmseg.io.dataset import load_case, read_manifest
-from rcmseg.labels_import import import_labels, read_label_image, upsample_labels
+from rcmseg.labels_import import MosaicImport, import_labels, read_label_image, upsample_labels
 from rcmseg.synth.mosaic import make_mosaic
 
 torch.set_num_threads(2)
@@ -403,3 +406,24 @@ def test_import_names_a_linked_folder_that_leads_nowhere(batch_run, imported, tm
     output = " ".join(result.output.split())
     assert "note: under" in output and "1 link(s) lead nowhere" in output
     assert (tmp_path / "d" / "manifest.csv").is_file()  # the rest is imported
+
+
+def test_import_table_fits_80_columns_and_names_only_what_is_there():
+    # it used to be 12 columns printed 200 wide: every row wrapped on a terminal
+    imported = MosaicImport("P001_L2.tif", status="imported", labelled_pct=15.3)
+    imported.class_px.update(ring=640000, meshwork=1200)
+    imported.ignored_objects, imported.clipped = 2, 1
+    untouched = MosaicImport("P002_L1.tif")
+
+    def rendered(width: int) -> list[str]:
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(import_table([imported, untouched]))
+        return console.export_text().splitlines()
+
+    assert max(len(line) for line in rendered(80)) <= 80
+    lines = rendered(200)
+    (row,) = [line for line in lines if imported.mosaic in line]
+    assert "imported" in row and "15.3" in row and "meshwork 1200, ring 640000" in row
+    assert "2 ignored, 1 clipped" in row and "nested" not in row and "overlapping" not in row
+    (row,) = [line for line in lines if untouched.mosaic in line]
+    assert "no annotations" in row

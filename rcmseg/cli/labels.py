@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rcmseg.cli.common import user_errors
 from rcmseg.io.atomic import check_output_folder  # light: refuses --out before torch loads
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from rcmseg.labels_import import MosaicImport
 
 labels_app = typer.Typer(
     help="Import QuPath annotations (GeoJSON or labelled-image exports) as rcmseg label maps.",
@@ -106,7 +111,9 @@ def import_command(
             colours=colours,
             tree=tree,
         )
-        _print_table(results)
+        from rich.console import Console
+
+        Console().print(import_table(results))
         failed = [result for result in results if result.status == "failed"]
         for result in failed:
             typer.echo(f"failed: {result.error}", err=True)
@@ -115,31 +122,29 @@ def import_command(
             raise typer.Exit(code=1)
 
 
-def _print_table(results: list) -> None:
-    from rich.console import Console
+def import_table(results: list[MosaicImport]) -> Table:
+    """One row per mosaic: status, labelled share, the labelled pixels of each class present,
+    and how many objects were ignored, overlapped others or were clipped at the mosaic's edge.
+    Narrow enough for an 80-column terminal; ``import_summary.csv`` has every count."""
     from rich.table import Table
 
-    table = Table("mosaic", "status", "labelled %", *[f"{n} px" for n in _names()], "ignored")
-    table.add_column("overlaps")
-    table.add_column("clipped")
+    table = Table()
+    for column in ("mosaic", "status", "labelled %", "labelled px by class", "objects"):
+        table.add_column(column, overflow="fold")
     for r in results:
-        ignored = r.ignored_objects + r.ignored_geometries + r.unclassified
+        objects = {
+            "ignored": r.ignored_objects + r.ignored_geometries + r.unclassified,
+            "overlapping": r.overlapping,
+            "clipped": r.clipped,
+        }
         table.add_row(
             r.mosaic,
             r.status,
             f"{r.labelled_pct:.1f}",
-            *[str(count) for count in r.class_px.values()],
-            str(ignored),
-            str(r.overlapping),
-            str(r.clipped),
+            ", ".join(f"{name} {px}" for name, px in r.class_px.items() if px) or "-",
+            ", ".join(f"{count} {what}" for what, count in objects.items() if count),
         )
-    Console(width=200).print(table)
-
-
-def _names() -> tuple[str, ...]:
-    from rcmseg.classes import CLASS_NAMES
-
-    return CLASS_NAMES
+    return table
 
 
 def register(app: typer.Typer) -> None:
