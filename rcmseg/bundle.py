@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from torch import nn
 
 from rcmseg.classes import CLASS_NAMES, WORKING_MPP
@@ -80,6 +81,15 @@ class LoadedBundle:
             openvino_cache=openvino_cache,
             amp=self.amp,
         )
+
+    def start_lines(self, engine: SegmentationEngine, threads: int) -> list[str]:
+        """What a run says once when it starts (rich markup): what the weights are fit for, and
+        how it segments, e.g. ``segmenting with fast (...), fp32, cpu, 2 CPU threads``."""
+        lines = [f"[yellow]{escape(f'{self.name} {self.version}:')}[/] {escape(self.intended_use)}"]
+        plural = "s" if threads != 1 else ""
+        where = f", {threads} CPU thread{plural}" if engine.device.type == "cpu" else ""
+        lines.append(escape(f"segmenting with {engine.describe()}{where}"))
+        return lines if self.intended_use else lines[1:]
 
 
 # the shipped bundles: next to the rcmseg package in a source tree (editable install)

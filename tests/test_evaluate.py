@@ -219,6 +219,7 @@ def test_unlabelled_dataset_is_a_one_line_error(crafted: Path, tmp_path: Path) -
 def test_cli_evaluates_with_the_bundle(crafted: Path, tmp_path: Path) -> None:
     """The real command with the bundle's MED-Net: every labelled pixel is scored once."""
     out = tmp_path / "cli"
+    threads_before = torch.get_num_threads()
     result = CliRunner().invoke(
         app,
         [
@@ -232,10 +233,17 @@ def test_cli_evaluates_with_the_bundle(crafted: Path, tmp_path: Path) -> None:
             "cpu",
             "--overlays",
             "2",
+            "--threads",
+            "1",
         ],
     )
+    torch.set_num_threads(threads_before)  # --threads set it for this whole process
     assert result.exit_code == 0, result.output
-    assert "2 mosaics: mean sensitivity" in result.output
+    # results on stdout alone (one line); what runs, and how, on stderr once at the start
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("2 mosaics: mean sensitivity")
+    assert "segmenting with fast (256 px windows, stride 128 px)" in result.stderr
+    assert ", cpu, 1 CPU thread\n" in result.stderr
     saved = json.loads((out / "metrics.json").read_text())
     assert np.sum(saved["pooled_confusion"]) == 3 * 1024 + 4096
     assert sorted(p.name for p in (out / "overlays").iterdir()) == [

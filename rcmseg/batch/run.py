@@ -428,12 +428,8 @@ def run_batch(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    if bundle.intended_use:
-        console.print(
-            f"[yellow]{bundle.name} {bundle.version}:[/] {bundle.intended_use}", highlight=False
-        )
-    where = f", {threads} CPU threads" if engine.device.type == "cpu" else ""
-    console.print(f"segmenting with {engine.describe()}{where}", highlight=False)
+    for line in bundle.start_lines(engine, threads):
+        console.print(line, highlight=False)
     segmenter = Segmenter(bundle, engine, options)
     try:
         with batch_progress(show_progress, len(mine)) as progress:

@@ -15,6 +15,7 @@ from rcmseg.cli.common import (
     OpenVINOCacheOption,
     PrecisionOption,
     PresetOption,
+    ThreadsOption,
     TTAOption,
     exit_on_interrupt,
     user_errors,
@@ -67,10 +68,7 @@ def batch(
     part_id: Annotated[
         int | None, typer.Option(help="Which part this process does (default: $RANK, else 0).")
     ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(help="CPU threads (default: the cores this process may run on)."),
-    ] = None,
+    threads: ThreadsOption = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Segment every mosaic under IN_DIR into OUT: <name>.labels.tif per mosaic,

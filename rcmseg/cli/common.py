@@ -85,6 +85,10 @@ TTAOption = Annotated[
     bool,
     typer.Option("--tta", help="Test-time augmentation: mean over 8 flips/rotations (8x slower)."),
 ]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(help="CPU threads (default: the cores this process may run on)."),
+]
 PrecisionOption = Annotated[
     str,
     typer.Option(

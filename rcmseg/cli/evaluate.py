@@ -14,6 +14,7 @@ from rcmseg.cli.common import (
     OpenVINOCacheOption,
     PrecisionOption,
     PresetOption,
+    ThreadsOption,
     TTAOption,
     note_unknown_pixel_sizes,
     user_errors,
@@ -41,6 +42,7 @@ def evaluate_command(
     overlays: Annotated[
         int, typer.Option(help="Number of mosaics shown as example overlays in the report.")
     ] = 3,
+    threads: ThreadsOption = None,
 ) -> None:
     """Segment every labelled mosaic and report sensitivity, specificity and Dice per class.
 
@@ -69,6 +71,7 @@ def evaluate_command(
             tta=tta,
             backend=backend,
             openvino_cache=openvino_cache,
+            threads=threads,
         )
         pooled = evaluation.pooled()
         typer.echo(

@@ -24,12 +24,14 @@ from rcmseg.bundle import LoadedBundle, load_bundle
 from rcmseg.classes import CLASS_NAMES, WORKING_MPP
 from rcmseg.errors import InputError, noted_on_interrupt
 from rcmseg.evaluation import report
-from rcmseg.inference import Preset, SegmentationEngine
+from rcmseg.inference import Preset, SegmentationEngine, configure_threads
 from rcmseg.io.atomic import write_csv_atomic, write_text_atomic
 from rcmseg.io.dataset import Case, case_id, load_case, read_manifest
 from rcmseg.io.mosaics import distinct_stems
 from rcmseg.io.overlay import overlay_panels, save_png
 from rcmseg.metrics import confusion_matrix, one_vs_rest
+
+STDERR = Console(stderr=True)  # progress, failures and the start lines; results go to stdout
 
 METRICS_FILE = "metrics.json"
 
@@ -180,7 +182,9 @@ def evaluate_cases(
 
     with noted_on_interrupt(kept):
         for case, name, overlay_file in (
-            track(steps, description="evaluating", transient=True) if progress else steps
+            track(steps, description="evaluating", transient=True, console=STDERR)
+            if progress
+            else steps
         ):
             try:
                 image, labels = load_case(case, target_mpp=target_mpp, remap=remap)
@@ -193,7 +197,7 @@ def evaluate_cases(
                     raise
                 failed.append(str(error))
                 line = f"[red]failed[/red] {escape(str(error))}"
-                Console(stderr=True).print(line, soft_wrap=True)
+                STDERR.print(line, soft_wrap=True)
                 continue
             results.append(
                 CaseResult(
@@ -232,14 +236,20 @@ def evaluate_bundle(
     ckpt_path: str | Path | None = None,
     backend: str = "torch",
     openvino_cache: str | Path | None = None,
+    threads: int | None = None,
 ) -> Evaluation:
     """Load a bundle's model (weights from ``ckpt_path`` when given) and evaluate it on a
     dataset in the rcmseg layout (``rcmseg evaluate``), with the network run by ``backend``
-    (:class:`~rcmseg.inference.SegmentationEngine`); see :func:`evaluate_loaded`."""
+    (:class:`~rcmseg.inference.SegmentationEngine`) on ``threads`` CPU threads (default: the
+    cores this process may run on); see :func:`evaluate_loaded`."""
+    threads = configure_threads(threads)
     bundle = load_bundle(Path(bundle_dir), device, ckpt_path=ckpt_path)
     engine = bundle.engine(
         preset, precision=precision, tta=tta, backend=backend, openvino_cache=openvino_cache
     )
+    if progress:
+        for line in bundle.start_lines(engine, threads):
+            STDERR.print(line, highlight=False)
     return evaluate_loaded(bundle, engine, dataset_dir, output_dir, remap, overlays, progress)
 
 
