@@ -210,13 +210,15 @@ def engine_for(
     bundle: LoadedBundle, preset: str, runtime: Runtime = Runtime()
 ) -> SegmentationEngine:
     """The served bundle's engine for a preset, built once (batch norms folded once, the
-    network converted once for OpenVINO)."""
-    return bundle.engine(
+    network converted once for OpenVINO); the server's log says once how it segments."""
+    engine = bundle.engine(
         preset,
         precision=runtime.precision,
         backend=runtime.backend,
         openvino_cache=runtime.openvino_cache,
     )
+    logger.info("%s %s: segmenting with %s", bundle.name, bundle.version, engine.describe())
+    return engine
 
 
 def class_polygons(segmentation: Segmentation, region: Region, min_poly_area: float) -> dict:

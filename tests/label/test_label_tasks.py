@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from rcmseg.label_app.infer import (  # noqa: E402
     Region,
     Runtime,
     class_polygons,
+    engine_for,
     min_poly_area,
     segment_region,
     working_index,
@@ -164,6 +166,15 @@ def tiny_bundle() -> LoadedBundle:
         presets={"small": Preset(window_px=64, overlap=0.5, sw_batch_size=4)},
         intended_use="tests",
     )
+
+
+def test_the_server_log_says_once_per_preset_how_it_segments(caplog):
+    bundle = tiny_bundle()
+    with caplog.at_level(logging.INFO, logger="rcmseg.label_app.infer"):
+        for _ in range(2):
+            engine_for(bundle, "small", Runtime(precision="fp32"))
+    (line,) = [r.getMessage() for r in caplog.records if "segmenting with" in r.getMessage()]
+    assert line == "tiny 0: segmenting with small (64 px windows, stride 32 px), fp32, cpu"
 
 
 def test_regions_come_out_exactly_as_in_the_whole_mosaic():
