@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -475,6 +476,27 @@ def test_train_model_cli_distils_a_small_network_from_a_bundle(
     assert missing.output.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'nowhere'}: bundle folder not found"
     )
+
+
+def test_train_model_cli_says_what_it_trains_on_stderr_and_its_result_on_stdout(
+    dataset: Path, tmp_path: Path
+) -> None:
+    options = ["--epochs", "2", "--iterations", "1", "--batch-size", "2", "--patch-size", "64"]
+    options += ["--device", "cpu", "--network", "dynunet_tiny", "--threads", "2"]
+    result = CliRunner().invoke(
+        app, ["train", "model", str(dataset), "--out", str(tmp_path / "run"), *options]
+    )
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.splitlines()  # the bar and the log are on stderr
+    assert line.startswith("2 epochs; best validation Dice")
+    assert re.search(
+        r"^training dynunet_tiny \(0\.49 M parameters\) on \d+ training and \d+ validation "
+        r"mosaics; cpu, (fp32|bf16), 2 CPU threads$",
+        result.stderr,
+        re.MULTILINE,
+    ), result.stderr
+    for epoch in (1, 2):  # once each, above the bar
+        assert len(re.findall(rf"^epoch {epoch}: loss ", result.stderr, re.MULTILINE)) == 1
 
 
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])

@@ -159,6 +159,10 @@ def train_model_command(
 
         if not progress:  # one line per epoch instead of the bar
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        else:
+            from rcmseg.training.monitor import show_log_above_the_bar
+
+            show_log_above_the_bar()
 
         table = load_remap_table(remap) if remap is not None else None
         config = TrainConfig(

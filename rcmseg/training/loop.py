@@ -194,6 +194,17 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     return None
 
 
+def describe_compute(device: torch.device, amp: bool) -> str:
+    """Where and in which precision training steps run, e.g. ``cpu, fp32, 2 CPU threads``."""
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
+        autocast_dtype(device, amp), "fp32"
+    )
+    threads = torch.get_num_threads()
+    plural = "s" if threads != 1 else ""
+    where = f", {threads} CPU thread{plural}" if device.type == "cpu" else ""
+    return f"{device}, {precision}{where}"
+
+
 def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
     """A gradient scaler, active only where training autocasts to float16 (bf16 needs none)."""
     return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, amp) == torch.float16)
@@ -491,12 +502,19 @@ def train(
         seed=config.seed,
     )
     val_data = load_cases(val_cases[rank::world_size], root, config.label_remap)
-    logger.info("training on %d mosaics, validating on %d", len(train_cases), len(val_cases))
     if loss_function is None:
         loss_function = make_loss(
             config.loss, gamma=config.tv_weight, level_weights=config.level_weights
         )
     run = _start_run(config, network, device, amp)
+    logger.info(
+        "training %s (%.2f M parameters) on %d training and %d validation mosaics; %s",
+        config.network,
+        sum(p.numel() for p in run.network.parameters()) / 1e6,
+        len(train_cases),
+        len(val_cases),
+        describe_compute(device, amp),
+    )
     max_patches = (
         None
         if config.iterations_per_epoch is None

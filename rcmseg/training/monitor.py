@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,6 +20,9 @@ from rich.progress import (
 )
 
 from rcmseg.io.atomic import write_csv_atomic, write_text_atomic
+
+# the bar and the run's log lines; stdout keeps only the command's result
+console = Console(stderr=True)
 
 LOG_COLUMNS: tuple[str, ...] = (
     "epoch",
@@ -42,8 +47,25 @@ def make_progress(enabled: bool) -> Progress:
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        console=console,
         disable=not enabled,
     )
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log records printed through the bar's console, one plain line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(self.format(record), highlight=False, markup=False, soft_wrap=True)
+
+
+def show_log_above_the_bar() -> None:
+    """Show rcmseg's INFO log (what is trained on what, one line per epoch) on stderr above the
+    progress bar, through the bar's console so that the two do not garble each other."""
+    rcmseg_log = logging.getLogger("rcmseg")
+    if not any(isinstance(handler, _ConsoleHandler) for handler in rcmseg_log.handlers):
+        rcmseg_log.addHandler(_ConsoleHandler())
+    rcmseg_log.setLevel(logging.INFO)
 
 
 def status_line(loss: float, tv_dice_ratio: float, val_dice: float) -> str:
