@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,13 @@ def test_cv_trains_each_fold_evaluates_every_case_once_and_resumes(
     command = ["cv", str(dataset), "--out", str(out), "--folds", "2", "--network", "mednet1"]
     result = CliRunner().invoke(app, command + QUICK)
     assert result.exit_code == 0, result.output
-    assert "2 fold(s): mean Dice" in result.output
+    (line,) = result.stdout.splitlines()  # the result; how each fold went is on stderr
+    assert line.startswith("2 fold(s): mean Dice")
+    for i in (0, 1):
+        assert re.search(
+            rf"mednet1-mdsc_tv, fold {i} \(of 2\): mean Dice 0\.\d{{3}} on 2 test ", result.stderr
+        )
+    assert result.stderr.count("training mednet1 (") == 2
 
     folds = json.loads((out / "folds.json").read_text())
     assert folds["settings"]["folds"] == 2 and len(folds["folds"]) == 2
@@ -73,6 +80,7 @@ def test_cv_trains_each_fold_evaluates_every_case_once_and_resumes(
     (out / "fold_1/evaluation/metrics.json").unlink()
     again = CliRunner().invoke(app, command + QUICK)
     assert again.exit_code == 0, again.output
+    assert "fold 0 (of 2): kept from an earlier run" in again.stderr
     assert [(out / f"fold_{i}/train/model.pt").stat().st_mtime_ns for i in (0, 1)] == weights
     redone = json.loads((out / "fold_1/evaluation/metrics.json").read_text())
     assert redone["pooled_confusion"] == pooled[1]["pooled_confusion"]

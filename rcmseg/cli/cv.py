@@ -162,8 +162,10 @@ def cv_command(
         from rcmseg.evaluation.study import Variant
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training.bundle import bundle_train_settings, with_overrides, with_variant
+        from rcmseg.training.monitor import show_log_above_the_bar
 
         note_unknown_pixel_sizes(data)
+        show_log_above_the_bar()  # each fold's training and Dice, above the bar
 
         base = bundle_train_settings(bundle)
         variant = Variant.parse(f"{network or base['network']}:{loss or base['loss']}")

@@ -80,8 +80,10 @@ def study_command(
         from rcmseg.evaluation.study import STUDIES, Variant, run_study
         from rcmseg.io.labels import load_remap_table
         from rcmseg.training.bundle import bundle_train_settings, with_overrides
+        from rcmseg.training.monitor import show_log_above_the_bar
 
         note_unknown_pixel_sizes(data)
+        show_log_above_the_bar()  # each fold's training and Dice, above the bar
 
         if study is not None and study not in STUDIES:
             raise InputError(None, f"unknown study {study!r}; choose from {', '.join(STUDIES)}")

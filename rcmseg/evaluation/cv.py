@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from rcmseg.splits import (
     write_folds,
 )
 from rcmseg.training import TrainConfig, train
+
+logger = logging.getLogger(__name__)
 
 FOLDS_FILE = "folds.json"
 
@@ -252,6 +255,9 @@ def run_cv(
         finished = read_finished_evaluation(fold_dir / "evaluation")
         if finished is not None:  # finished earlier: not retrained, not re-evaluated
             evaluations.append(finished)
+            logger.info(
+                "%s, fold %d (of %d): kept from an earlier run", title, fold.index, len(folds)
+            )
             continue
         missing = [i for i in fold.test if i not in cases]
         if missing:  # the manifest changed since folds.json was written
@@ -281,6 +287,14 @@ def run_cv(
                 notes=notes,
                 progress=progress,
             )
+        )
+        logger.info(
+            "%s, fold %d (of %d): mean Dice %.3f on %d test mosaics",
+            title,
+            fold.index,
+            len(folds),
+            evaluations[-1].pooled()["dice"][-1],
+            len(fold.test),
         )
     result = CVResult(out, evaluations)
     write_cv_report(result, title, options, preset)
