@@ -84,12 +84,17 @@ class LoadedBundle:
 
     def start_lines(self, engine: SegmentationEngine, threads: int) -> list[str]:
         """What a run says once when it starts (rich markup): what the weights are fit for, and
-        how it segments, e.g. ``segmenting with fast (...), fp32, cpu, 2 CPU threads``."""
+        how it segments (:func:`segmenting_with`)."""
         lines = [f"[yellow]{escape(f'{self.name} {self.version}:')}[/] {escape(self.intended_use)}"]
-        plural = "s" if threads != 1 else ""
-        where = f", {threads} CPU thread{plural}" if engine.device.type == "cpu" else ""
-        lines.append(escape(f"segmenting with {engine.describe()}{where}"))
+        lines.append(escape(segmenting_with(engine, threads)))
         return lines if self.intended_use else lines[1:]
+
+
+def segmenting_with(engine: SegmentationEngine, threads: int) -> str:
+    """``segmenting with fast (256 px windows, stride 128 px), fp32, cpu, 2 CPU threads``."""
+    plural = "s" if threads != 1 else ""
+    where = f", {threads} CPU thread{plural}" if engine.device.type == "cpu" else ""
+    return f"segmenting with {engine.describe()}{where}"
 
 
 # the shipped bundles: next to the rcmseg package in a source tree (editable install)

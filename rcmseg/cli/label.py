@@ -20,6 +20,7 @@ from rcmseg.cli.common import (
     OpenVINOCacheOption,
     PrecisionOption,
     PresetOption,
+    ThreadsOption,
     console,
     exit_on_interrupt,
     user_errors,
@@ -130,6 +131,7 @@ def serve(
     precision: PrecisionOption = "auto",
     backend: BackendOption = "torch",
     openvino_cache: OpenVINOCacheOption = None,
+    threads: ThreadsOption = None,
     epochs: Annotated[
         int | None, typer.Option(help="Fine-tuning epochs (default: the bundle's train.json).")
     ] = None,
@@ -149,6 +151,8 @@ def serve(
         check_output_folder(studies, "--studies (MONAI Label keeps its records and labels there)")
         if bundle is not None and not bundle.is_dir():
             raise InputError(bundle, "bundle folder not found")
+        if threads is not None and threads < 1:
+            raise InputError(None, f"--threads {threads}: at least 1 thread is needed")
         # A bad --mpp or manifest is refused now, in one line, not at the first request.
         StudyPixelSizes(studies, mpp).declared()
         check_port_free(host, port)
@@ -163,6 +167,8 @@ def serve(
             conf["openvino_cache"] = str(openvino_cache.resolve())
         if epochs is not None:
             conf["epochs"] = str(epochs)
+        if threads is not None:
+            conf["threads"] = str(threads)
         if bundle is not None:
             conf["bundle"] = str(bundle.resolve())
         reach = (

@@ -26,6 +26,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from rcmseg.bundle import default_bundle_dir
 from rcmseg.classes import CLASS_NAMES, MOSAIC_MPP
+from rcmseg.inference import configure_threads
 from rcmseg.label_app.infer import MEDNetInfer, Runtime, whole_mosaic_entropy
 from rcmseg.label_app.pixel_sizes import StudyPixelSizes
 from rcmseg.label_app.strategy import (
@@ -50,6 +51,8 @@ class MEDNetTaskConfig(TaskConfig):
         source = Path(conf.get("bundle") or default_bundle_dir())
         self.bundle_path = str(self.workspace.ensure_bundle(source))
         self.path = str(self.workspace.model_path)
+        # the server's torch threads: --threads, else the cores this process may run on
+        configure_threads(int(conf["threads"]) if conf.get("threads") else None)
         self.preset = conf.get("preset", "fast")
         self.device = conf.get("device", "auto")
         self.runtime = Runtime(

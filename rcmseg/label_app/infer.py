@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.pathology import (
@@ -37,7 +38,7 @@ from monailabel.utils.others.pathology import (
 )
 
 from rcmseg.batch import check_size
-from rcmseg.bundle import LoadedBundle
+from rcmseg.bundle import LoadedBundle, segmenting_with
 from rcmseg.classes import CLASS_COLOURS, CLASS_NAMES, MOSAIC_MPP
 from rcmseg.errors import InputError
 from rcmseg.inference import SegmentationEngine
@@ -217,7 +218,8 @@ def engine_for(
         backend=runtime.backend,
         openvino_cache=runtime.openvino_cache,
     )
-    logger.info("%s %s: segmenting with %s", bundle.name, bundle.version, engine.describe())
+    described = segmenting_with(engine, torch.get_num_threads())
+    logger.info("%s %s: %s", bundle.name, bundle.version, described)
     return engine
 
 

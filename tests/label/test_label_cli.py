@@ -50,8 +50,9 @@ def test_serve_refuses_a_missing_studies_folder_and_a_bad_bundle(tmp_path: Path)
 
 
 @pytest.mark.skipif(not HAS_MONAILABEL, reason="needs the rcmseg[label] extra (see .ci/label)")
-def test_serve_refuses_a_bad_pixel_size_in_the_option_or_the_manifest(tmp_path: Path):
+def test_serve_refuses_a_bad_pixel_size_or_thread_count(tmp_path: Path):
     assert_one_line_error(serve("--studies", str(tmp_path), "--mpp", "0"), "--mpp 0")
+    assert_one_line_error(serve("--studies", str(tmp_path), "--threads", "0"), "--threads 0")
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "manifest.csv").write_text(
         "mosaic,labels,patient,lesion,clinic,mosaic_mpp\na.png,,p,l,,-1\n"

@@ -174,7 +174,35 @@ def test_the_server_log_says_once_per_preset_how_it_segments(caplog):
         for _ in range(2):
             engine_for(bundle, "small", Runtime(precision="fp32"))
     (line,) = [r.getMessage() for r in caplog.records if "segmenting with" in r.getMessage()]
-    assert line == "tiny 0: segmenting with small (64 px windows, stride 32 px), fp32, cpu"
+    threads = torch.get_num_threads()
+    plural = "s" if threads != 1 else ""
+    assert line == (
+        "tiny 0: segmenting with small (64 px windows, stride 32 px), fp32, cpu, "
+        f"{threads} CPU thread{plural}"
+    )
+
+
+def test_the_app_runs_torch_on_the_threads_serve_was_given(tmp_path: Path):
+    from rcmseg.label_app.configs import MEDNetTaskConfig
+    from rcmseg.label_app.workspace import Workspace
+
+    before = torch.get_num_threads()
+    try:
+        for threads, expected in (("1", 1), ("", len(os.sched_getaffinity(0)))):
+            studies = tmp_path / f"studies{threads}"
+            studies.mkdir()
+            config = MEDNetTaskConfig()
+            conf = {"threads": threads, "device": "cpu"}
+            config.init(
+                "mednet",
+                str(tmp_path / "model"),
+                conf,
+                None,
+                workspace=Workspace.for_studies(str(studies)),
+            )
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_regions_come_out_exactly_as_in_the_whole_mosaic():
