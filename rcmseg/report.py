@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from rcmseg.classes import CLASS_NAMES, NON_LESION_CLASSES
@@ -236,12 +237,12 @@ def summary_table(
             if finished
             else None
         )
-        table.add_row(
-            record.mosaic,
-            record.lesion,
+        table.add_row(  # names are text, not markup: a file may be called scan[b].tif
+            escape(record.mosaic),
+            escape(record.lesion),
             f"[{colours.get(record.status, 'white')}]{record.status}[/]",
             f"{record.seconds:.1f}",
             _fmt(lesion_mm2, 3),
-            dominant_pattern(record, class_names),
+            escape(dominant_pattern(record, class_names)),
         )
     return table

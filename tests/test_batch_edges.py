@@ -123,6 +123,21 @@ def test_a_link_to_a_missing_mosaic_fails_in_the_report_and_the_rest_goes_on(mos
     assert not (out / "nas.labels.tif").exists()
 
 
+def test_file_names_with_brackets_are_shown_as_they_are_not_read_as_markup(mosaics, tmp_path):
+    # rich reads "[b]" as bold: "scan[b].tif" showed as "scan.tif" in the failure line and table
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(mosaics / "b.png", folder / "good[i].png")
+    (folder / "scan[b].tif").write_bytes(b"junk")
+    out = tmp_path / "out"
+    result = rcmseg("batch", str(folder), "--out", str(out), "--device", "cpu", "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert f"failed {folder / 'scan[b].tif'}: cannot read as TIFF" in result.stderr
+    rows = [line for line in result.stdout.splitlines() if "│" in line]
+    assert any("good[i].png" in row and "done" in row for row in rows), result.stdout
+    assert any("scan[b].tif" in row and "failed" in row for row in rows), result.stdout
+
+
 def test_continue_with_a_finished_mosaic_gone_missing_keeps_its_outputs(mosaics, tmp_path):
     """`--continue` while a finished mosaic's drive is unmounted: its row fails, naming the
     missing file; its labels and record stay finished, and once the drive is back the next

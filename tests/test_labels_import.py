@@ -413,7 +413,7 @@ def test_import_table_fits_80_columns_and_names_only_what_is_there():
     imported = MosaicImport("P001_L2.tif", status="imported", labelled_pct=15.3)
     imported.class_px.update(ring=640000, meshwork=1200)
     imported.ignored_objects, imported.clipped = 2, 1
-    untouched = MosaicImport("P002_L1.tif")
+    untouched = MosaicImport("P002_L1[b].tif")  # text, not rich markup
 
     def rendered(width: int) -> list[str]:
         console = Console(width=width, record=True, file=io.StringIO())

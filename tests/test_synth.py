@@ -144,9 +144,12 @@ def test_cli_writes_a_data_set_and_refuses_to_overwrite(tmp_path: Path) -> None:
         "synth_0000.tif",
         "synth_0001.tif",
     ]
+    assert f"wrote 2 mosaics of 384x384 px to {out} (1 patient, 1 clinic)" in result.output
     again = runner.invoke(app, ["synth", str(out), "--n", "1", "--size", "384"])
     assert again.exit_code == 2
     assert "manifest.csv" in again.output and "Traceback" not in again.output
+    one = runner.invoke(app, ["synth", str(tmp_path / "one"), "--n", "1", "--size", "384"])
+    assert "wrote 1 mosaic of 384x384 px" in one.output
 
 
 def test_lesion_regions_are_patchworks_of_foci() -> None:

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 
 from rcmseg.batch.jobs import MosaicJob
 
@@ -51,9 +52,9 @@ class RichBatchProgress(MosaicProgress):
         self.name = ""
 
     def begin(self, job: MosaicJob, steps: int) -> None:
-        self.name = job.relative
+        self.name = escape(job.relative)
         self.display.reset(
-            self.current, total=steps, visible=True, description=f"{job.relative}: reading"
+            self.current, total=steps, visible=True, description=f"{escape(job.relative)}: reading"
         )
 
     def step(self, stage: str) -> None:

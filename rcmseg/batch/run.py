@@ -286,7 +286,11 @@ class Segmenter:
                 return replace(kept, status="skipped")
             if why:
                 note = f"redone: {why}"
-                console.print(f"[yellow]redo[/yellow] {job.relative}: {why}", highlight=False)
+                console.print(
+                    f"[yellow]redo[/yellow] {escape(job.relative)}: {escape(why)}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         check_not_foreign(job, self.provenance.outputs)
         remove_outputs(job, finished=self.options.overwrite or bool(note))
         return note
@@ -439,14 +443,16 @@ def run_batch(
         raise
     for record in records:
         if record.status == "failed":
-            console.print(f"[red]failed[/red] {record.error}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[red]failed[/red] {escape(record.error)}", highlight=False, soft_wrap=True
+            )
 
     announce_fallback_mpp(records, options.fallback_mpp)
     if segmenter.stopped:
         finished = sum(record.status in ("done", "skipped") for record in records)
         console.print(
-            f"[red]stopped:[/] {segmenter.stopped}; {finished} of {len(mine)} mosaic(s) finished "
-            f"and kept; make room and run the same command with --continue to do the rest",
+            f"[red]stopped:[/] {escape(segmenter.stopped)}; {finished} of {len(mine)} mosaic(s) "
+            "finished and kept; make room and run the same command with --continue to do the rest",
             highlight=False,
             soft_wrap=True,
         )
@@ -490,6 +496,7 @@ def announce_fallback_mpp(records: list[MosaicRecord], fallback_mpp: float) -> N
             f"[yellow]note:[/] {count} mosaic(s) carry no pixel size; {fallback_mpp} µm/px "
             "assumed (--mpp); their areas in mm² are right only if that is their pixel size",
             highlight=False,
+            soft_wrap=True,
         )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from rcmseg.classes import MOSAIC_MPP
 from rcmseg.cli.common import (
@@ -177,12 +178,12 @@ def serve(
             else "[yellow]reachable from other machines: MONAI Label has no login by default[/]"
         )
         console.print(
-            f"MONAI Label for {studies} on http://{host}:{port} ({reach})",
+            f"MONAI Label for {escape(str(studies))} on http://{host}:{port} ({reach})",
             highlight=False,
             soft_wrap=True,
         )
         console.print(
-            f"served model: {app_dir.parent / 'bundle' / 'models' / 'model.pt'}",
+            f"served model: {escape(str(app_dir.parent / 'bundle' / 'models' / 'model.pt'))}",
             highlight=False,
             soft_wrap=True,
         )

@@ -126,6 +126,7 @@ def import_table(results: list[MosaicImport]) -> Table:
     """One row per mosaic: status, labelled share, the labelled pixels of each class present,
     and how many objects were ignored, overlapped others or were clipped at the mosaic's edge.
     Narrow enough for an 80-column terminal; ``import_summary.csv`` has every count."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table()
@@ -138,7 +139,7 @@ def import_table(results: list[MosaicImport]) -> Table:
             "clipped": r.clipped,
         }
         table.add_row(
-            r.mosaic,
+            escape(r.mosaic),  # text, not markup: a file may be called scan[b].tif
             r.status,
             f"{r.labelled_pct:.1f}",
             ", ".join(f"{name} {px}" for name, px in r.class_px.items() if px) or "-",

@@ -52,11 +52,16 @@ def synth(
             clinics=clinics,
             labelled_fraction=labelled_fraction,
         )
+        counts = {
+            "mosaic": len(cases),
+            "patient": len({c.patient for c in cases}),
+            "clinic": len({c.clinic for c in cases}),
+        }
+        said = [f"{count} {noun}{'s' if count != 1 else ''}" for noun, count in counts.items()]
         console.print(
-            f"wrote {len(cases)} mosaics of {size}x{size} px to {out} "
-            f"({len({c.patient for c in cases})} patients, {len({c.clinic for c in cases})} "
-            "clinics)",
+            f"wrote {said[0]} of {size}x{size} px to {out} ({said[1]}, {said[2]})",
             highlight=False,
+            soft_wrap=True,  # a long path stays whole, to copy
         )
 
 
