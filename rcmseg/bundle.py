@@ -21,7 +21,7 @@ from torch import nn
 
 from rcmseg.classes import CLASS_NAMES, WORKING_MPP
 from rcmseg.errors import InputError
-from rcmseg.inference import PRESETS, Preset, SegmentationEngine, resolve_device
+from rcmseg.inference import PRESETS, Preset, SegmentationEngine, cpu_threads, resolve_device
 from rcmseg.io.mosaics import pixel_size
 
 BUNDLE_ENV_VAR = "RCMSEG_BUNDLE"
@@ -85,15 +85,16 @@ class LoadedBundle:
     def start_lines(self, engine: SegmentationEngine, threads: int) -> list[str]:
         """What a run says once when it starts (rich markup): what the weights are fit for, and
         how it segments (:func:`segmenting_with`)."""
-        lines = [f"[yellow]{escape(f'{self.name} {self.version}:')}[/] {escape(self.intended_use)}"]
-        lines.append(escape(segmenting_with(engine, threads)))
-        return lines if self.intended_use else lines[1:]
+        intended = (
+            f"[yellow]{escape(f'{self.name} {self.version}:')}[/] {escape(self.intended_use)}"
+        )
+        segmenting = escape(segmenting_with(engine, threads))
+        return [intended, segmenting] if self.intended_use else [segmenting]
 
 
 def segmenting_with(engine: SegmentationEngine, threads: int) -> str:
     """``segmenting with fast (256 px windows, stride 128 px), fp32, cpu, 2 CPU threads``."""
-    plural = "s" if threads != 1 else ""
-    where = f", {threads} CPU thread{plural}" if engine.device.type == "cpu" else ""
+    where = f", {cpu_threads(threads)}" if engine.device.type == "cpu" else ""
     return f"segmenting with {engine.describe()}{where}"
 
 

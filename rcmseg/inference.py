@@ -173,13 +173,23 @@ def configure_threads(threads: int | None = None) -> int:
     """Give torch ``threads`` intra-op threads (default :func:`usable_cores`) and one inter-op
     thread; return the count. More threads than cores oversubscribe: a busy machine then slows
     a run far more than its fair share."""
+    check_threads(threads)
     count = usable_cores() if threads is None else int(threads)
-    if count < 1:
-        raise InputError(None, f"--threads {count}: at least 1 thread is needed")
     torch.set_num_threads(count)
     with contextlib.suppress(RuntimeError):  # settable only before the first parallel work
         torch.set_num_interop_threads(1)
     return count
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a ``--threads`` below 1 (``None``: the default, fine)."""
+    if threads is not None and int(threads) < 1:
+        raise InputError(None, f"--threads {threads}: at least 1 thread is needed")
+
+
+def cpu_threads(threads: int) -> str:
+    """``1 CPU thread``, ``2 CPU threads``: how runs say what they compute on."""
+    return f"{threads} CPU thread{'s' if threads != 1 else ''}"
 
 
 @functools.cache

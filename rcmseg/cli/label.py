@@ -152,13 +152,12 @@ def serve(
         check_output_folder(studies, "--studies (MONAI Label keeps its records and labels there)")
         if bundle is not None and not bundle.is_dir():
             raise InputError(bundle, "bundle folder not found")
-        if threads is not None and threads < 1:
-            raise InputError(None, f"--threads {threads}: at least 1 thread is needed")
+        from rcmseg.inference import check_backend, check_threads, resolve_device
+
+        check_threads(threads)
         # A bad --mpp or manifest is refused now, in one line, not at the first request.
         StudyPixelSizes(studies, mpp).declared()
         check_port_free(host, port)
-        from rcmseg.inference import check_backend, resolve_device
-
         check_backend(backend, resolve_device(device))
         studies = studies.resolve()
         app_dir = prepare_app_dir(studies, bundle.resolve() if bundle else None)

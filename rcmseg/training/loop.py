@@ -22,7 +22,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from rcmseg.classes import INTENSITY_MAX, NUM_CLASSES
 from rcmseg.errors import InputError, noted_on_interrupt
-from rcmseg.inference import SegmentationEngine, cpu_has_native_bf16, resolve_device
+from rcmseg.inference import (
+    SegmentationEngine,
+    cpu_has_native_bf16,
+    cpu_threads,
+    resolve_device,
+)
 from rcmseg.losses import make_loss
 from rcmseg.metrics import confusion_matrix, one_vs_rest
 from rcmseg.networks import get_network, side_multiple
@@ -199,9 +204,7 @@ def describe_compute(device: torch.device, amp: bool) -> str:
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
         autocast_dtype(device, amp), "fp32"
     )
-    threads = torch.get_num_threads()
-    plural = "s" if threads != 1 else ""
-    where = f", {threads} CPU thread{plural}" if device.type == "cpu" else ""
+    where = f", {cpu_threads(torch.get_num_threads())}" if device.type == "cpu" else ""
     return f"{device}, {precision}{where}"
 
 
